@@ -1,0 +1,34 @@
+# Two pinned, tested stacks, each in its own virtual environment (see README.md):
+#   dgl    : torch 2.2.1 + DGL 2.1.0 (+ PyG), numpy 1.26  -- the default
+#   modern : torch 2.14.1 + PyG, numpy 2, no DGL
+# An environment is (re)built when it is missing or its constraints/setup.cfg changed.
+
+PYTHON ?= python3.11
+HGC_DATA ?= $(abspath ../shared/data)
+EXTRAS_dgl := dgl,pyg,faiss,wsi,test
+EXTRAS_modern := pyg,faiss,wsi,test
+PYTEST_ARGS ?= -q
+
+.PHONY: test test-dgl test-modern demo env-dgl env-modern clean-env
+
+test: test-dgl test-modern
+
+test-%: .venv-%/.installed
+	HGC_STACK=$* HGC_DATA=$(HGC_DATA) .venv-$*/bin/python -m pytest $(PYTEST_ARGS)
+
+env-%: .venv-%/.installed
+	@echo ".venv-$* is ready"
+
+.venv-%/.installed: constraints/%.txt setup.cfg pyproject.toml
+	rm -rf .venv-$*
+	$(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/pip install --quiet --disable-pip-version-check -c constraints/$*.txt -e ".[$(EXTRAS_$*)]"
+	.venv-$*/bin/python -m hgc.cli --version >/dev/null
+	touch $@
+
+# The main job on the bundled default: the her2st example with the offline encoder.
+demo: .venv-dgl/.installed
+	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc data inspect examples/her2st.tsv
+
+clean-env:
+	rm -rf .venv-dgl .venv-modern

@@ -1,0 +1,58 @@
+"""The ``hgc`` command line: a thin layer over the Python API.
+
+Every command's failures that a user can fix (:class:`hgc.errors.HgcError`) become a one-line
+message and exit status 1, never a traceback.
+"""
+from __future__ import annotations
+
+import logging
+
+import click
+
+from .. import __version__
+from ..errors import HgcError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except HgcError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hgc")
+@click.option("-v", "--verbose", count=True, help="More log output (-v: info, -vv: debug).")
+def main(verbose: int) -> None:
+    """hgc: spatial gene expression from H&E histology (SpaHGC: heterogeneous graph contrastive learning).
+
+    Typical flow: 'hgc data inspect' a manifest, 'hgc embed' the spots' image patches,
+    'hgc build-graph', 'hgc fit', 'hgc predict', 'hgc evaluate' — or 'hgc run' for all of it.
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+data_root_option = click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder holding datasets by name (default: $HGC_DATA, else ~/.cache/hgc).",
+)
+
+
+def _register_all() -> None:
+    import importlib
+
+    for area in ("data", "fetch", "embed", "graph", "train"):
+        try:
+            module = importlib.import_module(f"{__name__}.{area}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{area}":
+                raise
+            continue
+        module.register(main)
+
+
+_register_all()

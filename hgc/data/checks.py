@@ -1,0 +1,83 @@
+"""Validation of slides: every problem is an :class:`InputError` naming the slide and file."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    import anndata
+
+    from .slide import Slide
+
+
+def as_raw_counts(matrix, slide: str, path: str | Path) -> sp.csr_matrix:
+    """Spots x genes raw counts as float32 CSR, refusing negative, NaN or fractional values."""
+    m = sp.csr_matrix(matrix)
+    values = m.data
+    if values.dtype.kind not in "biuf":
+        raise InputError(f"slide '{slide}': counts in {path} are not numeric (type {values.dtype})")
+    values = values.astype(np.float64, copy=False)
+    problems = [
+        (~np.isfinite(values), "NaN or infinite"),
+        (values < 0, "negative"),
+        (np.isfinite(values) & (values != np.round(values)), "non-integer"),
+    ]
+    for mask, what in problems:
+        if mask.any():
+            rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))[mask]
+            raise InputError(
+                f"slide '{slide}': {path} has {int(mask.sum())} {what} count(s) (first at spot row "
+                f"{int(rows[0]) + 1}); expected raw integer UMI counts, not normalised values"
+            )
+    m = m.astype(np.float32)
+    m.eliminate_zeros()
+    return m
+
+
+def check_slide(slide: "Slide") -> None:
+    """Structural checks every reader's output must pass before anything uses it."""
+    where = f"slide '{slide.id}'"
+    src = slide.source.get("counts") or slide.source.get("path") or "its input files"
+    n = slide.n_spots
+    if n == 0:
+        raise InputError(f"{where}: no spots under tissue were found in {src}")
+    if slide.counts.shape != (n, slide.n_genes):
+        raise InputError(
+            f"{where}: counts matrix is {slide.counts.shape[0]} x {slide.counts.shape[1]} but there are "
+            f"{n} spots and {slide.n_genes} genes"
+        )
+    if slide.coords.shape != (n, 2) or not np.isfinite(slide.coords).all():
+        raise InputError(f"{where}: spot coordinates must be {n} finite (x, y) pairs")
+    barcodes = np.asarray(slide.barcodes).astype(str)
+    uniq, counts = np.unique(barcodes, return_counts=True)
+    if (counts > 1).any():
+        raise InputError(
+            f"{where}: duplicate spot barcode(s) in {src}: {', '.join(uniq[counts > 1][:5])}"
+        )
+    if not (np.isfinite(slide.microns_per_pixel) and slide.microns_per_pixel > 0):
+        raise InputError(f"{where}: microns per pixel is unknown; give microns_per_pixel in the manifest")
+    if slide.image is not None:
+        width, height = slide.image.size
+        outside = (
+            (slide.coords[:, 0] < 0) | (slide.coords[:, 1] < 0)
+            | (slide.coords[:, 0] >= width) | (slide.coords[:, 1] >= height)
+        )
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise InputError(
+                f"{where}: {int(outside.sum())} spot centre(s) lie outside the image {slide.image.path} "
+                f"({width} x {height} px), e.g. spot {barcodes[i]} at ({slide.coords[i, 0]:.1f}, "
+                f"{slide.coords[i, 1]:.1f}); are the coordinates in another pixel space (set coord_scale)?"
+            )
+
+
+def require_spatial(adata: "anndata.AnnData", slide: str) -> None:
+    if "spatial" not in adata.obsm:
+        raise InputError(
+            f"slide '{slide}': the AnnData has no obsm['spatial'] with spot pixel coordinates"
+        )

@@ -1,0 +1,169 @@
+"""Lazy, decode-once access to H&E images of any size.
+
+A 10,000 x 10,000 JPEG takes seconds to decode; every consumer (validation, patch cropping,
+plotting) goes through one :class:`SlideImage` so that happens at most once per process.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Whole-slide H&E images are legitimately larger than PIL's decompression-bomb guard (89 Mpx).
+# We raise the limit deliberately, to 2 gigapixels, rather than disabling it.
+Image.MAX_IMAGE_PIXELS = 2_000_000_000
+
+_TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".btf"}
+
+
+@dataclass(eq=False)
+class SlideImage:
+    """A handle on an H&E image file: size without decoding, pixels decoded once on demand.
+
+    ``scale`` maps the file's pixels to the slide's image-pixel space (e.g. 0.15 for a Visium
+    hires PNG standing in for the full-resolution image): spot coordinates always live in the
+    full-resolution space, and :meth:`read_region` takes full-resolution coordinates.
+    """
+
+    path: Path
+    scale: float = 1.0
+    _pixels: np.ndarray | None = field(default=None, init=False, repr=False)
+    _size: tuple[int, int] | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in full-resolution pixels, read from the header only."""
+        if self._size is None:
+            w, h = self._file_size()
+            self._size = (int(round(w / self.scale)), int(round(h / self.scale)))
+        return self._size
+
+    def _file_size(self) -> tuple[int, int]:
+        if not self.path.is_file():
+            raise InputError(f"image file not found: {self.path}")
+        if self.path.suffix.lower() in _TIFF_SUFFIXES and _is_tifffile_preferred(self.path):
+            tifffile = _tifffile()
+            with tifffile.TiffFile(self.path) as tif:
+                shape = tif.series[0].levels[0].shape
+            hw = shape[:2] if shape[-1] in (3, 4) or len(shape) == 2 else shape[1:3]
+            return int(hw[1]), int(hw[0])
+        try:
+            with Image.open(self.path) as im:
+                size, fmt = im.size, im.format
+        except Exception as exc:  # PIL raises many types for unreadable files
+            raise InputError(f"cannot read image {self.path}: {exc}") from exc
+        _check_complete(self.path, fmt)
+        return size
+
+    def pixels(self) -> np.ndarray:
+        """The whole image as an (H, W, 3) uint8 array in file pixels, decoded once and cached."""
+        with self._lock:
+            if self._pixels is None:
+                log.info("decoding image %s", self.path)
+                self._pixels = self._decode()
+            return self._pixels
+
+    def _decode(self) -> np.ndarray:
+        if not self.path.is_file():
+            raise InputError(f"image file not found: {self.path}")
+        if self.path.suffix.lower() in _TIFF_SUFFIXES and _is_tifffile_preferred(self.path):
+            tifffile = _tifffile()
+            try:
+                arr = tifffile.imread(self.path, level=0)
+            except Exception as exc:
+                raise InputError(f"cannot read image {self.path}: {exc}") from exc
+            return _to_rgb_uint8(arr, self.path)
+        try:
+            with Image.open(self.path) as im:
+                im.load()
+                return np.asarray(im.convert("RGB"))
+        except Exception as exc:
+            raise InputError(
+                f"cannot decode image {self.path} (unreadable or truncated): {exc}"
+            ) from exc
+
+    def read_region(self, x0: int, y0: int, width: int, height: int, fill: int = 255) -> np.ndarray:
+        """Pixels of the full-resolution box [x0, x0+width) x [y0, y0+height), padded with ``fill``.
+
+        Coordinates are full-resolution; with ``scale != 1`` the box is taken from the stored
+        file at that scale (its size is then ``round(width*scale)`` etc.). Parts outside the image
+        are padded, never shifted, so a spot stays at the centre of its patch.
+        """
+        px = self.pixels()
+        s = self.scale
+        fx0, fy0 = int(np.floor(x0 * s)), int(np.floor(y0 * s))
+        fw, fh = max(1, int(round(width * s))), max(1, int(round(height * s)))
+        return crop_padded(px, fx0, fy0, fw, fh, fill)
+
+    def release(self) -> None:
+        """Drop the decoded pixels (e.g. after all patches of a slide are cut)."""
+        with self._lock:
+            self._pixels = None
+
+
+def crop_padded(pixels: np.ndarray, x0: int, y0: int, w: int, h: int, fill: int = 255) -> np.ndarray:
+    """Array slice of ``pixels`` with out-of-image parts filled, always of shape (h, w, C)."""
+    H, W = pixels.shape[:2]
+    out = np.full((h, w) + pixels.shape[2:], fill, dtype=pixels.dtype)
+    sx0, sy0 = max(x0, 0), max(y0, 0)
+    sx1, sy1 = min(x0 + w, W), min(y0 + h, H)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = pixels[sy0:sy1, sx0:sx1]
+    return out
+
+
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def _check_complete(path: Path, fmt: str | None) -> None:
+    """Catch truncated JPEG/PNG files from their end marker, without decoding them."""
+    marker = _END_MARKERS.get(fmt or "")
+    if marker is None:
+        return
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        fh.seek(max(0, fh.tell() - 64))
+        tail = fh.read().rstrip(b"\x00")
+    if not tail.endswith(marker):
+        raise InputError(
+            f"image {path} is truncated (its {fmt} end marker is missing); re-download or re-export it"
+        )
+
+
+def _to_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] < 3:
+        raise InputError(f"image {path} has shape {arr.shape}; expected an RGB image")
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        hi = float(arr.max()) or 1.0
+        arr = (arr.astype(np.float64) * (255.0 / hi)).round().astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def _tifffile():
+    from .._optional import require
+
+    return require("tifffile", "reading pyramidal TIFF/SVS images")
+
+
+def _is_tifffile_preferred(path: Path) -> bool:
+    """Use tifffile for TIFF-family files when it is installed; PIL handles plain TIFFs otherwise."""
+    from .._optional import available
+
+    return available("tifffile") or path.suffix.lower() != ".tif"

@@ -1,0 +1,197 @@
+"""Dataset manifests: one table row per slide, telling hgc how to read it.
+
+Columns ``slide``, ``patient``, ``format`` are required; each format names its own file columns
+(:data:`FORMAT_COLUMNS`). Relative paths resolve against the manifest's folder, or against the
+data root when their first component is a dataset folder that exists there (``her2st/...``),
+so one manifest works both beside its data and against a shared data root.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import InputError
+from .slide import Slide
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("slide", "patient", "format")
+
+#: Per format: (required path columns, optional path columns).
+FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "st": (("counts", "spots", "image"), ()),
+    "visium": (("path",), ("image",)),
+    "hest": (("path",), ()),
+    "h5ad": (("path",), ("image",)),
+}
+#: Non-path columns some formats need.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {"hest": ("id",)}
+OPTIONAL_PATH_COLUMNS = ("annotations",)
+OPTIONAL_NUMBER_COLUMNS = ("microns_per_pixel", "coord_scale")
+
+
+def data_root(explicit: str | Path | None = None) -> Path:
+    """Folder holding datasets by name: ``explicit`` > ``$HGC_DATA`` > the per-user cache."""
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    env = os.environ.get("HGC_DATA")
+    if env:
+        return Path(env).expanduser().resolve()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return (Path(cache) / "hgc").resolve()
+
+
+@dataclass
+class SlideEntry:
+    """One manifest row, validated and with its paths resolved."""
+
+    slide: str
+    patient: str
+    format: str
+    paths: dict[str, Path]
+    microns_per_pixel: float | None = None
+    coord_scale: float | None = None
+    annotations: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+    row: int = 0
+
+
+@dataclass
+class Manifest:
+    path: Path
+    entries: list[SlideEntry]
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return [e.slide for e in self.entries]
+
+    @property
+    def patients(self) -> dict[str, str]:
+        return {e.slide: e.patient for e in self.entries}
+
+    def entry(self, slide_id: str) -> SlideEntry:
+        for e in self.entries:
+            if e.slide == slide_id:
+                return e
+        raise InputError(f"slide '{slide_id}' is not in manifest {self.path}")
+
+    def load(self, slide_id: str) -> Slide:
+        """Read and validate one slide."""
+        return load_entry(self.entry(slide_id))
+
+    def slides(self) -> Iterator[Slide]:
+        for e in self.entries:
+            yield load_entry(e)
+
+
+def load_entry(entry: SlideEntry) -> Slide:
+    """Read one manifest entry with its format's reader (readers validate what they return)."""
+    from .readers import READERS
+
+    return READERS[entry.format](entry)
+
+
+def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
+    """Parse and validate a manifest (TSV or CSV with a header); paths must exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"manifest not found: {path}")
+    sep = "," if path.suffix.lower() == ".csv" else "\t"
+    try:
+        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, comment="#")
+    except Exception as exc:
+        raise InputError(f"cannot parse manifest {path}: {exc}") from exc
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise InputError(
+            f"manifest {path} lacks required column(s) {', '.join(missing)}; "
+            f"found columns: {', '.join(table.columns)}"
+        )
+    if table.empty:
+        raise InputError(f"manifest {path} lists no slides")
+    root = data_root(root)
+    entries = [_entry(row, i + 2, path, root) for i, row in enumerate(table.to_dict("records"))]
+    seen: dict[str, int] = {}
+    for e in entries:
+        if e.slide in seen:
+            raise InputError(
+                f"manifest {path}: slide id '{e.slide}' appears twice (lines {seen[e.slide]} and "
+                f"{e.row}); slide ids must be unique"
+            )
+        seen[e.slide] = e.row
+    return Manifest(path=path.resolve(), entries=entries)
+
+
+def _entry(row: dict[str, str], line: int, manifest: Path, root: Path) -> SlideEntry:
+    where = f"manifest {manifest}, line {line}"
+    slide, patient, fmt = (row["slide"].strip(), row["patient"].strip(), row["format"].strip().lower())
+    if not slide:
+        raise InputError(f"{where}: empty slide id")
+    if not patient:
+        raise InputError(f"{where} (slide '{slide}'): empty patient id; every slide needs one for patient-level splits")
+    if fmt not in FORMAT_COLUMNS:
+        raise InputError(
+            f"{where} (slide '{slide}'): unknown format '{fmt}'; expected one of {', '.join(FORMAT_COLUMNS)}"
+        )
+    required, optional = FORMAT_COLUMNS[fmt]
+    paths: dict[str, Path] = {}
+    for col in required + optional + OPTIONAL_PATH_COLUMNS:
+        value = (row.get(col) or "").strip()
+        if not value:
+            if col in required:
+                raise InputError(f"{where} (slide '{slide}', format {fmt}): column '{col}' is required")
+            continue
+        paths[col] = _resolve(value, manifest.parent, root, f"{where} (slide '{slide}'), column '{col}'")
+    extra = {}
+    for col in FORMAT_FIELDS.get(fmt, ()):
+        value = (row.get(col) or "").strip()
+        if not value:
+            raise InputError(f"{where} (slide '{slide}', format {fmt}): column '{col}' is required")
+        extra[col] = value
+    numbers = {c: _number(row.get(c, ""), where, slide, c) for c in OPTIONAL_NUMBER_COLUMNS}
+    return SlideEntry(
+        slide=slide,
+        patient=patient,
+        format=fmt,
+        paths={k: v for k, v in paths.items() if k != "annotations"},
+        microns_per_pixel=numbers["microns_per_pixel"],
+        coord_scale=numbers["coord_scale"],
+        annotations=paths.get("annotations"),
+        extra=extra,
+        row=line,
+    )
+
+
+def _number(value: str, where: str, slide: str, column: str) -> float | None:
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise InputError(f"{where} (slide '{slide}'): {column} must be a positive number, got '{value}'")
+    return number
+
+
+def _resolve(value: str, base: Path, root: Path, where: str) -> Path:
+    p = Path(value).expanduser()
+    candidates = [p] if p.is_absolute() else [base / p, root / p]
+    for c in candidates:
+        if c.exists():
+            return c.resolve()
+    tried = " or ".join(str(c) for c in candidates)
+    hint = ""
+    if not p.is_absolute():
+        hint = (
+            f" (relative paths resolve against the manifest folder or the data root {root}; "
+            "set it with --data-root or HGC_DATA, or download the data with 'hgc data fetch')"
+        )
+    raise InputError(f"{where}: file not found: {tried}{hint}")

@@ -1,0 +1,188 @@
+"""Legacy Spatial Transcriptomics (ST): HER2+ (her2st) and cSCC (GSE144240) layouts.
+
+Both ship a counts table whose spot ids are array positions ``"<x>x<y>"`` and a spot table
+(``x y ... pixel_x pixel_y [selected]``) giving each spot's centre in the H&E image. The cSCC
+spot tables store ``x``/``y`` as slightly perturbed floats, so spots are joined on the rounded
+array position, as Hist2ST does.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ...errors import InputError
+from ..image import SlideImage
+from ..manifest import SlideEntry
+from ..slide import SPOT_PITCH_UM, Slide
+from ..checks import as_raw_counts, check_slide
+
+log = logging.getLogger(__name__)
+
+_SPOT_ID = re.compile(r"^\s*(-?\d+(?:\.\d+)?)x(-?\d+(?:\.\d+)?)\s*$")
+
+
+def read_st(
+    counts: str | Path,
+    spots: str | Path,
+    image: str | Path,
+    *,
+    slide: str,
+    patient: str | None = None,
+    microns_per_pixel: float | None = None,
+    coord_scale: float | None = None,
+    annotations: str | Path | None = None,
+) -> Slide:
+    """Read one legacy-ST section from its counts table, spot table and H&E image."""
+    counts, spots, image = Path(counts), Path(spots), Path(image)
+    table = _read_counts(counts, slide)
+    spot_table = _read_spots(spots, slide)
+    count_ids = _array_ids(table.index.to_numpy(), counts, slide)
+    spot_ids = _array_ids(
+        (spot_table["x"].astype(str) + "x" + spot_table["y"].astype(str)).to_numpy(), spots, slide
+    )
+    spot_table = spot_table.assign(_id=spot_ids)
+    dup = spot_table["_id"].duplicated(keep=False)
+    if dup.any():
+        raise InputError(
+            f"slide '{slide}': spot table {spots} lists array position(s) "
+            f"{', '.join(sorted(set(spot_table.loc[dup, '_id'])))[:200]} more than once"
+        )
+    spot_table = spot_table.set_index("_id")
+    common = pd.Index(count_ids).intersection(spot_table.index, sort=False)
+    if len(common) == 0:
+        raise InputError(
+            f"slide '{slide}': the counts table {counts} and the spot table {spots} have no spot in "
+            f"common (counts ids look like '{count_ids[0]}', spot table ids like '{spot_table.index[0]}'); "
+            "expected ids '<x>x<y>' matching the spot table's x and y columns"
+        )
+    n_dropped = len(count_ids) - len(common)
+    if n_dropped:
+        log.warning("slide %s: %d spot(s) of %s have no row in %s and are left out", slide, n_dropped, counts.name, spots.name)
+    row_of = pd.Series(np.arange(len(count_ids)), index=count_ids)
+    rows = row_of.loc[common].to_numpy()
+    matrix = as_raw_counts(table.to_numpy()[rows], slide, counts)
+    spot_rows = spot_table.loc[common]
+    scale = coord_scale or 1.0
+    coords = spot_rows[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * scale
+    array_coords = np.rint(spot_rows[["x", "y"]].to_numpy(dtype=np.float64)).astype(np.int64)
+    barcodes = np.asarray(common, dtype=object)
+    mpp, source = (microns_per_pixel, "manifest") if microns_per_pixel else (
+        _mpp_from_pitch(array_coords, coords, slide), "spot-pitch"
+    )
+    slide_obj = Slide(
+        id=slide,
+        patient=patient or slide,
+        barcodes=barcodes,
+        coords=coords,
+        counts=matrix,
+        genes=np.asarray(table.columns.astype(str), dtype=object),
+        microns_per_pixel=float(mpp),
+        mpp_source=source,
+        platform="st",
+        image=SlideImage(image),
+        array_coords=array_coords,
+        source={"counts": str(counts), "spots": str(spots), "image": str(image)},
+    )
+    if annotations is not None:
+        slide_obj.annotations = _read_annotations(Path(annotations), slide_obj)
+    check_slide(slide_obj)
+    return slide_obj
+
+
+def from_entry(entry: SlideEntry) -> Slide:
+    return read_st(
+        entry.paths["counts"],
+        entry.paths["spots"],
+        entry.paths["image"],
+        slide=entry.slide,
+        patient=entry.patient,
+        microns_per_pixel=entry.microns_per_pixel,
+        coord_scale=entry.coord_scale,
+        annotations=entry.annotations,
+    )
+
+
+def _read_counts(path: Path, slide: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(f"slide '{slide}': counts file not found: {path}")
+    try:
+        table = pd.read_csv(path, sep="\t", index_col=0)
+    except Exception as exc:
+        raise InputError(f"slide '{slide}': cannot read counts table {path}: {exc}") from exc
+    if table.shape[0] == 0 or table.shape[1] == 0:
+        raise InputError(f"slide '{slide}': counts table {path} has no spots or no genes")
+    index_is_ids = _SPOT_ID.match(str(table.index[0])) is not None
+    if not index_is_ids and _SPOT_ID.match(str(table.columns[0])) is not None:
+        table = table.T  # genes x spots (some GEO uploads)
+    if table.index.duplicated().any():
+        dups = table.index[table.index.duplicated()].unique()[:5]
+        raise InputError(f"slide '{slide}': counts table {path} has duplicate spot ids: {', '.join(map(str, dups))}")
+    return table
+
+
+def _read_spots(path: Path, slide: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(f"slide '{slide}': spot table not found: {path}")
+    try:
+        table = pd.read_csv(path, sep="\t")
+    except Exception as exc:
+        raise InputError(f"slide '{slide}': cannot read spot table {path}: {exc}") from exc
+    missing = [c for c in ("x", "y", "pixel_x", "pixel_y") if c not in table.columns]
+    if missing:
+        raise InputError(
+            f"slide '{slide}': spot table {path} lacks column(s) {', '.join(missing)}; "
+            "expected columns x, y, pixel_x, pixel_y (and optionally selected)"
+        )
+    if "selected" in table.columns:
+        table = table[table["selected"].astype(float) > 0]
+    if table.empty:
+        raise InputError(f"slide '{slide}': spot table {path} has no spots under tissue (selected = 1)")
+    return table
+
+
+def _array_ids(ids: np.ndarray, path: Path, slide: str) -> np.ndarray:
+    """Canonical '<x>x<y>' ids with integer (rounded) array positions."""
+    parts = pd.Series(ids, dtype=str).str.extract(_SPOT_ID)
+    bad = parts[0].isna()
+    if bad.any():
+        raise InputError(
+            f"slide '{slide}': {path} has spot id(s) like '{ids[bad.to_numpy()][0]}'; "
+            "expected '<x>x<y>' array positions"
+        )
+    xy = np.rint(parts.to_numpy(dtype=np.float64)).astype(np.int64)
+    return np.char.add(np.char.add(xy[:, 0].astype(str), "x"), xy[:, 1].astype(str)).astype(object)
+
+
+def _mpp_from_pitch(array_coords: np.ndarray, coords: np.ndarray, slide: str) -> float:
+    """µm/px from the 200 µm ST spot pitch: pixel positions regressed on array positions."""
+    slopes = []
+    for axis in (0, 1):
+        a = array_coords[:, axis].astype(np.float64)
+        if np.ptp(a) == 0:
+            continue
+        slope = np.polyfit(a, coords[:, axis], 1)[0]
+        slopes.append(abs(slope))
+    if not slopes:
+        raise InputError(
+            f"slide '{slide}': cannot estimate microns per pixel from the spot grid (all spots in one row); "
+            "give microns_per_pixel in the manifest"
+        )
+    return SPOT_PITCH_UM["st"] / float(np.mean(slopes))
+
+
+def _read_annotations(path: Path, slide: Slide) -> pd.DataFrame:
+    """Per-spot labels joined on array position (her2st ``*-cluster-annotation.tsv.gz`` layout)."""
+    if not path.is_file():
+        raise InputError(f"slide '{slide.id}': annotation file not found: {path}")
+    table = pd.read_csv(path, sep="\t")
+    if not {"x", "y"} <= set(table.columns):
+        raise InputError(f"slide '{slide.id}': annotation table {path} needs columns x and y")
+    ids = _array_ids((table["x"].astype(str) + "x" + table["y"].astype(str)).to_numpy(), path, slide.id)
+    keep = [c for c in table.columns if c not in ("x", "y", "pixel_x", "pixel_y", "warped_x", "warped_y", "Unnamed: 0")]
+    table = table[keep].set_index(pd.Index(ids, name="barcode"))
+    table = table[~table.index.duplicated()]
+    return table.reindex(pd.Index(slide.barcodes, name="barcode"))

@@ -1,0 +1,122 @@
+"""The in-memory record of one spatial-transcriptomics slide, whatever format it came from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .image import SlideImage
+
+if TYPE_CHECKING:  # anndata is a core dependency but slow to import; only load it when used
+    import anndata
+
+#: Where a slide's microns-per-pixel came from, in order of trust.
+MPP_SOURCES = ("manifest", "format", "spot-pitch")
+
+#: Centre-to-centre spot distance by platform, in µm: the last resort for microns per pixel.
+SPOT_PITCH_UM = {"st": 200.0, "visium": 100.0}
+
+
+@dataclass(eq=False)
+class Slide:
+    """One tissue section: spots with positions and counts, and its H&E image.
+
+    ``coords`` are spot centres as (x, y) in full-resolution image pixels (the space the image
+    handle's ``read_region`` takes). ``counts`` is a spots x genes CSR matrix of raw counts.
+    """
+
+    id: str
+    patient: str
+    barcodes: np.ndarray
+    coords: np.ndarray
+    counts: sp.csr_matrix
+    genes: np.ndarray
+    microns_per_pixel: float
+    mpp_source: str
+    platform: str = "unknown"
+    image: SlideImage | None = None
+    array_coords: np.ndarray | None = None
+    annotations: pd.DataFrame | None = None
+    source: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.barcodes.shape[0])
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.genes.shape[0])
+
+    def to_anndata(self) -> "anndata.AnnData":
+        """AnnData with scanpy conventions: ``obsm['spatial']`` in image pixels, metadata in ``uns``."""
+        import anndata
+
+        obs = pd.DataFrame(index=pd.Index(self.barcodes.astype(str), name="barcode"))
+        if self.array_coords is not None:
+            obs["array_row"] = self.array_coords[:, 0]
+            obs["array_col"] = self.array_coords[:, 1]
+        if self.annotations is not None:
+            ann = self.annotations.reindex(obs.index)
+            for col in ann.columns:
+                obs[col] = ann[col].to_numpy()
+        adata = anndata.AnnData(
+            X=self.counts.astype(np.float32),
+            obs=obs,
+            var=pd.DataFrame(index=pd.Index(self.genes.astype(str), name="gene")),
+        )
+        adata.obsm["spatial"] = np.asarray(self.coords, dtype=np.float64)
+        adata.uns["hgc"] = {
+            "slide": self.id,
+            "patient": self.patient,
+            "platform": self.platform,
+            "microns_per_pixel": float(self.microns_per_pixel),
+            "mpp_source": self.mpp_source,
+            "image_path": str(self.image.path) if self.image is not None else "",
+            "image_scale": float(self.image.scale) if self.image is not None else 1.0,
+        }
+        return adata
+
+    @classmethod
+    def from_anndata(
+        cls,
+        adata: "anndata.AnnData",
+        *,
+        slide: str | None = None,
+        patient: str | None = None,
+        image: str | Path | None = None,
+        microns_per_pixel: float | None = None,
+    ) -> "Slide":
+        """Inverse of :meth:`to_anndata`; arguments override what ``adata.uns['hgc']`` records."""
+        from .checks import require_spatial
+
+        meta = dict(adata.uns.get("hgc", {}))
+        slide = slide or meta.get("slide")
+        require_spatial(adata, slide or "<unnamed>")
+        image_path = image or meta.get("image_path") or None
+        mpp = microns_per_pixel or meta.get("microns_per_pixel")
+        obs = adata.obs
+        array_coords = None
+        if {"array_row", "array_col"} <= set(obs.columns):
+            array_coords = obs[["array_row", "array_col"]].to_numpy(dtype=np.int64)
+        extra = [c for c in obs.columns if c not in ("array_row", "array_col")]
+        return cls(
+            id=str(slide),
+            patient=str(patient or meta.get("patient") or slide),
+            barcodes=np.asarray(adata.obs_names, dtype=object),
+            coords=np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2],
+            counts=sp.csr_matrix(adata.X),
+            genes=np.asarray(adata.var_names, dtype=object),
+            microns_per_pixel=float(mpp) if mpp else float("nan"),
+            mpp_source=meta.get("mpp_source", "manifest") if mpp else "unknown",
+            platform=meta.get("platform", "unknown"),
+            # a recorded scale belongs to the recorded image, not to one passed in its place
+            image=SlideImage(Path(image_path), scale=1.0 if image else float(meta.get("image_scale", 1.0)))
+            if image_path
+            else None,
+            array_coords=array_coords,
+            annotations=obs[extra].copy() if extra else None,
+        )

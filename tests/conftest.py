@@ -1,0 +1,69 @@
+"""Shared fixtures: the real data in ../shared/data and small slides written by the tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data folder; its absence is a broken checkout, not a reason to skip."""
+    assert (SHARED_DATA / "her2st" / "samples.tsv").is_file(), (
+        f"real test data not found at {SHARED_DATA}; clone the repo next to the shared/ folder"
+    )
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def her2st_manifest(shared_data: Path) -> Path:
+    os.environ["HGC_DATA"] = str(shared_data)
+    return REPO / "examples" / "her2st.tsv"
+
+
+def write_st_slide(
+    folder: Path,
+    name: str = "S1",
+    grid: int = 4,
+    pitch_px: float = 40.0,
+    image_size: tuple[int, int] = (220, 220),
+    counts: np.ndarray | None = None,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """A small legacy-ST section in the her2st layout: counts tsv, spot table, JPEG image."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    xs, ys = np.meshgrid(np.arange(1, grid + 1), np.arange(1, grid + 1))
+    xs, ys = xs.ravel(), ys.ravel()
+    ids = [f"{x}x{y}" for x, y in zip(xs, ys)]
+    genes = ["GENE_A", "GENE_B", "GENE_C", "ERBB2", "KRT19"]
+    if counts is None:
+        counts = rng.poisson(5.0, size=(len(ids), len(genes)))
+    lines = ["\t" + "\t".join(genes)]
+    lines += [i + "\t" + "\t".join(str(v) for v in row) for i, row in zip(ids, counts)]
+    (folder / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+    spot_lines = ["x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected"]
+    spot_lines += [
+        f"{x}\t{y}\t{x}\t{y}\t{x * pitch_px:.2f}\t{y * pitch_px:.2f}\t1" for x, y in zip(xs, ys)
+    ]
+    (folder / f"{name}_selection.tsv").write_text("\n".join(spot_lines) + "\n")
+    img = rng.integers(0, 255, size=(image_size[1], image_size[0], 3), dtype=np.uint8)
+    Image.fromarray(img).save(folder / f"{name}.jpg", quality=90)
+    return {
+        "counts": folder / f"{name}.tsv",
+        "spots": folder / f"{name}_selection.tsv",
+        "image": folder / f"{name}.jpg",
+    }
+
+
+def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["\t".join(columns)] + ["\t".join(str(r.get(c, "")) for c in columns) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,132 @@
+"""Every bad input gets an hgc error naming the slide, the file and what was expected,
+the CLI prints it as one line with a non-zero exit, and nothing is written."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_manifest, write_st_slide
+from hgc.cli import main
+from hgc.data import read_manifest
+from hgc.errors import InputError
+
+
+def _row(paths: dict[str, Path], slide: str = "S1", patient: str = "P1", **extra) -> dict[str, str]:
+    row = {"slide": slide, "patient": patient, "format": "st", **{k: str(v) for k, v in paths.items()}}
+    row.setdefault("microns_per_pixel", "1.0")
+    row.update(extra)
+    return row
+
+
+def _inspect_fails(manifest: Path, *needles: str) -> None:
+    """API and CLI both fail with a message containing every needle; no file appears."""
+    before = sorted(p for p in manifest.parent.rglob("*"))
+    with pytest.raises(InputError) as err:
+        for _ in read_manifest(manifest).slides():
+            pass
+    for needle in needles:
+        assert needle in str(err.value)
+    result = CliRunner().invoke(main, ["data", "inspect", str(manifest)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith("Error: ") and all(n in message for n in needles)
+    assert sorted(p for p in manifest.parent.rglob("*")) == before
+
+
+def test_good_slide_reads(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    slide = read_manifest(write_manifest(tmp_path / "m.tsv", [_row(paths)])).load("S1")
+    assert slide.n_spots == 16 and slide.n_genes == 5 and slide.mpp_source == "manifest"
+
+
+def test_missing_file(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    paths["image"].unlink()
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "S1", "S1.jpg", "not found")
+
+
+def test_truncated_image(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    data = paths["image"].read_bytes()
+    paths["image"].write_bytes(data[: len(data) // 2])
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "S1.jpg", "truncated")
+
+
+def test_unreadable_image(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    paths["image"].write_bytes(b"this is not an image")
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "S1.jpg", "cannot read image")
+
+
+def test_no_common_spots(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    text = paths["spots"].read_text().splitlines()
+    shifted = [text[0]] + ["\t".join([str(int(c.split("\t")[0]) + 100)] + c.split("\t")[1:]) for c in text[1:]]
+    paths["spots"].write_text("\n".join(shifted) + "\n")
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "'S1'", "S1.tsv", "no spot in common")
+
+
+def test_duplicate_barcodes(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    lines = paths["counts"].read_text().splitlines()
+    paths["counts"].write_text("\n".join(lines + [lines[1]]) + "\n")
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "'S1'", "duplicate spot ids", "1x1")
+
+
+def test_spots_outside_image(tmp_path):
+    paths = write_st_slide(tmp_path / "S1", image_size=(100, 100))
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "'S1'", "outside the image", "coord_scale")
+
+
+def test_coord_scale_maps_downscaled_coordinates(tmp_path):
+    paths = write_st_slide(tmp_path / "S1", image_size=(100, 100))
+    slide = read_manifest(write_manifest(tmp_path / "m.tsv", [_row(paths, coord_scale="0.5")])).load("S1")
+    assert slide.coords.max() == pytest.approx(80.0)
+
+
+@pytest.mark.parametrize(
+    "value, what", [(-1, "negative"), (np.nan, "NaN"), (2.5, "non-integer")]
+)
+def test_bad_counts(tmp_path, value, what):
+    counts = np.ones((16, 5))
+    counts[3, 2] = value
+    paths = write_st_slide(tmp_path / "S1", counts=counts)
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "'S1'", "S1.tsv", what, "raw integer")
+
+
+def test_missing_required_column(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    row = _row(paths)
+    del row["patient"]
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [row]), "m.tsv", "required column", "patient")
+
+
+def test_unknown_format(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths, format="xenium")]), "'S1'", "unknown format 'xenium'")
+
+
+def test_same_slide_id_twice(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    manifest = write_manifest(tmp_path / "m.tsv", [_row(paths), _row(paths, patient="P2")])
+    _inspect_fails(manifest, "'S1'", "appears twice", "lines 2 and 3")
+
+
+def test_slide_with_no_spots(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    lines = paths["spots"].read_text().splitlines()
+    paths["spots"].write_text("\n".join([lines[0]] + [l[: l.rfind("\t")] + "\t0" for l in lines[1:]]) + "\n")
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "'S1'", "no spots under tissue")
+
+
+def test_microns_per_pixel_from_spot_pitch(tmp_path):
+    paths = write_st_slide(tmp_path / "S1", pitch_px=40.0)
+    row = _row(paths)
+    row["microns_per_pixel"] = ""
+    slide = read_manifest(write_manifest(tmp_path / "m.tsv", [row])).load("S1")
+    assert slide.mpp_source == "spot-pitch"
+    assert slide.microns_per_pixel == pytest.approx(200.0 / 40.0)
