@@ -13,11 +13,15 @@ PYTEST_ARGS ?= -q
 
 test: test-dgl test-modern
 
-test-%: .venv-%/.installed
-	HGC_STACK=$* HGC_DATA=$(HGC_DATA) .venv-$*/bin/python -m pytest $(PYTEST_ARGS)
+# (phony targets never match pattern rules, so each stack's targets are spelled out)
+test-dgl: .venv-dgl/.installed
+	HGC_STACK=dgl HGC_DATA=$(HGC_DATA) .venv-dgl/bin/python -m pytest $(PYTEST_ARGS)
 
-env-%: .venv-%/.installed
-	@echo ".venv-$* is ready"
+test-modern: .venv-modern/.installed
+	HGC_STACK=modern HGC_DATA=$(HGC_DATA) .venv-modern/bin/python -m pytest $(PYTEST_ARGS)
+
+env-dgl: .venv-dgl/.installed
+env-modern: .venv-modern/.installed
 
 .venv-%/.installed: constraints/%.txt setup.cfg pyproject.toml
 	rm -rf .venv-$*
