@@ -1,0 +1,78 @@
+"""Small helpers every slide reader needs, so each format states only what is specific to it."""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ...errors import InputError
+
+if TYPE_CHECKING:
+    from ..slide import Slide
+
+log = logging.getLogger(__name__)
+
+
+def require_file(path: Path, slide: str, what: str) -> Path:
+    """``path`` if it is a file; otherwise an error that says which file the slide lacks."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"slide '{slide}': {what} not found: {path} (expected a file there)")
+    return path
+
+
+def make_unique(names: np.ndarray, slide: str, source: Path | str) -> np.ndarray:
+    """Gene symbols made unique the way anndata does (second 'X' -> 'X-1', third -> 'X-2').
+
+    Several Ensembl ids share one symbol; downstream code indexes genes by symbol, so repeats
+    must be renamed deterministically (first occurrence keeps its name) and reported.
+    """
+    names = np.asarray(names, dtype=object)
+    dup = pd.Index(names).duplicated(keep="first")
+    if not dup.any():
+        return names
+    out = names.copy()
+    taken = set(names.tolist())
+    counter: dict[str, int] = defaultdict(int)
+    renamed = []
+    for i in np.flatnonzero(dup):  # only the (few) repeated symbols are visited
+        base = out[i]
+        while True:
+            counter[base] += 1
+            candidate = f"{base}-{counter[base]}"
+            if candidate not in taken:
+                break
+        taken.add(candidate)
+        out[i] = candidate
+        renamed.append(base)
+    log.warning(
+        "slide %s: %d duplicate gene symbols in %s made unique with -1, -2 suffixes (%s)",
+        slide, len(renamed), source, ", ".join(sorted(set(renamed))[:10])
+        + (" ..." if len(set(renamed)) > 10 else ""),
+    )
+    return out
+
+
+def attach_annotations(slide: "Slide", path: Path) -> None:
+    """Join a per-spot label table (CSV or TSV; a ``barcode`` column or the first column holds
+    barcodes) onto ``slide.annotations``; spots without a row get missing values."""
+    require_file(path, slide.id, "annotation table")
+    try:
+        table = pd.read_csv(path, sep=None, engine="python")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"slide '{slide.id}': cannot read annotation table {path}: {exc}") from exc
+    key = next((c for c in table.columns if str(c).strip().lower() == "barcode"), table.columns[0])
+    table = table.set_index(table[key].astype(str)).drop(columns=[key])
+    table = table[~table.index.duplicated()].reindex(pd.Index(slide.barcodes.astype(str), name="barcode"))
+    if table.notna().any(axis=1).sum() == 0:
+        raise InputError(
+            f"slide '{slide.id}': no barcode of annotation table {path} matches a spot of the slide "
+            f"(first column '{key}' should hold spot barcodes like '{slide.barcodes[0]}')"
+        )
+    if slide.annotations is not None:
+        table = slide.annotations.join(table, rsuffix="_annotation")
+    slide.annotations = table

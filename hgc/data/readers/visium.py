@@ -1,0 +1,324 @@
+"""10x Genomics Visium: a Space Ranger 1.x/2.x/3.x ``outs/`` folder as a :class:`Slide`.
+
+Space Ranger has changed its file layout over versions (HDF5 vs Matrix Market matrix, positions
+with or without a header, renamed positions file); users bring whichever their run produced, so
+the reader accepts all of them and says which files it used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ...errors import InputError
+from ..checks import as_raw_counts, check_slide
+from ..image import SlideImage
+from ..manifest import SlideEntry
+from ..slide import Slide
+from ._common import attach_annotations, make_unique, require_file
+
+log = logging.getLogger(__name__)
+
+#: Diameter of a Visium capture spot; with ``spot_diameter_fullres`` it gives microns per pixel.
+VISIUM_SPOT_DIAMETER_UM = 55.0
+
+POSITION_COLUMNS = (
+    "barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres",
+)
+_GENE_EXPRESSION = "Gene Expression"
+
+
+def read_visium(
+    path: str | Path,
+    *,
+    slide: str | None = None,
+    patient: str | None = None,
+    image: str | Path | None = None,
+    microns_per_pixel: float | None = None,
+    coord_scale: float | None = None,
+    annotations: str | Path | None = None,
+) -> Slide:
+    """Read a Space Ranger ``outs/`` folder: in-tissue spots of the filtered matrix.
+
+    ``image`` is the full-resolution H&E given to Space Ranger; without it the hires (else lowres)
+    PNG stands in, with its scale factor, so patches are cut at the right place but lower detail.
+    ``coord_scale`` multiplies the positions when they are in another pixel space than ``image``.
+    ``microns_per_pixel`` overrides the value derived from the 55 µm spot diameter.
+    ``annotations``: a CSV/TSV of per-spot labels keyed by barcode (e.g. a Loupe export).
+    """
+    outs = Path(path)
+    slide_id = slide or (outs.parent.name if outs.name == "outs" else outs.name)
+    if not outs.is_dir():
+        raise InputError(
+            f"slide '{slide_id}': Visium folder not found: {outs} (expected Space Ranger's outs/ "
+            "folder holding filtered_feature_bc_matrix.h5 and spatial/)"
+        )
+    cs = float(coord_scale) if coord_scale else 1.0
+    barcodes, genes, counts, matrix_file = read_10x_matrix(outs, slide_id)
+    positions, positions_file = _read_positions(outs / "spatial", slide_id)
+    sf_file = require_file(
+        outs / "spatial" / "scalefactors_json.json", slide_id, "Visium scale factors file"
+    )
+    scalefactors = _read_scalefactors(sf_file, slide_id)
+
+    in_tissue = positions.index[positions["in_tissue"].to_numpy() == 1]
+    keep = pd.Index(barcodes).isin(in_tissue)
+    if not keep.any():
+        raise InputError(
+            f"slide '{slide_id}': no barcode of {matrix_file} is an in-tissue spot of "
+            f"{positions_file} (expected the matrix and the positions of the same Space Ranger run)"
+        )
+    if not keep.all():
+        log.warning(
+            "slide %s: %d of %d matrix barcodes are not in-tissue spots of %s; dropped",
+            slide_id, int((~keep).sum()), keep.size, positions_file.name,
+        )
+    barcodes, counts = barcodes[keep], counts[keep]
+    pos = positions.loc[barcodes]
+    coords = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64) * cs
+
+    genes = make_unique(genes, slide_id, matrix_file)
+    slide_image, image_file = _choose_image(outs, image, scalefactors, sf_file, slide_id, cs)
+    if microns_per_pixel:
+        mpp, mpp_source = float(microns_per_pixel), "manifest"
+    else:
+        diameter = _scalefactor(scalefactors, "spot_diameter_fullres", sf_file, slide_id)
+        mpp, mpp_source = VISIUM_SPOT_DIAMETER_UM / (diameter * cs), "format"
+    log.info(
+        "slide %s: %d in-tissue spots x %d genes from %s, %.4g µm/px (%s)",
+        slide_id, barcodes.size, genes.size, matrix_file, mpp, mpp_source,
+    )
+    result = Slide(
+        id=slide_id,
+        patient=str(patient or slide_id),
+        barcodes=barcodes,
+        coords=coords,
+        counts=counts,
+        genes=genes,
+        microns_per_pixel=mpp,
+        mpp_source=mpp_source,
+        platform="visium",
+        image=slide_image,
+        array_coords=pos[["array_row", "array_col"]].to_numpy(np.int64),
+        source={
+            "format": "visium",
+            "counts": str(matrix_file),
+            "positions": str(positions_file),
+            "scalefactors": str(sf_file),
+            "image": str(image_file) if image_file else "",
+        },
+    )
+    if annotations is not None:
+        attach_annotations(result, Path(annotations))
+    check_slide(result)
+    return result
+
+
+def from_entry(entry: SlideEntry) -> Slide:
+    """Adapter for ``READERS['visium']``: manifest columns ``path`` (outs/) and optional ``image``."""
+    return read_visium(
+        entry.paths["path"],
+        slide=entry.slide,
+        patient=entry.patient,
+        image=entry.paths.get("image"),
+        microns_per_pixel=entry.microns_per_pixel,
+        coord_scale=entry.coord_scale,
+        annotations=entry.annotations,
+    )
+
+
+def read_10x_matrix(
+    outs: Path, slide: str
+) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix, Path]:
+    """(barcodes, gene symbols, barcodes x genes raw counts (float32 CSR), file) of the matrix.
+
+    The HDF5 file is preferred; the Matrix Market folder is the fallback (Space Ranger writes
+    both, users often keep only one). Only "Gene Expression" features are kept.
+    """
+    h5 = outs / "filtered_feature_bc_matrix.h5"
+    mtx = outs / "filtered_feature_bc_matrix"
+    if h5.is_file():
+        barcodes, names, types, counts = _read_10x_h5(h5, slide)
+        source = h5
+    elif mtx.is_dir():
+        barcodes, names, types, counts = _read_10x_mtx(mtx, slide)
+        source = mtx
+    else:
+        raise InputError(
+            f"slide '{slide}': Visium count matrix not found in {outs} (expected "
+            "filtered_feature_bc_matrix.h5 or the folder filtered_feature_bc_matrix/)"
+        )
+    if types is not None:
+        is_gene = types == _GENE_EXPRESSION
+        if not is_gene.all():
+            log.info(
+                "slide %s: dropped %d non-'Gene Expression' features (%s)",
+                slide, int((~is_gene).sum()), ", ".join(sorted(set(types[~is_gene]))),
+            )
+        names, counts = names[is_gene], counts[:, is_gene]
+    return barcodes, names, as_raw_counts(counts, slide, source), source
+
+
+def _as_str(values) -> np.ndarray:
+    """HDF5 strings (fixed-length or variable-length bytes, or str) to an object array of str."""
+    arr = np.asarray(values)
+    if arr.dtype.kind == "O" and arr.size and isinstance(arr.flat[0], bytes):
+        arr = arr.astype("S")
+    if arr.dtype.kind == "S":
+        arr = np.char.decode(arr, "utf-8")
+    return arr.astype(str).astype(object)
+
+
+def _read_10x_h5(path: Path, slide: str):
+    """10x HDF5: ``matrix/`` (Cell/Space Ranger >= 3 layout, also Space Ranger 1.x) or the
+    older one-group-per-genome layout (``<genome>/genes``, ``gene_names``)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "matrix" in f:
+                grp = f["matrix"]
+                names = _as_str(grp["features/name"][:])
+                has_types = "feature_type" in grp["features"]
+                types = _as_str(grp["features/feature_type"][:]) if has_types else None
+            else:
+                groups = [k for k in f if isinstance(f[k], h5py.Group)]
+                if len(groups) != 1:
+                    raise KeyError(f"one genome group or 'matrix' (found {groups})")
+                grp = f[groups[0]]
+                names, types = _as_str(grp["gene_names"][:]), None
+            n_genes, n_barcodes = (int(v) for v in grp["shape"][:])
+            counts = sp.csr_matrix(
+                (grp["data"][:], grp["indices"][:], grp["indptr"][:]), shape=(n_barcodes, n_genes)
+            )
+            barcodes = _as_str(grp["barcodes"][:])
+    except KeyError as exc:
+        raise InputError(
+            f"slide '{slide}': {path} is not a 10x feature-barcode matrix (missing {exc}; "
+            "expected datasets matrix/data, indices, indptr, shape, barcodes, features/name)"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(f"slide '{slide}': cannot read 10x HDF5 matrix {path}: {exc}") from exc
+    return barcodes, names, types, counts
+
+
+def _find(folder: Path, stems: tuple[str, ...], slide: str) -> Path:
+    for stem in stems:
+        for name in (f"{stem}.gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    raise InputError(
+        f"slide '{slide}': {folder / (stems[0] + '.gz')} not found "
+        f"(expected one of {', '.join(stems)}, gzipped or not, in the Matrix Market folder)"
+    )
+
+
+def _read_10x_mtx(folder: Path, slide: str):
+    """10x Matrix Market folder: matrix.mtx (genes x barcodes), features.tsv, barcodes.tsv."""
+    from scipy.io import mmread
+
+    matrix_file = _find(folder, ("matrix.mtx",), slide)
+    features_file = _find(folder, ("features.tsv", "genes.tsv"), slide)
+    barcodes_file = _find(folder, ("barcodes.tsv",), slide)
+    try:
+        counts = sp.csr_matrix(mmread(str(matrix_file)).T)
+        features = pd.read_csv(features_file, sep="\t", header=None, dtype=str)
+        barcodes = pd.read_csv(barcodes_file, sep="\t", header=None, dtype=str)[0]
+    except (OSError, ValueError) as exc:
+        raise InputError(f"slide '{slide}': cannot read Matrix Market folder {folder}: {exc}") from exc
+    if counts.shape != (len(barcodes), len(features)) or features.shape[1] < 2:
+        raise InputError(
+            f"slide '{slide}': {matrix_file} is {counts.shape[1]} genes x {counts.shape[0]} barcodes "
+            f"but {features_file.name} lists {len(features)} features and {barcodes_file.name} "
+            f"{len(barcodes)} barcodes (expected matching files, features with id and name columns)"
+        )
+    types = features[2].to_numpy(dtype=object) if features.shape[1] > 2 else None
+    return barcodes.to_numpy(dtype=object), features[1].to_numpy(dtype=object), types, counts
+
+
+def _read_positions(spatial: Path, slide: str) -> tuple[pd.DataFrame, Path]:
+    """Spot table indexed by barcode; Space Ranger >= 2 writes a header, 1.x does not."""
+    for name in ("tissue_positions.csv", "tissue_positions_list.csv"):
+        path = spatial / name
+        if path.is_file():
+            break
+    else:
+        raise InputError(
+            f"slide '{slide}': Visium spot positions not found in {spatial} (expected "
+            "tissue_positions.csv or tissue_positions_list.csv)"
+        )
+    with open(path, encoding="utf-8") as fh:
+        has_header = fh.readline().split(",")[0].strip().lower() == "barcode"
+    try:
+        df = pd.read_csv(path, header=0 if has_header else None)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"slide '{slide}': cannot read Visium positions {path}: {exc}") from exc
+    if not has_header:
+        if df.shape[1] != len(POSITION_COLUMNS):
+            raise InputError(
+                f"slide '{slide}': {path} has {df.shape[1]} columns; expected "
+                f"{len(POSITION_COLUMNS)} ({', '.join(POSITION_COLUMNS)})"
+            )
+        df.columns = list(POSITION_COLUMNS)
+    missing = [c for c in POSITION_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(
+            f"slide '{slide}': {path} lacks columns {', '.join(missing)} "
+            f"(expected {', '.join(POSITION_COLUMNS)})"
+        )
+    return df.astype({"barcode": str}).set_index("barcode"), path
+
+
+def _read_scalefactors(path: Path, slide: str) -> dict:
+    try:
+        scalefactors = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise InputError(
+            f"slide '{slide}': malformed Visium scale factors {path}: {exc} (expected a JSON object "
+            "with spot_diameter_fullres, tissue_hires_scalef, tissue_lowres_scalef)"
+        ) from exc
+    if not isinstance(scalefactors, dict):
+        raise InputError(
+            f"slide '{slide}': malformed Visium scale factors {path}: expected a JSON object, "
+            f"got {type(scalefactors).__name__}"
+        )
+    return scalefactors
+
+
+def _scalefactor(scalefactors: dict, key: str, path: Path, slide: str) -> float:
+    value = scalefactors.get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise InputError(
+            f"slide '{slide}': malformed Visium scale factors {path}: '{key}' is {value!r} "
+            "(expected a positive number)"
+        )
+    return float(value)
+
+
+def _choose_image(
+    outs: Path, image, scalefactors: dict, sf_file: Path, slide: str, coord_scale: float
+) -> tuple[SlideImage | None, Path | None]:
+    """The full-resolution image if given, else Space Ranger's hires then lowres PNG."""
+    if image is not None:
+        path = require_file(Path(image), slide, "full-resolution image")
+        log.info("slide %s: using full-resolution image %s", slide, path)
+        return SlideImage(path), path
+    for kind in ("hires", "lowres"):
+        path = outs / "spatial" / f"tissue_{kind}_image.png"
+        if path.is_file():
+            # positions map to PNG pixels by the scale factor; coord_scale moved them already
+            scale = _scalefactor(scalefactors, f"tissue_{kind}_scalef", sf_file, slide) / coord_scale
+            log.info(
+                "slide %s: no full-resolution image given; using the %s image %s (scale %.4g); "
+                "patches will have less detail than from the original H&E",
+                slide, kind, path, scale,
+            )
+            return SlideImage(path, scale=scale), path
+    log.warning("slide %s: no image (no full-resolution image given, no PNG in %s)", slide, outs)
+    return None, None
