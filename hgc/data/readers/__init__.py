@@ -5,22 +5,12 @@ from collections.abc import Callable
 
 from ..manifest import SlideEntry
 from ..slide import Slide
-from . import st
-
-
-def _lazy(module: str) -> Callable[[SlideEntry], Slide]:
-    def read(entry: SlideEntry) -> Slide:
-        import importlib
-
-        return importlib.import_module(f"{__name__}.{module}").from_entry(entry)
-
-    return read
-
+from . import h5ad, hest, st, visium
 
 #: format name (manifest ``format`` column) -> reader of one manifest entry
 READERS: dict[str, Callable[[SlideEntry], Slide]] = {
     "st": st.from_entry,
-    "visium": _lazy("visium"),
-    "hest": _lazy("hest"),
-    "h5ad": _lazy("h5ad"),
+    "visium": visium.from_entry,
+    "hest": hest.from_entry,
+    "h5ad": h5ad.from_entry,
 }
