@@ -45,7 +45,7 @@ data_root_option = click.option(
 def _register_all() -> None:
     import importlib
 
-    for area in ("data", "fetch", "embed", "graph", "train"):
+    for area in ("data", "fetch", "embed", "graph", "train", "plot"):
         try:
             module = importlib.import_module(f"{__name__}.{area}")
         except ModuleNotFoundError as exc:
