@@ -1,0 +1,29 @@
+"""SpaHGC in PyTorch, on DGL or PyTorch Geometric behind one seam.
+
+Typical use (the trainer owns the loop, optimiser and seeds)::
+
+    from hgc.nn import ModelConfig, SpaHGC, get_backend
+
+    backend = get_backend("auto", device)       # DGL when it imports and can use device, else PyG
+    prepared = backend.prepare(slide_graph, device)   # once per graph, not per step
+    model = SpaHGC(ModelConfig(), spot_dim, ref_dim, n_genes, backend).to(device)
+
+    loss, parts = model.training_loss(prepared, generator=g)  # two masked views, dropout
+    loss.backward(); optimiser.step(); model.update_target()  # BGRL EMA (no-op otherwise)
+
+    model.eval()
+    with torch.no_grad():
+        pred = model(prepared)                  # (n_spot, G): unmasked graph, deterministic
+
+All training randomness (views, dropout, InfoNCE sampling) comes from ``g``, ideally a
+``torch.Generator`` on ``device`` (a CPU one seeds a device generator); ``SpaHGC(..., seed=s)``
+initialises the weights from ``s`` without touching the global RNG. ``model(prepared)`` never
+masks, drops edges or applies dropout, in either train or eval mode. ``parts`` holds floats ``loss, mse, pcc, contrast_spot, contrast_ref``. ``ModelConfig.to_dict()``
+/ ``from_dict()`` round-trip the configuration for checkpoints beside ``model.state_dict()``
+(which includes the EMA target encoder). A graph carrying relations the model does not know, or
+lacking ones it uses, is an :class:`~hgc.errors.InputError`.
+"""
+from .backend import Backend, PreparedGraph, get_backend
+from .model import ModelConfig, SpaHGC, pearson_per_gene
+
+__all__ = ["Backend", "ModelConfig", "PreparedGraph", "SpaHGC", "get_backend", "pearson_per_gene"]

@@ -1,0 +1,187 @@
+"""SpaHGC's contract with the trainer: deterministic unmasked inference, relation checks,
+seeded training views, BGRL's EMA target, InfoNCE, ablations and checkpoints (real her2st graph)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from _backends import her2st_graph, one_torch_thread  # noqa: F401 (autouse fixture)
+from hgc.errors import InputError
+from hgc.graph.record import RELATION_NAMES
+from hgc.nn import ModelConfig, SpaHGC, get_backend
+from hgc.nn.contrastive import ema_momentum
+
+SMALL = dict(hidden=32, layers=2, heads=4, predictor_hidden=32, proj_dim=16)
+
+
+@pytest.fixture(scope="module")
+def graph(her2st_manifest, shared_data):
+    return her2st_graph(her2st_manifest, shared_data)
+
+
+@pytest.fixture(scope="module")
+def be():
+    return get_backend("auto")  # DGL on the dgl stack, PyG on the modern one
+
+
+@pytest.fixture(scope="module")
+def pg(graph, be):
+    return be.prepare(graph)
+
+
+def _model(graph, be, **opts) -> SpaHGC:
+    dims = (graph.spot_x.shape[1], graph.ref_x.shape[1], graph.n_genes)
+    return SpaHGC(ModelConfig(**{**SMALL, **opts}), *dims, be, seed=0)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_inference_is_deterministic_unmasked_and_mode_independent(graph, be, pg):
+    model = _model(graph, be, dropout=0.5)
+    model.train()
+    a = model(pg)
+    b = model(pg)
+    model.eval()
+    c = model(pg)
+    assert a.shape == (graph.n_spot, graph.n_genes)
+    assert torch.equal(a, b) and torch.equal(a, c)  # no dropout, no masking, in either mode
+    h, y = model.encoder(be, pg)
+    assert torch.equal(model.head(be, pg, h, y), c)  # forward is the unmasked encoder + head
+    mask = {"spot": torch.zeros(graph.n_spot, dtype=torch.bool), "ref": torch.ones(graph.n_ref, dtype=torch.bool)}
+    h, y = model.encoder(be, pg, mask)
+    assert not torch.allclose(model.head(be, pg, h, y), c)  # a masked view would differ
+
+
+def test_unknown_and_missing_relations_are_errors(graph, be, pg):
+    renamed = dataclasses.replace(graph, edges={**graph.edges, "neighbour": graph.edges["near"]})
+    with pytest.raises(InputError, match="neighbour"):
+        be.prepare(renamed)
+    model = _model(graph, be)
+    # a prepared graph smuggling an unknown relation past prepare() is refused by the model too
+    smuggled = dataclasses.replace(pg, tensors=dataclasses.replace(
+        pg.tensors, edge_index={**pg.tensors.edge_index, "neighbour": pg.edge_index["near"]}))
+    with pytest.raises(InputError, match="does not know"):
+        model(smuggled)
+    no_near = be.prepare(dataclasses.replace(
+        graph, edges={k: v for k, v in graph.edges.items() if k != "near"},
+        edge_weight={k: v for k, v in graph.edge_weight.items() if k != "near"}))
+    with pytest.raises(InputError, match=r"lacks relations \['near'\]"):
+        model(no_near)
+    with pytest.raises(InputError, match="unknown"):
+        ModelConfig(relations=("near", "nearby"))
+
+
+def test_ablation_ignores_a_relation_explicitly(graph, be, pg):
+    model = _model(graph, be, relations=("refer", "close"))
+    rewired = dataclasses.replace(graph, edges={**graph.edges, "near": graph.edges["near"][:, ::-1]})
+    no_near = dataclasses.replace(
+        graph, edges={k: v for k, v in graph.edges.items() if k != "near"},
+        edge_weight={k: v for k, v in graph.edge_weight.items() if k != "near"})
+    out = model(pg)
+    assert torch.equal(out, model(be.prepare(rewired))) and torch.equal(out, model(be.prepare(no_near)))
+    assert model.head.pool is not None  # refer still pools in the head
+    spot_only = _model(graph, be, relations=("near",))
+    assert spot_only.head.pool is None
+    other_refs = dataclasses.replace(graph, ref_y=graph.ref_y + 1.0)
+    assert torch.equal(spot_only(pg), spot_only(be.prepare(other_refs)))  # refs unreachable
+
+
+def test_feature_sizes_are_checked(graph, be, pg):
+    model = SpaHGC(ModelConfig(**SMALL), graph.spot_x.shape[1] + 1, graph.ref_x.shape[1], graph.n_genes, be)
+    with pytest.raises(InputError, match="feature sizes"):
+        model(pg)
+    with pytest.raises(InputError, match="no spot expression"):
+        _model(graph, be).training_loss(be.prepare(dataclasses.replace(graph, spot_y=None)))
+
+
+@pytest.mark.parametrize(("contrast", "supervise"), [("bgrl", "view1"), ("infonce", "view1"), ("none", "view1"), ("bgrl", "clean")])
+def test_training_loss_is_seeded_and_has_its_parts(graph, be, pg, contrast, supervise):
+    model = _model(graph, be, contrast=contrast, supervise=supervise)
+    l1, p1 = model.training_loss(pg, _gen(7))
+    l2, p2 = model.training_loss(pg, _gen(7))
+    l3, _ = model.training_loss(pg, _gen(8))
+    assert set(p1) == {"loss", "mse", "pcc", "contrast_spot", "contrast_ref"}
+    assert p1 == p2 and p1["loss"] != float(l3.detach())
+    c = model.cfg
+    assert p1["loss"] == pytest.approx(
+        p1["mse"] + c.lambda_pcc * (1 - p1["pcc"]) + c.lambda_spot * p1["contrast_spot"] + c.lambda_ref * p1["contrast_ref"],
+        rel=1e-5)
+    if contrast == "none":
+        assert p1["contrast_spot"] == p1["contrast_ref"] == 0.0
+    else:
+        assert p1["contrast_spot"] > 0 and p1["contrast_ref"] > 0
+    l1.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.mask_token"))
+
+
+def test_bgrl_target_is_an_ema_of_the_online_encoder(graph, be, pg):
+    model = _model(graph, be, ema_momentum=0.9)
+    online = dict(model.encoder.named_parameters())
+    target = dict(model.target.named_parameters())
+    assert all(torch.equal(online[k], target[k]) and not target[k].requires_grad for k in online)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {k: v.detach().clone() for k, v in target.items()}
+    loss, _ = model.training_loss(pg, _gen())
+    loss.backward()
+    assert all(p.grad is None for p in model.target.parameters())  # target under no_grad
+    opt.step()
+    model.update_target()
+    for k in online:
+        torch.testing.assert_close(target[k], 0.9 * before[k] + 0.1 * online[k].detach())
+    assert int(model.ema_step) == 1
+    assert ema_momentum(0.99, 0, 100) == pytest.approx(0.99)
+    assert ema_momentum(0.99, 100, 100) == pytest.approx(1.0)
+    assert ema_momentum(0.99, 50, 100) == pytest.approx(0.995)
+    assert ema_momentum(0.99, 50, None) == 0.99
+
+
+def test_infonce_and_none_have_no_target(graph, be, pg):
+    for contrast in ("infonce", "none"):
+        model = _model(graph, be, contrast=contrast)
+        assert not hasattr(model, "target")
+        model.update_target()  # a no-op, so trainers can call it unconditionally
+
+
+def test_training_reduces_the_loss(graph, be, pg):
+    model = _model(graph, be)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = _gen(0)
+    losses = []
+    for _ in range(25):
+        loss, parts = model.training_loss(pg, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_target()
+        losses.append(parts["mse"])
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_checkpoint_and_config_round_trip(graph, be, pg):
+    model = _model(graph, be, contrast="bgrl")
+    cfg = ModelConfig.from_dict(model.cfg.to_dict())
+    assert cfg == model.cfg
+    twin = SpaHGC(cfg, graph.spot_x.shape[1], graph.ref_x.shape[1], graph.n_genes, be, seed=1)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    twin.load_state_dict(torch.load(buf))
+    assert any(k.startswith("target.") for k in model.state_dict()) and "ema_step" in model.state_dict()
+    assert torch.equal(twin(pg), model(pg))
+    assert torch.equal(copy.deepcopy(model)(pg), model(pg))
+    assert torch.equal(pickle.loads(pickle.dumps(model))(pg), model(pg))
+    with pytest.raises(InputError, match="unknown options"):
+        ModelConfig.from_dict({"hidden": 8, "hiden": 8})
+    for bad in (dict(hidden=30, heads=4), dict(mask_ref=1.5), dict(contrast="simclr"), dict(dropout=1.0),
+                dict(supervise="masked"), dict(lambda_pcc=-1.0), dict(ema_total_steps=0)):
+        with pytest.raises(InputError):
+            ModelConfig(**bad)
+    assert ModelConfig().relations == RELATION_NAMES
