@@ -1,0 +1,519 @@
+"""Build SpaHGC's heterogeneous graphs: one per (fold, target slide), references from training only.
+
+Per fold, in this order, using the fold's training slides only for anything fitted:
+
+1. the gene panel (:func:`hgc.data.genes.resolve_panel`) and the expression normaliser;
+2. for every target (each training slide, then each test slide) its reference pool, from the one
+   function that decides pools, :func:`reference_pool`, which raises on any leakage;
+3. edges (relation names from :data:`hgc.graph.record.RELATIONS`):
+
+   - ``near`` (spot -> spot): ``grid`` = legacy-ST 8-neighbourhood on the array grid, keeping
+     the ``near_max`` (5) nearest by pixel distance; ``hex`` = Visium ring (row, col +- 2),
+     (row +- 1, col +- 1); ``radius`` = all spots within ``near_radius_um`` (default 1.5 x the
+     platform's spot pitch). ``auto`` picks grid / hex by platform when array coordinates
+     exist, else radius. Weight 1.
+   - ``refer`` (ref -> spot): each target spot's ``k_refer`` (7) nearest references by image
+     embedding (``metric``, L1 by default), one batched search over the whole pool.
+   - ``close`` (ref -> ref): each reference's ``k_close`` (3) nearest other references of its
+     pool on [embedding, normalised expression]. Both blocks are z-scored per column over the
+     fold's training spots, then each block is divided by its mean row norm in the search
+     metric, so neither the 1,280-d embedding nor the 250-gene expression dominates the
+     distance by its size. One search per fold serves every pool (see :func:`close_edges`).
+
+   ``refer`` / ``close`` weights are similarities: cosine itself, or ``exp(-d / median d)`` over
+   the relation's edges of that graph for distances (scale-free, in (0, 1]).
+
+The result keeps each slide's embedding once and each fold's normalised expression once per
+slide; :class:`SlideGraph` records are assembled on demand (see :mod:`hgc.graph.store`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ..data.genes import panel_coverage, resolve_panel
+from ..data.normalize import make_normalizer
+from ..data.slide import SPOT_PITCH_UM, Slide
+from ..data.splits import PROTOCOLS, Fold, make_folds, validation_slides
+from ..errors import InputError
+from . import knn
+from .record import SlideGraph
+
+log = logging.getLogger(__name__)
+
+NEAR_MODES = ("auto", "grid", "hex", "radius")
+_GRID_OFFSETS = np.array([(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy])
+_HEX_OFFSETS = np.array([(0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1)])
+
+
+@dataclass
+class GraphConfig:
+    """Every setting of graph construction; stored as JSON with the graphs (SpaHGC defaults)."""
+
+    genes: str = "top-mean:250"
+    normalize: str = "log1p"
+    near: str = "auto"
+    near_max: int = 5
+    near_radius_um: float | None = None
+    k_refer: int = 7
+    k_close: int = 3
+    metric: str = "l1"
+    knn_backend: str = "auto"
+    device: str = "cpu"
+    #: Training targets: drop references from the target's own patient. ``None`` (auto): under
+    #: patient-kfold drop them when another patient remains (test targets never see their own
+    #: patient there); under slide-loso / split-file keep them, as published.
+    exclude_same_patient: bool | None = None
+    n_val: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.near not in NEAR_MODES:
+            raise InputError(f"unknown near mode '{self.near}'; expected one of {list(NEAR_MODES)}")
+        if self.metric not in knn.METRICS:
+            raise InputError(f"unknown metric '{self.metric}'; expected one of {list(knn.METRICS)}")
+        if self.knn_backend not in knn.BACKENDS:
+            raise InputError(f"unknown kNN backend '{self.knn_backend}'; expected one of {list(knn.BACKENDS)}")
+        for name in ("near_max", "k_refer", "k_close"):
+            if getattr(self, name) < 1:
+                raise InputError(f"graph setting {name} must be at least 1, got {getattr(self, name)}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GraphConfig":
+        return cls(**json.loads(text))
+
+
+@dataclass
+class SlideData:
+    """What a slide contributes to every fold: embeddings and positions (stored once)."""
+
+    id: str
+    patient: str
+    x: np.ndarray  # (n, d) float32, in barcode order
+    barcodes: np.ndarray
+    coords: np.ndarray
+
+
+@dataclass
+class FoldInfo:
+    """The fold-level facts a run needs to reproduce or apply the fold's preprocessing."""
+
+    name: str
+    protocol: str
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    genes: list[str]
+    panel: str
+    normaliser: dict  # Normalizer.to_dict() of the fitted transform
+    missing_genes: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # training target -> why it has no graph
+    manifest: str = ""
+
+
+@dataclass
+class Pool:
+    """A reference pool (its slides in order) and its ``close`` edges."""
+
+    slides: list[str]
+    close: np.ndarray  # (2, E) int64
+    close_weight: np.ndarray  # (E,) float32
+
+
+@dataclass
+class TargetEdges:
+    target: str
+    role: str
+    pool: str  # key into FoldGraphs.pools
+    near: np.ndarray
+    near_weight: np.ndarray
+    refer: np.ndarray
+    refer_weight: np.ndarray
+
+
+@dataclass
+class FoldGraphs:
+    info: FoldInfo
+    expression: dict[str, np.ndarray]  # slide -> (n, G) float32 normalised, every slide of the fold
+    pools: dict[str, Pool]
+    targets: list[TargetEdges]
+
+
+@dataclass
+class GraphSet:
+    """All graphs of a run: assemble :class:`SlideGraph` records with :meth:`graphs`."""
+
+    config: GraphConfig
+    protocol: str
+    slides: dict[str, SlideData]
+    folds: list[FoldGraphs]
+
+    def graphs(self, fold: str | None = None, role: str | None = None) -> list[SlideGraph]:
+        return list(self.iter_graphs(fold, role))
+
+    def iter_graphs(self, fold: str | None = None, role: str | None = None) -> Iterator[SlideGraph]:
+        for fg in self.folds:
+            if fold is not None and fg.info.name != fold:
+                continue
+            for t in fg.targets:
+                if role is None or t.role == role:
+                    yield assemble(fg, t, self.slides)
+
+
+def assemble(fg: FoldGraphs, t: TargetEdges, slides: Mapping[str, SlideData]) -> SlideGraph:
+    """The :class:`SlideGraph` of target ``t`` from the shared per-slide and per-pool arrays."""
+    pool = fg.pools[t.pool]
+    refs = [slides[s] for s in pool.slides]
+    spot = slides[t.target]
+    return SlideGraph(
+        fold=fg.info.name,
+        target=t.target,
+        role=t.role,
+        patient=spot.patient,
+        spot_x=spot.x,
+        spot_coords=spot.coords,
+        spot_barcodes=spot.barcodes,
+        ref_x=np.concatenate([r.x for r in refs]),
+        ref_y=np.concatenate([fg.expression[r.id] for r in refs]),
+        ref_slide=np.concatenate([np.full(len(r.barcodes), r.id, dtype=object) for r in refs]),
+        ref_patient=np.concatenate([np.full(len(r.barcodes), r.patient, dtype=object) for r in refs]),
+        edges={"near": t.near, "refer": t.refer, "close": pool.close},
+        edge_weight={"near": t.near_weight, "refer": t.refer_weight, "close": pool.close_weight},
+        spot_y=fg.expression.get(t.target),
+    )
+
+
+# --- the leakage guard ----------------------------------------------------------------------
+
+def reference_pool(
+    target: str,
+    role: str,
+    fold: Fold,
+    patients: Mapping[str, str],
+    protocol: str,
+    exclude_same_patient: bool | None = None,
+) -> list[str]:
+    """Reference slides of ``target`` in ``fold``: the only place pools are decided.
+
+    Test targets get every training slide; training targets the other training slides (minus
+    their own patient's, see :attr:`GraphConfig.exclude_same_patient`). Raises
+    :class:`InputError` if the pool would contain the target, a test slide, a slide outside the
+    fold's training set, or (patient-kfold) any slide of a test patient. An empty list means a
+    training target has no possible reference.
+    """
+    if role not in ("train", "test"):
+        raise InputError(f"role must be 'train' or 'test', got '{role}'")
+    members = fold.train if role == "train" else fold.test
+    if target not in members:
+        raise InputError(f"slide '{target}' is not a {role} slide of fold '{fold.name}'")
+    if role == "test":
+        pool = list(fold.train)
+    else:
+        pool = [s for s in fold.train if s != target]
+        same = [s for s in pool if patients[s] == patients[target]]
+        exclude = exclude_same_patient
+        if exclude is None:
+            exclude = protocol == "patient-kfold" and len(same) < len(pool)
+            if protocol == "patient-kfold" and same and not exclude:
+                log.warning("fold %s: training target %s keeps references of its own patient %s "
+                            "(no other patient among the training slides)", fold.name, target, patients[target])
+        if exclude:
+            pool = [s for s in pool if s not in same]
+    test_patients = {patients[s] for s in fold.test}
+    leaks = sorted({s for s in pool if s in fold.test or s == target or s not in fold.train})
+    if protocol == "patient-kfold":
+        leaks += sorted({s for s in pool if patients[s] in test_patients} - set(leaks))
+    if leaks:
+        raise InputError(
+            f"reference leakage in fold '{fold.name}': target '{target}' ({role}) would use slides "
+            f"{leaks} as references, which are test slides, the target itself, not training slides "
+            f"or (patient-kfold) from a test patient {sorted(test_patients)}"
+        )
+    return pool
+
+
+# --- edges -------------------------------------------------------------------------------------
+
+def near_edges(slide: Slide, config: GraphConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Spatial ``near`` edges (2, E) [neighbour, spot] and unit weights."""
+    mode = config.near
+    if mode == "auto":
+        known = slide.array_coords is not None
+        mode = "grid" if known and slide.platform == "st" else "hex" if known and slide.platform == "visium" else "radius"
+    if mode == "radius":
+        src, dst = _radius_pairs(slide, config.near_radius_um)
+    else:
+        if slide.array_coords is None:
+            raise InputError(f"slide {slide.id}: near mode '{mode}' needs array (grid) coordinates")
+        offsets, cap = (_GRID_OFFSETS, config.near_max) if mode == "grid" else (_HEX_OFFSETS, len(_HEX_OFFSETS))
+        src, dst = _grid_pairs(slide, offsets, cap)
+    edges = np.stack([src, dst]).astype(np.int64)
+    return edges, np.ones(edges.shape[1], np.float32)
+
+
+def _grid_pairs(slide: Slide, offsets: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours at ``offsets`` on the array grid, the ``cap`` nearest in pixels per spot."""
+    ac = np.asarray(slide.array_coords, dtype=np.int64)
+    ac = ac - ac.min(axis=0) + 2  # room for offsets of +-2 without negative keys
+    width = int(ac[:, 1].max()) + 3
+    key = ac[:, 0] * width + ac[:, 1]
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    if np.any(sorted_key[1:] == sorted_key[:-1]):
+        raise InputError(f"slide {slide.id}: two spots share the same array (grid) coordinates")
+    nkey = (ac[:, None, 0] + offsets[None, :, 0]) * width + ac[:, None, 1] + offsets[None, :, 1]
+    pos = np.clip(np.searchsorted(sorted_key, nkey), 0, len(key) - 1)
+    nbr = np.where(sorted_key[pos] == nkey, order[pos], -1)
+    dist = np.linalg.norm(slide.coords[np.maximum(nbr, 0)] - slide.coords[:, None, :], axis=2)
+    dist = np.where(nbr >= 0, dist, np.inf)
+    rank = np.lexsort((np.where(nbr >= 0, nbr, len(key)), dist), axis=-1)[:, :cap]
+    nbr = np.take_along_axis(nbr, rank, 1)
+    spot = np.broadcast_to(np.arange(len(key))[:, None], nbr.shape)
+    keep = nbr >= 0
+    return nbr[keep], spot[keep]
+
+
+def _radius_pairs(slide: Slide, radius_um: float | None) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.spatial import cKDTree
+
+    if radius_um is None:
+        if slide.platform not in SPOT_PITCH_UM:
+            raise InputError(f"slide {slide.id}: platform '{slide.platform}' has no known spot pitch; "
+                             "set near_radius_um (--near-radius-um)")
+        radius_um = 1.5 * SPOT_PITCH_UM[slide.platform]
+    if not np.isfinite(slide.microns_per_pixel) or slide.microns_per_pixel <= 0:
+        raise InputError(f"slide {slide.id}: radius neighbours need microns per pixel")
+    pairs = cKDTree(slide.coords * slide.microns_per_pixel).query_pairs(radius_um, output_type="ndarray")
+    src = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    dst = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    order = np.lexsort((src, dst))
+    return src[order], dst[order]
+
+
+def _similarity(scores: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "cosine" or scores.size == 0:
+        return scores.astype(np.float32)
+    scale = float(np.median(scores))
+    return np.exp(-scores / (scale if scale > 0 else 1.0)).astype(np.float32)
+
+
+def _knn_edges(idx: np.ndarray, scores: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """kNN result (q, k) -> edges (2, E) [neighbour, query] without padding, and weights."""
+    dst = np.broadcast_to(np.arange(idx.shape[0])[:, None], idx.shape)
+    keep = idx >= 0
+    return np.stack([idx[keep], dst[keep]]).astype(np.int64), _similarity(scores[keep], metric)
+
+
+def refer_edges(spot_x: np.ndarray, ref_x: np.ndarray, config: GraphConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``refer`` edges (2, E) [reference, spot]: each spot's ``k_refer`` most similar references."""
+    idx, scores = knn.search(spot_x, ref_x, config.k_refer, config.metric, config.knn_backend, config.device)
+    return _knn_edges(idx, scores, config.metric)
+
+
+def close_features(ref_x: np.ndarray, ref_y: np.ndarray, metric: str) -> np.ndarray:
+    """[embedding, expression], each block z-scored per column then scaled to mean row norm 1."""
+    blocks = []
+    for block in (ref_x, ref_y):
+        block = np.asarray(block, dtype=np.float64)
+        std = block.std(axis=0)
+        z = (block - block.mean(axis=0)) / np.where(std > 0, std, 1.0)
+        norm = np.abs(z).sum(axis=1) if metric == "l1" else np.linalg.norm(z, axis=1)
+        blocks.append(z / (norm.mean() if norm.mean() > 0 else 1.0))
+    return np.hstack(blocks).astype(np.float32)
+
+
+def _search_others(queries: np.ndarray, refs: np.ndarray, self_idx: np.ndarray, config: GraphConfig):
+    """``k_close`` nearest ``refs`` of each query, leaving out the query itself (row ``self_idx``)."""
+    idx, scores = knn.search(queries, refs, config.k_close + 1, config.metric, config.knn_backend, config.device)
+    self_hit = idx == self_idx[:, None]
+    self_hit[~self_hit.any(axis=1), -1] = True  # self lost a tie to lower-index duplicates: drop the last
+    k = idx.shape[1] - 1
+    return idx[~self_hit].reshape(-1, k), scores[~self_hit].reshape(-1, k)
+
+
+def close_edges(feats: np.ndarray, owner: np.ndarray, pools: Sequence[Sequence[str]], config: GraphConfig,
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``close`` edges (2, E) [neighbour, reference] and weights of each pool, from one search.
+
+    ``feats`` are the close features of all the fold's training references, ``owner`` each row's
+    slide; a pool is a set of slides whose rows keep their relative order. One search over all
+    rows returns a few extra candidates; a pool keeps each row's first ``k_close`` candidates of
+    its own rows, and rows left short (their neighbours were on excluded slides) are searched
+    again exactly within the pool. The result equals a separate search per pool, tie rule included.
+    """
+    k = config.k_close
+    n_cand = min(len(feats), 4 * (k + 1))
+    cand, cand_score = knn.search(feats, feats, n_cand, config.metric, config.knn_backend, config.device)
+    out = []
+    for slides in pools:
+        rows = np.flatnonzero(np.isin(owner, list(slides)))
+        local = np.full(len(feats) + 1, -1)  # index -1 (padding) maps to the last entry: -1
+        local[rows] = np.arange(len(rows))
+        c = cand[rows]
+        ok = (local[c] >= 0) & (c != rows[:, None])
+        rank = np.cumsum(ok, axis=1)
+        take = ok & (rank <= k)
+        nbr = np.full((len(rows), k), -1, np.int64)
+        score = np.zeros((len(rows), k), np.float32)
+        r, col = np.nonzero(take)
+        nbr[r, rank[r, col] - 1] = local[c[r, col]]
+        score[r, rank[r, col] - 1] = cand_score[rows][r, col]
+        short = np.flatnonzero(take.sum(axis=1) < min(k, len(rows) - 1))
+        if short.size:
+            nbr[short], score[short] = _search_others(feats[rows[short]], feats[rows], short, config)
+        out.append(_knn_edges(nbr, score, config.metric))
+    return out
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+def align_embeddings(slide: Slide, barcodes: np.ndarray, emb: np.ndarray, source: str) -> np.ndarray:
+    """Embeddings reordered to ``slide.barcodes``; any barcode mismatch is an InputError."""
+    import pandas as pd
+
+    barcodes = np.asarray(barcodes).astype(str)
+    if emb.ndim != 2 or emb.shape[0] != barcodes.shape[0]:
+        raise InputError(f"slide {slide.id}: {source} holds {emb.shape} embeddings for {len(barcodes)} barcodes")
+    pos = pd.Index(barcodes).get_indexer(slide.barcodes.astype(str)) if pd.Index(barcodes).is_unique else None
+    if pos is None or len(barcodes) != slide.n_spots or (pos < 0).any():
+        missing = [] if pos is None else list(slide.barcodes[pos < 0][:5])
+        raise InputError(
+            f"slide {slide.id}: the barcodes in {source} ({len(barcodes)}) do not match the manifest's "
+            f"{slide.n_spots} spots{f'; missing e.g. {missing}' if missing else ''}; "
+            "re-run `hgc embed` on this manifest"
+        )
+    return np.ascontiguousarray(emb[pos], dtype=np.float32)
+
+
+def load_embeddings(path: str | Path, slides: Sequence[Slide]) -> dict[str, np.ndarray]:
+    """Embeddings of ``slides`` from an embedding HDF5 (``hgc embed``), in each slide's spot order."""
+    from ..embed import read_embeddings
+
+    return {s.id: align_embeddings(s, *read_embeddings(path, s.id), str(path)) for s in slides}
+
+
+def build_graphs(
+    slides: Mapping[str, Slide],
+    embeddings: Mapping[str, np.ndarray],
+    folds: Sequence[Fold],
+    protocol: str,
+    config: GraphConfig,
+    data_root: str | Path | None = None,
+    manifest: str = "",
+) -> GraphSet:
+    """Graphs of every target of every fold. ``embeddings[s]`` rows follow ``slides[s].barcodes``."""
+    from tqdm.auto import tqdm
+
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol '{protocol}'; expected one of {list(PROTOCOLS)}")
+    used = list(dict.fromkeys(s for f in folds for s in (*f.train, *f.test)))
+    unknown = [s for s in used if s not in slides]
+    if unknown:
+        raise InputError(f"folds name slides that were not loaded: {unknown}")
+    absent = [s for s in used if s not in embeddings]
+    if absent:
+        raise InputError(f"no embeddings for slides {absent}")
+    data = {s: _slide_data(slides[s], embeddings[s]) for s in used}
+    dims = {s: d.x.shape[1] for s, d in data.items()}
+    if len(set(dims.values())) > 1:
+        raise InputError(f"embeddings have different feature sizes across slides: {dims}")
+    patients = {s: slides[s].patient for s in used}
+    near = {s: near_edges(slides[s], config) for s in used}
+    out = []
+    for fold in tqdm(folds, desc="folds", unit="fold", leave=False):
+        out.append(_build_fold(fold, slides, data, near, patients, protocol, config, data_root, manifest))
+    return GraphSet(config, protocol, data, out)
+
+
+def _slide_data(slide: Slide, emb: np.ndarray) -> SlideData:
+    emb = np.ascontiguousarray(emb, np.float32)
+    if emb.ndim != 2 or emb.shape[0] != slide.n_spots:
+        raise InputError(f"slide {slide.id}: embeddings of shape {emb.shape} for {slide.n_spots} spots")
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+    if bad.size:
+        raise InputError(f"slide {slide.id}: embeddings of {bad.size} spots contain NaN or infinity "
+                         f"(e.g. {list(slide.barcodes[bad[:5]])}); re-run `hgc embed`")
+    return SlideData(slide.id, slide.patient, emb, np.asarray(slide.barcodes, dtype=object),
+                     np.asarray(slide.coords, np.float64))
+
+
+def _build_fold(fold, slides, data, near, patients, protocol, config, data_root, manifest) -> FoldGraphs:
+    train = [slides[s] for s in fold.train]
+    panel = resolve_panel(config.genes, data_root, train)
+    genes = list(panel.genes)
+    normalizer = make_normalizer(config.normalize).fit(train, genes)
+    members = [*fold.train, *fold.test]
+    info = FoldInfo(
+        name=fold.name, protocol=protocol, train=list(fold.train),
+        val=validation_slides(fold, patients, config.n_val, config.seed), test=list(fold.test),
+        genes=genes, panel=panel.name, normaliser=normalizer.to_dict(),
+        missing_genes=panel_coverage(panel, [slides[s] for s in members]), manifest=manifest,
+    )
+    expression = {s: normalizer.transform(slides[s], genes) for s in members}
+    chosen = []
+    for role, names in (("train", fold.train), ("test", fold.test)):
+        for t in names:
+            pool = reference_pool(t, role, fold, patients, protocol, config.exclude_same_patient)
+            if pool:
+                chosen.append((t, role, tuple(pool)))
+            else:
+                info.skipped[t] = "no other training slide can provide references"
+                log.warning("fold %s: training slide %s has no reference slide; no training graph for it", fold.name, t)
+    # test targets (and any identical pools) share one pool and its close edges
+    keys = {pool: f"pool{i}" for i, pool in enumerate(dict.fromkeys(p for _, _, p in chosen))}
+    feats = close_features(np.concatenate([data[s].x for s in fold.train]),
+                           np.concatenate([expression[s] for s in fold.train]), config.metric)
+    owner = np.concatenate([np.full(len(data[s].x), s, dtype=object) for s in fold.train])
+    pools = {key: Pool(list(pool), *edges)
+             for (pool, key), edges in zip(keys.items(), close_edges(feats, owner, list(keys), config))}
+    targets = []
+    for t, role, pool in chosen:
+        refer, refer_w = refer_edges(data[t].x, np.concatenate([data[s].x for s in pool]), config)
+        targets.append(TargetEdges(t, role, keys[pool], *near[t], refer, refer_w))
+    return FoldGraphs(info, expression, pools, targets)
+
+
+def build_from_manifest(
+    manifest: str | Path,
+    embeddings: str | Path,
+    protocol: str,
+    out: str | Path,
+    config: GraphConfig | None = None,
+    split_file: str | Path | None = None,
+    data_root: str | Path | None = None,
+) -> Path:
+    """Read ``manifest`` and ``embeddings``, build every fold's graphs and write them to ``out``.
+
+    Everything is checked and built before the store is written; on any error nothing is written.
+    """
+    from ..data import data_root as resolve_root
+    from ..data import read_manifest
+    from ..embed import read_attrs
+    from .store import write_graphs
+
+    config = config or GraphConfig()
+    m = read_manifest(manifest, data_root)
+    folds = make_folds(m.patients, protocol, split_file)
+    used = list(dict.fromkeys(s for f in folds for s in (*f.train, *f.test)))
+    if not Path(embeddings).is_file():
+        raise InputError(f"embedding file not found: {embeddings} (create it with `hgc embed`)")
+    try:
+        stored = read_attrs(embeddings)
+    except OSError as exc:
+        raise InputError(f"cannot read embedding file {embeddings} as HDF5: {exc}") from exc
+    absent = [s for s in used if s not in stored]  # fail before reading any slide
+    if absent:
+        raise InputError(f"embedding file {embeddings} has no complete embeddings for slides {absent}; "
+                         f"run `hgc embed {manifest}` first")
+    slides = {s: m.load(s) for s in used}
+    emb = load_embeddings(embeddings, list(slides.values()))
+    graphs = build_graphs(slides, emb, folds, protocol, config, resolve_root(data_root), str(m.path))
+    return write_graphs(graphs, out)

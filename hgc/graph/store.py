@@ -1,0 +1,169 @@
+"""The graph store: one HDF5 file holding every fold's graphs, readable by DGL and PyG runs alike.
+
+Layout (group names are percent-encoded slide / fold ids)::
+
+    /                         attrs: format="hgc-graphs", format_version, hgc_version, protocol,
+                                     config (GraphConfig JSON), folds (JSON list, in order)
+    /slides/<slide>           x (n, d) f32, barcodes (n,) str, coords (n, 2) f64; attrs: id, patient
+    /folds/<fold>             attrs: info (FoldInfo JSON: protocol, train/val/test, genes, panel,
+                                     normaliser, missing_genes, skipped, manifest), targets (JSON)
+    /folds/<fold>/genes       (G,) str
+    /folds/<fold>/expression/<slide>   (n, G) f32, the fold's normalised expression of the slide
+    /folds/<fold>/pools/<key>          close (2, E) i64, close_weight (E,) f32; attrs: slides (JSON)
+    /folds/<fold>/graphs/<target>      near, refer (2, E) i64 and *_weight (E,) f32; attrs: role, pool
+
+Each slide's embedding is stored once for all folds and each normalised expression once per fold;
+a graph stores only its edges and the name of its reference pool, so the test targets of a fold
+share one pool (and its ``close`` edges). The price is a concatenation when a graph is read.
+The file is written to a temporary name and renamed, so a failed build leaves no file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+
+from .. import __version__
+from ..embed.store import atomic_h5, group_name
+from ..errors import InputError
+from .build import FoldGraphs, FoldInfo, GraphConfig, GraphSet, Pool, SlideData, TargetEdges
+from .record import RELATION_NAMES, SlideGraph
+
+FORMAT = "hgc-graphs"
+FORMAT_VERSION = 1
+
+
+def write_graphs(graphs: GraphSet, out: str | Path) -> Path:
+    """Write ``graphs`` to ``out`` atomically; returns the path."""
+    import h5py
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    strings = h5py.string_dtype()
+    with atomic_h5(out) as f:
+        f.attrs.update({
+            "format": FORMAT, "format_version": FORMAT_VERSION, "hgc_version": __version__,
+            "protocol": graphs.protocol, "config": graphs.config.to_json(),
+            "folds": json.dumps([fg.info.name for fg in graphs.folds]),
+        })
+        for s in graphs.slides.values():
+            g = f.create_group(f"slides/{group_name(s.id)}")
+            g.create_dataset("x", data=s.x)
+            g.create_dataset("barcodes", data=s.barcodes.astype(str).astype(object), dtype=strings)
+            g.create_dataset("coords", data=s.coords)
+            g.attrs.update({"id": s.id, "patient": s.patient})
+        for fg in graphs.folds:
+            g = f.create_group(f"folds/{group_name(fg.info.name)}")
+            g.attrs["info"] = json.dumps(asdict(fg.info))
+            g.attrs["targets"] = json.dumps([[t.target, t.role] for t in fg.targets])
+            g.create_dataset("genes", data=np.asarray(fg.info.genes, dtype=object), dtype=strings)
+            for s, y in fg.expression.items():
+                g.create_dataset(f"expression/{group_name(s)}", data=y)
+            for key, pool in fg.pools.items():
+                p = g.create_group(f"pools/{key}")
+                p.attrs["slides"] = json.dumps(pool.slides)
+                p.create_dataset("close", data=pool.close)
+                p.create_dataset("close_weight", data=pool.close_weight)
+            for t in fg.targets:
+                tg = g.create_group(f"graphs/{group_name(t.target)}")
+                tg.attrs.update({"target": t.target, "role": t.role, "pool": t.pool})
+                for name in ("near", "refer"):
+                    tg.create_dataset(name, data=getattr(t, name))
+                    tg.create_dataset(f"{name}_weight", data=getattr(t, f"{name}_weight"))
+    return out
+
+
+def _open(path: str | Path):
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"graph file not found: {path} (create it with `hgc build-graph`)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"cannot read graph file {path} as HDF5: {exc}") from exc
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise InputError(f"{path} is not an hgc graph file (made by `hgc build-graph`)")
+    return f
+
+
+def _fold_names(f, path, fold: str | None) -> list[str]:
+    names = json.loads(f.attrs["folds"])
+    if fold is None:
+        return names
+    if fold not in names:
+        raise InputError(f"fold '{fold}' is not in graph file {path}; folds there: {names}")
+    return [fold]
+
+
+def read_graph_set(path: str | Path, fold: str | None = None) -> GraphSet:
+    """The stored :class:`GraphSet` (all folds, or one)."""
+    with _open(path) as f:
+        slides = {}
+        for g in f["slides"].values():
+            slides[g.attrs["id"]] = SlideData(
+                g.attrs["id"], g.attrs["patient"], g["x"][()],
+                g["barcodes"].asstr()[()].astype(object), g["coords"][()],
+            )
+        folds = []
+        for name in _fold_names(f, path, fold):
+            g = f[f"folds/{group_name(name)}"]
+            info = FoldInfo(**json.loads(g.attrs["info"]))
+            expression = {unquote(k): v[()] for k, v in g["expression"].items()}
+            pools = {k: Pool(json.loads(p.attrs["slides"]), p["close"][()], p["close_weight"][()])
+                     for k, p in g.get("pools", {}).items()}
+            targets = []
+            for target, role in json.loads(g.attrs["targets"]):
+                t = g[f"graphs/{group_name(target)}"]
+                targets.append(TargetEdges(target, role, t.attrs["pool"], t["near"][()], t["near_weight"][()],
+                                           t["refer"][()], t["refer_weight"][()]))
+            folds.append(FoldGraphs(info, expression, pools, targets))
+        return GraphSet(GraphConfig.from_json(f.attrs["config"]), str(f.attrs["protocol"]), slides, folds)
+
+
+def read_graphs(path: str | Path, fold: str | None = None, role: str | None = None) -> list[SlideGraph]:
+    """Stored graphs as :class:`SlideGraph` records, optionally of one fold and/or role."""
+    if role not in (None, "train", "test"):
+        raise InputError(f"role must be 'train' or 'test', got '{role}'")
+    return read_graph_set(path, fold).graphs(role=role)
+
+
+def read_fold_info(path: str | Path) -> list[FoldInfo]:
+    """Per-fold facts (splits, genes, fitted normaliser) without reading any graph arrays."""
+    with _open(path) as f:
+        return [FoldInfo(**json.loads(f[f"folds/{group_name(n)}"].attrs["info"]))
+                for n in _fold_names(f, path, None)]
+
+
+#: The training code's name for :func:`read_fold_info`.
+read_folds = read_fold_info
+
+
+def summarize(path: str | Path) -> list[dict]:
+    """One dict per (fold, target): counts of nodes and edges and the reference patients.
+
+    Reads only shapes and attributes, so it is quick on stores with millions of references.
+    """
+    with _open(path) as f:
+        n_spots = {g.attrs["id"]: int(g["barcodes"].shape[0]) for g in f["slides"].values()}
+        patient = {g.attrs["id"]: str(g.attrs["patient"]) for g in f["slides"].values()}
+        rows = []
+        for name in _fold_names(f, path, None):
+            g = f[f"folds/{group_name(name)}"]
+            for target, role in json.loads(g.attrs["targets"]):
+                t = g[f"graphs/{group_name(target)}"]
+                pool = g[f"pools/{t.attrs['pool']}"]
+                refs = json.loads(pool.attrs["slides"])
+                counts = {"near": t["near"].shape[1], "refer": t["refer"].shape[1], "close": pool["close"].shape[1]}
+                rows.append({
+                    "fold": name, "target": target, "role": role, "patient": patient[target],
+                    "n_spot": n_spots[target], "n_ref": sum(n_spots[s] for s in refs),
+                    "edges": {r: int(counts[r]) for r in RELATION_NAMES},
+                    "ref_slides": refs, "ref_patients": sorted({patient[s] for s in refs}),
+                })
+        return rows
