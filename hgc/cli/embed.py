@@ -1,0 +1,85 @@
+"""``hgc embed`` and ``hgc patches``: spot image embeddings and optional patch export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import data_root_option
+
+
+def _patch_options(f):
+    f = click.option(
+        "--patch-native-px",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Patch width in full-resolution image pixels instead of µm (ignores the slide's resolution).",
+    )(f)
+    return click.option(
+        "--patch-um",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Patch width in µm (default: the encoder's input size at 0.5 µm/px, e.g. 112 µm for 224 px).",
+    )(f)
+
+
+@click.command("embed")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--encoder", default="effnet-lite0", show_default=True, help="Encoder name: effnet-lite0, "
+              "effnet-lite1, effnet-lite2, uni, uni2-h, or timm:<model> with --weights.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Embedding HDF5 file to create or update.")
+@click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Local weights file (state dict or .safetensors) instead of the default source.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader workers cutting patches (default: 0 on CPU, spare cores up to 8 on GPU).")
+@_patch_options
+@data_root_option
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def embed_command(manifest, encoder, out, weights, device, batch_size, workers, patch_um, patch_native_px,
+                  data_root, no_progress) -> None:
+    """Embed every spot's H&E patch for each slide of MANIFEST into OUT (HDF5, one group per slide).
+
+    Rerunning skips slides already embedded with the same encoder, weights and patch settings and
+    completes an interrupted run. UNI/UNI2-h weights are gated on the Hugging Face hub: set HF_TOKEN
+    (or log in with `hf auth login`) after requesting access, or pass --weights.
+    """
+    from ..embed import embed_manifest
+
+    path = embed_manifest(
+        manifest, encoder, out, weights=weights, device=device, batch_size=batch_size, workers=workers,
+        patch_um=patch_um, patch_native_px=patch_native_px, progress=not no_progress, data_root=data_root,
+    )
+    click.echo(f"embeddings: {path}")
+
+
+@click.command("patches")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder receiving one <slide>.h5 per slide.")
+@click.option("--px", type=click.IntRange(min=8), default=224, show_default=True, help="Patch size in pixels.")
+@_patch_options
+@data_root_option
+def patches_command(manifest, out_dir, px, patch_um, patch_native_px, data_root) -> None:
+    """Export every spot's patch to OUT/<slide>.h5 (uint8 `img`, `barcode`, `coords`; HEST layout).
+
+    Optional: `hgc embed` cuts patches itself and does not need these files.
+    """
+    from tqdm.auto import tqdm
+
+    from ..data.manifest import read_manifest
+    from ..embed import PatchSpec, export_patches
+    from ..embed.store import group_name
+
+    m = read_manifest(manifest, data_root)
+    spec = PatchSpec(out_px=px, um=patch_um, native_px=patch_native_px)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for slide_id in tqdm(m.slide_ids, desc="slides", unit="slide"):
+        export_patches(m.load(slide_id), spec, Path(out_dir) / f"{group_name(slide_id)}.h5")
+    click.echo(f"patches: {out_dir} ({len(m.slide_ids)} slides)")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(embed_command)
+    main.add_command(patches_command)

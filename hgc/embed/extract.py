@@ -1,0 +1,221 @@
+"""Batched, resumable extraction of spot embeddings for every slide of a manifest.
+
+Per slide: decode the image once in the main process, let DataLoader workers cut and resample
+batches of patches while the model runs, write the slide durably, release the image. Slides
+already embedded with the same encoder, weights, patch settings and inputs are skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from .. import __version__
+from ..errors import InputError
+from .patches import PatchBatches, PatchSpec, crop_boxes, require_image
+from .registry import Encoder, load_encoder
+from .store import EmbeddingStore
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..data.slide import Slide
+
+log = logging.getLogger(__name__)
+
+
+class SlideSource(Protocol):
+    """What embedding needs from a manifest: slide ids and a loader (``hgc.data.Manifest``)."""
+
+    @property
+    def slide_ids(self) -> list[str]: ...
+
+    def load(self, slide_id: str) -> Slide: ...
+
+
+def resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was requested but no CUDA GPU is usable by this torch build")
+    return torch.device(device)
+
+
+def default_workers(device: torch.device) -> int:
+    """Patch workers: none on CPU, where the model's own threads already use every core and
+    cutting patches in the main process measured faster; on a GPU one per spare core, at most 8."""
+    if device.type == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def input_fingerprint(slide: Slide) -> str:
+    """sha256 of what the patches depend on: spots, positions, resolution and the image file.
+
+    The image is identified by its size and first/last MiB, not fully hashed: hashing a
+    multi-gigabyte slide at every run would cost more than the check saves.
+    """
+    image = require_image(slide)
+    h = hashlib.sha256()
+    h.update("\0".join(np.asarray(slide.barcodes).astype(str)).encode())
+    h.update(np.ascontiguousarray(slide.coords, dtype=np.float64).tobytes())
+    h.update(repr((float(slide.microns_per_pixel), float(image.scale))).encode())
+    size = image.path.stat().st_size
+    h.update(str(size).encode())
+    with open(image.path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def _precision(device: torch.device) -> tuple[contextlib.AbstractContextManager, str]:
+    import torch
+
+    if device.type != "cuda":
+        return contextlib.nullcontext(), "float32"
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), str(dtype).replace("torch.", "")
+
+
+def embed_slide(
+    slide: Slide,
+    model: torch.nn.Module,
+    encoder: Encoder,
+    patch: PatchSpec,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
+    """(n_spots, dim) float32 embeddings of one slide, in spot order."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    boxes = crop_boxes(slide, patch)
+    pixels = slide.image.pixels()
+    share = workers > 0 and torch.multiprocessing.get_start_method() != "fork"
+    data = PatchBatches(pixels, boxes, patch.out_px, batch_size, encoder.spec.mean, encoder.spec.std, share)
+    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    autocast, _ = _precision(device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    out = np.empty((slide.n_spots, model.num_features), dtype=np.float32)
+    start = 0
+    with torch.inference_mode(), autocast, tqdm(
+        total=slide.n_spots, desc=slide.id, unit="patch", disable=not progress, leave=False
+    ) as bar:
+        for x in loader:
+            feats = model(x.to(device, non_blocking=True).contiguous(memory_format=fmt)).float().cpu().numpy()
+            out[start : start + len(feats)] = feats
+            start += len(feats)
+            bar.update(len(feats))
+    slide.image.release()
+    return out
+
+
+def _prefetched(
+    manifest: SlideSource, store: EmbeddingStore, cache_key: Callable[[Slide], dict[str, object]]
+) -> Iterator[tuple[str, Slide, dict[str, object], str | None]]:
+    """(slide id, slide, cache key, where cached or None) in manifest order.
+
+    The next slide is read, checked against the cache and, if it must be embedded, decoded in a
+    background thread while the current one runs: reading counts and decoding a large JPEG take
+    seconds per slide, which would otherwise leave a GPU idle.
+    """
+
+    def prepare(slide_id: str) -> tuple[str, Slide, dict[str, object], str | None]:
+        slide = manifest.load(slide_id)
+        key = cache_key(slide)
+        where = store.cached(slide_id, key, slide.barcodes)
+        if where is None:
+            slide.image.pixels()
+        return slide_id, slide, key, where
+
+    ids = list(manifest.slide_ids)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hgc-prefetch") as pool:
+        pending = pool.submit(prepare, ids[0]) if ids else None
+        for i in range(len(ids)):
+            current = pending.result()
+            pending = pool.submit(prepare, ids[i + 1]) if i + 1 < len(ids) else None
+            yield current
+
+
+def embed_manifest(
+    manifest: SlideSource | str | Path,
+    encoder: str = "effnet-lite0",
+    out: str | Path = "embeddings.h5",
+    *,
+    weights: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+    patch_um: float | None = None,
+    patch_native_px: int | None = None,
+    arch_overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+    data_root: str | Path | None = None,
+) -> Path:
+    """Embed every slide of ``manifest`` into the HDF5 file ``out`` (see docs/embeddings.md).
+
+    Resumable: rerunning after an interruption, or with more slides, computes only what is
+    missing or was made with other settings.
+    """
+    import torch
+
+    if isinstance(manifest, (str, Path)):
+        from ..data.manifest import read_manifest
+
+        manifest = read_manifest(manifest, data_root)
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    enc = load_encoder(encoder, weights, arch_overrides)
+    patch = PatchSpec(out_px=enc.spec.input_px, um=patch_um, native_px=patch_native_px)
+    dev = resolve_device(device)
+    workers = default_workers(dev) if workers is None else workers
+    _, precision = _precision(dev)
+    model: torch.nn.Module | None = None
+    out = Path(out)
+
+    def cache_key(slide: Slide) -> dict[str, object]:
+        return {
+            "encoder": enc.spec.name,
+            "weights_sha256": enc.weights_sha256,
+            **patch.attrs(slide),
+            "input_sha256": input_fingerprint(slide),
+        }
+
+    with EmbeddingStore(out) as store:
+        for slide_id, slide, key, where in _prefetched(manifest, store, cache_key):
+            if where is not None:
+                log.info("slide '%s': embeddings up to date (%s), skipped", slide_id, where)
+                continue
+            if model is None:
+                model = enc.build().to(dev)
+                if dev.type == "cuda":
+                    model = model.to(memory_format=torch.channels_last)
+            log.info("slide '%s': embedding %d spots with %s on %s", slide_id, slide.n_spots, enc.spec.name, dev)
+            t0 = time.perf_counter()
+            emb = embed_slide(slide, model, enc, patch, dev, batch_size, workers, progress)
+            log.info("slide '%s': %.1f patches/s", slide_id, slide.n_spots / (time.perf_counter() - t0))
+            attrs = {
+                **key,
+                "weights_file": enc.weights_path.name,
+                "dim": int(emb.shape[1]),
+                "device": dev.type,
+                "precision": precision,
+                "hgc_version": __version__,
+            }
+            store.write(slide_id, slide.barcodes, emb, attrs)
+        store.commit()
+    return out

@@ -1,0 +1,189 @@
+"""Spot patches: a fixed physical field of view around every spot, resampled to the encoder input.
+
+The field of view is set in micrometres (default: the encoder's input size at 0.5 µm/px, so
+112 µm for 224 px), converted to pixels with each slide's microns per pixel, so slides scanned at
+0.5, 0.7 or 3 µm/px give patches of the same tissue area. Spots near the border are padded with
+white, never dropped or shifted. Each slide image is decoded once; patches are array slices of
+it, resampled a batch at a time (bilinear with antialiasing, deterministic on CPU).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..data.image import crop_padded
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..data.image import SlideImage
+    from ..data.slide import Slide
+
+log = logging.getLogger(__name__)
+
+#: Microns per pixel at which encoders' input sizes define the default field of view.
+DEFAULT_MPP = 0.5
+RESAMPLE = "bilinear-antialias"
+WHITE = 255
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """Which tissue area a patch covers and the pixel size it is resampled to.
+
+    Give ``um`` (physical width) or ``native_px`` (width in full-resolution image pixels,
+    whatever the slide's resolution); with neither, the width is ``out_px * 0.5`` µm.
+    """
+
+    out_px: int = 224
+    um: float | None = None
+    native_px: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.um is not None and self.native_px is not None:
+            raise InputError("give the patch size in µm or in native pixels, not both")
+        for name in ("um", "native_px", "out_px"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise InputError(f"patch {name} must be a positive number, got {value}")
+
+    @property
+    def mode(self) -> str:
+        return "native-px" if self.native_px is not None else "um"
+
+    @property
+    def width_um(self) -> float | None:
+        """The requested physical width; None in native-pixel mode (it then depends on the slide)."""
+        if self.native_px is not None:
+            return None
+        return float(self.um) if self.um is not None else self.out_px * DEFAULT_MPP
+
+    def box_px(self, slide: Slide) -> float:
+        """Patch width in the slide's full-resolution pixels."""
+        if self.native_px is not None:
+            return float(self.native_px)
+        mpp = slide.microns_per_pixel
+        if not (mpp > 0 and math.isfinite(mpp)):
+            raise InputError(
+                f"slide '{slide.id}': microns per pixel is {mpp}; a patch of {self.width_um} µm "
+                "needs it (set microns_per_pixel in the manifest, or use a native-pixel patch size)"
+            )
+        return self.width_um / mpp
+
+    def attrs(self, slide: Slide) -> dict[str, object]:
+        """What the patches of ``slide`` were, as recorded beside its embeddings."""
+        box = self.box_px(slide)
+        return {
+            "patch_mode": self.mode,
+            "patch_um": self.width_um if self.mode == "um" else float(box * slide.microns_per_pixel),
+            "patch_px": int(self.out_px),
+            "patch_box_px": float(box),
+            "resample": RESAMPLE,
+        }
+
+
+def require_image(slide: Slide) -> SlideImage:
+    if slide.image is None:
+        raise InputError(f"slide '{slide.id}' has no H&E image; patches and embeddings need one")
+    return slide.image
+
+
+def crop_boxes(slide: Slide, spec: PatchSpec) -> np.ndarray:
+    """(n, 3) int64 [x0, y0, width] of every spot's square box in the image FILE's pixels.
+
+    The box is centred on the spot (to the nearest file pixel) and may extend past the image.
+    """
+    scale = require_image(slide).scale
+    width = max(1, int(round(spec.box_px(slide) * scale)))
+    centre = np.asarray(slide.coords, dtype=np.float64) * scale
+    origin = np.floor(centre - width / 2 + 0.5).astype(np.int64)
+    return np.column_stack([origin, np.full(len(origin), width, dtype=np.int64)])
+
+
+def resample(crops: np.ndarray, out_px: int) -> torch.Tensor:
+    """(B, h, w, 3) uint8 crops to a (B, 3, out_px, out_px) float32 tensor in [0, 255]."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
+    if x.shape[-2:] == (out_px, out_px):
+        return x.contiguous()
+    return F.interpolate(x, size=(out_px, out_px), mode="bilinear", align_corners=False, antialias=True)
+
+
+class PatchBatches:
+    """Map-style dataset of whole batches of one slide's patches (index = batch number).
+
+    Whole batches keep Python overhead per batch, not per spot (one array slice per patch).
+    DataLoader workers started by fork inherit the decoded image copy-on-write; for the spawn or
+    forkserver start methods, ``share=True`` moves it into shared memory once, so workers never
+    decode or copy the slide image themselves.
+    """
+
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        boxes: np.ndarray,
+        out_px: int,
+        batch_size: int,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        share: bool = False,
+    ) -> None:
+        import torch
+
+        self._pixels: np.ndarray | None = pixels
+        self._shared: torch.Tensor | None = None
+        if share:
+            self._shared = torch.empty(pixels.shape, dtype=torch.uint8).share_memory_()
+            self._shared.numpy()[...] = pixels
+            self._pixels = None
+        self.boxes = boxes
+        self.out_px = out_px
+        self.batch_size = batch_size
+        self.mean = None if mean is None else torch.tensor(mean).view(1, 3, 1, 1) * 255.0
+        self.std = None if std is None else torch.tensor(std).view(1, 3, 1, 1) * 255.0
+
+    def __len__(self) -> int:
+        return -(-len(self.boxes) // self.batch_size)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """Batch ``i``: normalised float32 if mean/std were given, else uint8 (B, 3, px, px)."""
+        import torch
+
+        px = self._pixels if self._pixels is not None else self._shared.numpy()
+        boxes = self.boxes[i * self.batch_size : (i + 1) * self.batch_size]
+        crops = np.stack([crop_padded(px, x0, y0, w, w, WHITE) for x0, y0, w in boxes.tolist()])
+        x = resample(crops, self.out_px)
+        if self.mean is None:
+            return x.round_().clamp_(0, 255).to(torch.uint8)
+        return x.sub_(self.mean).div_(self.std)
+
+
+def export_patches(slide: Slide, spec: PatchSpec, path: Path, batch_size: int = 256) -> Path:
+    """Write ``slide``'s patches to an HDF5 file (HEST layout: ``img``, ``barcode``, ``coords``).
+
+    Written under a temporary name and renamed, so ``path`` is either complete or absent.
+    """
+    import h5py
+
+    from .store import atomic_h5
+
+    boxes = crop_boxes(slide, spec)
+    data = PatchBatches(slide.image.pixels(), boxes, spec.out_px, batch_size)
+    n, px = slide.n_spots, spec.out_px
+    with atomic_h5(path) as f:
+        img = f.create_dataset("img", (n, px, px, 3), dtype=np.uint8, chunks=(1, px, px, 3))
+        for i in range(len(data)):
+            img[i * batch_size : i * batch_size + batch_size] = data[i].permute(0, 2, 3, 1).numpy()
+        f.create_dataset("barcode", data=slide.barcodes.astype(str).astype(object), dtype=h5py.string_dtype())
+        f.create_dataset("coords", data=np.asarray(slide.coords, dtype=np.float64))
+        f.attrs.update({"slide": slide.id, "microns_per_pixel": float(slide.microns_per_pixel), **spec.attrs(slide)})
+    slide.image.release()
+    return path

@@ -1,0 +1,136 @@
+"""`hgc embed` on the real her2st sections: shapes, caching, determinism, settings changes."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hgc.cli import main
+from hgc.data import read_manifest
+from hgc.embed import embed_manifest, embed_slide, load_encoder, read_attrs, read_embeddings
+from hgc.embed.extract import resolve_device
+from hgc.embed.patches import PatchSpec
+from hgc.errors import InputError
+
+from embed_helpers import TINY, tiny_manifest, tiny_weights
+
+EXPECTED_SPOTS = {"B4": 283, "C2": 187, "C3": 180, "C4": 184, "C5": 181, "C6": 178}
+SENTINEL = "hf_SENTINELtoken0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def her2st_run(her2st_manifest, tmp_path_factory):
+    """All 1,193 spots embedded once with effnet-lite0 through the CLI (HF_TOKEN set to a sentinel)."""
+    out = tmp_path_factory.mktemp("emb") / "emb.h5"
+    old = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = SENTINEL
+    try:
+        t0 = time.perf_counter()
+        result = CliRunner().invoke(
+            main, ["embed", str(her2st_manifest), "--encoder", "effnet-lite0", "--out", str(out), "--no-progress"]
+        )
+        seconds = time.perf_counter() - t0
+    finally:
+        os.environ.pop("HF_TOKEN") if old is None else os.environ.__setitem__("HF_TOKEN", old)
+    assert result.exit_code == 0, result.output
+    assert SENTINEL not in result.output
+    return out, seconds
+
+
+def test_her2st_sections_are_embedded(her2st_run, her2st_manifest):
+    out, _ = her2st_run
+    manifest = read_manifest(her2st_manifest)
+    attrs = read_attrs(out)
+    assert set(attrs) == set(EXPECTED_SPOTS)
+    for slide_id, n in EXPECTED_SPOTS.items():
+        barcodes, emb = read_embeddings(out, slide_id)
+        assert emb.shape == (n, 1280) and emb.dtype == np.float32
+        assert np.isfinite(emb).all()
+        assert (emb.std(axis=0) > 0).sum() > 1000  # features vary across spots
+        assert np.abs(emb - emb.mean(axis=0)).sum(axis=1).min() > 0  # no spot is a copy of the mean
+        np.testing.assert_array_equal(barcodes, manifest.load(slide_id).barcodes.astype(str))
+        a = attrs[slide_id]
+        assert a["encoder"] == "effnet-lite0" and a["complete"]
+        assert a["weights_sha256"] == load_encoder("effnet-lite0").weights_sha256
+        assert a["patch_um"] == pytest.approx(112.0) and a["patch_px"] == 224
+        assert a["patch_box_px"] == pytest.approx(112.0 / manifest.entry(slide_id).microns_per_pixel)
+        assert a["hgc_version"] and a["device"] == "cpu"
+    assert SENTINEL.encode() not in out.read_bytes()
+
+
+def test_second_run_reuses_every_slide(her2st_run, her2st_manifest, caplog):
+    out, first = her2st_run
+    before = out.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="hgc"):
+        t0 = time.perf_counter()
+        embed_manifest(her2st_manifest, "effnet-lite0", out, progress=False)
+        second = time.perf_counter() - t0
+    assert second < 0.25 * first, (first, second)
+    assert out.stat().st_mtime_ns == before  # nothing rewritten
+    assert caplog.text.count("up to date (output), skipped") == 6
+    assert "': embedding " not in caplog.text and "recomputing" not in caplog.text
+
+
+def test_cpu_embeddings_are_deterministic(her2st_run, her2st_manifest):
+    """The first 64 spots of C6 in one batch reproduce the CLI run's rows bit for bit, with or
+    without DataLoader workers."""
+    out, _ = her2st_run
+    full = read_manifest(her2st_manifest).load("C6")
+    sub = dataclasses.replace(full, barcodes=full.barcodes[:64], coords=full.coords[:64], counts=full.counts[:64])
+    enc = load_encoder("effnet-lite0")
+    model = enc.build()
+    dev = resolve_device("cpu")
+    one = embed_slide(sub, model, enc, PatchSpec(224), dev, batch_size=64, workers=0, progress=False)
+    _, stored = read_embeddings(out, "C6")
+    np.testing.assert_array_equal(one, stored[:64])
+    again = embed_slide(sub, model, enc, PatchSpec(224), dev, batch_size=64, workers=2, progress=False)
+    np.testing.assert_array_equal(one, again)
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    return tiny_manifest(tmp_path), tiny_weights(tmp_path)
+
+
+def test_changed_settings_recompute_and_say_why(tiny, tmp_path, caplog):
+    manifest, weights = tiny
+    out = tmp_path / "e.h5"
+    embed_manifest(manifest, TINY, out, weights=weights, workers=0, progress=False)
+    _, base = read_embeddings(out, "S1")
+    with caplog.at_level(logging.INFO, logger="hgc"):
+        embed_manifest(manifest, TINY, out, weights=weights, workers=0, patch_um=50.0, progress=False)
+    assert caplog.text.count("recomputing embeddings: patch_um differs (stored 80.0, now 50.0)") == 2
+    _, smaller = read_embeddings(out, "S1")
+    assert not np.allclose(base, smaller)
+    assert read_attrs(out)["S1"]["patch_um"] == 50.0
+
+    state = torch.load(weights, weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first] * 1.01
+    torch.save(state, tmp_path / "tuned.pth")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hgc"):
+        embed_manifest(manifest, TINY, out, weights=tmp_path / "tuned.pth", workers=0, patch_um=50.0, progress=False)
+    assert caplog.text.count("weights_sha256 differs") == 2
+    assert read_attrs(out)["S2"]["weights_file"] == "tuned.pth"
+
+
+def test_read_embeddings_names_what_is_missing(tiny, tmp_path):
+    manifest, weights = tiny
+    out = tmp_path / "e.h5"
+    with pytest.raises(InputError, match="not found.*hgc embed"):
+        read_embeddings(out, "S1")
+    embed_manifest(manifest, TINY, out, weights=weights, workers=0, progress=False)
+    with pytest.raises(InputError, match=r"slide .S9. is not in .* \(slides there: S1, S2\)"):
+        read_embeddings(out, "S9")
+    with h5py.File(out, "a") as f:
+        f["S2"].attrs["complete"] = False
+    with pytest.raises(InputError, match="incomplete"):
+        read_embeddings(out, "S2")
