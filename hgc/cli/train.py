@@ -1,0 +1,122 @@
+"""``hgc fit``, ``hgc predict``, ``hgc evaluate`` and ``hgc run`` (the whole pipeline)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from . import data_root_option
+
+METHOD_CHOICES = "hgc,ridge,knn,mean"
+
+
+def _split_csv(value: str) -> list[str]:
+    return [m.strip() for m in value.split(",") if m.strip()]
+
+
+def _fit_options(f):
+    """Training options shared by ``fit`` and ``run`` (one definition, two commands)."""
+    options = [
+        click.option("--backend", type=click.Choice(["auto", "dgl", "pyg"]), default="auto", show_default=True,
+                     help="Graph library (auto: DGL when it imports, else PyG)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help="A CPU run with the same seed repeats exactly."),
+        click.option("--lr", type=float, default=1e-4, show_default=True),
+        click.option("--weight-decay", type=float, default=1e-4, show_default=True),
+        click.option("--patience", type=click.IntRange(min=0), default=50, show_default=True,
+                     help="Stop after this many epochs without validation improvement (0: never stop early)."),
+        click.option("--contrast", type=click.Choice(["bgrl", "infonce", "none"]), default="bgrl", show_default=True),
+        click.option("--no-masking", is_flag=True, help="Train without the masked views (ablation)."),
+        click.option("--relations", default=None, help="Comma-separated relations to use, e.g. near,refer (default: all)."),
+        click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True, help="Hidden size of the GNN."),
+        click.option("--layers", type=click.IntRange(min=0), default=4, show_default=True, help="Relational layers."),
+        click.option("--fold", "folds", multiple=True, help="Train only this fold (repeatable; default: all)."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def _fit_config(kw: dict):
+    from ..train.fit import FitConfig
+
+    return FitConfig(
+        backend=kw["backend"], device=kw["device"], epochs=kw["epochs"], seed=kw["seed"], lr=kw["lr"],
+        weight_decay=kw["weight_decay"], patience=kw["patience"] or None,
+        contrast=kw["contrast"], masking=not kw["no_masking"],
+        relations=tuple(_split_csv(kw["relations"])) if kw["relations"] else None,
+        folds=tuple(kw["folds"]) or None, model={"hidden": kw["hidden"], "layers": kw["layers"]},
+    )
+
+
+def register(main: click.Group) -> None:
+    @main.command("fit")
+    @click.argument("graphs", type=click.Path(dir_okay=False, exists=True))
+    @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+    @_fit_options
+    def fit_command(graphs: str, out: str, **kw) -> None:
+        """Train SpaHGC on every fold of the graph store GRAPHS (early stopping on validation slides)."""
+        from ..train.fit import fit
+
+        for r in fit(graphs, out, _fit_config(kw)):
+            click.echo(f"fold {r.fold}: best epoch {r.best_epoch} of {r.epochs_run}, "
+                       f"validation PCC {r.best_val_pcc:.4f} on {r.val_slides or 'no slide'}")
+        click.echo(f"run written to {out}")
+
+    @main.command("predict")
+    @click.argument("run_dir", type=click.Path(file_okay=False))
+    @click.option("--graphs", required=True, type=click.Path(dir_okay=False, exists=True), help="Graph store the run was fitted on.")
+    @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Prediction folder to write.")
+    @click.option("--methods", default=METHOD_CHOICES, show_default=True, help="Comma-separated methods.")
+    @click.option("--backend", type=click.Choice(["auto", "dgl", "pyg"]), default=None, help="Default: the run's backend.")
+    @click.option("--device", default="auto", show_default=True)
+    def predict_command(run_dir: str, graphs: str, out: str, methods: str, backend: str | None, device: str) -> None:
+        """Write OUT/<method>/<slide>.h5ad for every test slide, by the model and the baselines."""
+        from ..train.predict import predict
+
+        files = predict(run_dir, graphs, out, _split_csv(methods), backend=backend, device=device)
+        click.echo(f"{len(files)} prediction files written to {out}")
+
+    @main.command("evaluate")
+    @click.argument("pred_dir", type=click.Path(file_okay=False, exists=True))
+    @click.option("--json", "as_json", is_flag=True, help="Print the full metrics JSON instead of the table.")
+    def evaluate_command(pred_dir: str, as_json: bool) -> None:
+        """PCC-ALL/HEG/HVG, MSE and MAE per slide and mean ± std per method; writes metrics.{json,csv,md}."""
+        from ..evaluate.report import json_safe, markdown_table, write_report
+
+        report = write_report(pred_dir)
+        click.echo(json.dumps(json_safe(report), indent=2) if as_json else markdown_table(report), nl=False)
+
+    @main.command("run")
+    @click.argument("manifest", type=click.Path(dir_okay=False, exists=True))
+    @click.option("--protocol", type=click.Choice(["patient-kfold", "slide-loso", "split-file"]), required=True)
+    @click.option("--genes", required=True, help="Gene panel: hist2st-her2st, hist2st-cscc, top-mean:N, hvg:N or a file.")
+    @click.option("--encoder", default="effnet-lite0", show_default=True, help="Image encoder (see `hgc embed --help`).")
+    @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run folder (steps are cached there).")
+    @click.option("--normalize", type=click.Choice(["log1p", "log10-minmax"]), default="log1p", show_default=True)
+    @click.option("--methods", default=METHOD_CHOICES, show_default=True, help="Comma-separated methods.")
+    @click.option("--split-file", type=click.Path(dir_okay=False, exists=True), default=None,
+                  help="TSV slide/fold/role for --protocol split-file.")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
+    @click.option("--n-val", type=click.IntRange(min=0), default=1, show_default=True,
+                  help="Validation slides per fold (early stopping), taken from the training slides.")
+    @click.option("--no-progress", is_flag=True, help="No progress bars.")
+    @data_root_option
+    @_fit_options
+    def run_command(manifest, protocol, genes, encoder, out, normalize, methods, split_file, batch_size,
+                    n_val, no_progress, data_root, **kw) -> None:
+        """Embed, build graphs, fit, predict and evaluate MANIFEST; print the results table.
+
+        Each step is skipped when its output in OUT exists and was made from the same inputs and
+        settings, so a rerun with other training options reuses embeddings and graphs.
+        """
+        from ..evaluate.report import markdown_table
+        from ..train.pipeline import run_pipeline
+
+        report = run_pipeline(
+            manifest, protocol, genes, encoder, out, fit_config=_fit_config(kw), normalize=normalize,
+            methods=_split_csv(methods), device=kw["device"], data_root=data_root, split_file=split_file,
+            batch_size=batch_size, graph_options={"n_val": n_val}, progress=not no_progress,
+        )
+        click.echo(markdown_table(report), nl=False)

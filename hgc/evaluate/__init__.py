@@ -1,0 +1,26 @@
+"""Accuracy metrics and the evaluation report (PCC-ALL/HEG/HVG, MSE, MAE per held-out slide)."""
+from .metrics import (
+    METRIC_KEYS,
+    N_TOP_GENES,
+    SlideMetrics,
+    pearson_per_gene,
+    pooled_pcc,
+    slide_metrics,
+    training_gene_sets,
+)
+from .report import Prediction, evaluate, read_prediction, write_prediction, write_report
+
+__all__ = [
+    "METRIC_KEYS",
+    "N_TOP_GENES",
+    "Prediction",
+    "SlideMetrics",
+    "evaluate",
+    "pearson_per_gene",
+    "pooled_pcc",
+    "read_prediction",
+    "slide_metrics",
+    "training_gene_sets",
+    "write_prediction",
+    "write_report",
+]

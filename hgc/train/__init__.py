@@ -1,0 +1,22 @@
+"""Training SpaHGC per fold, the baselines beside it, and predictions for the held-out slides."""
+from .baselines import BASELINES, KnnBaseline, MeanBaseline, RidgeBaseline, make_baseline
+from .fit import FitConfig, FoldData, check_leakage, fit, fit_folds, load_folds, load_model
+from .predict import METHODS, predict, predict_fold
+
+__all__ = [
+    "BASELINES",
+    "METHODS",
+    "FitConfig",
+    "FoldData",
+    "KnnBaseline",
+    "MeanBaseline",
+    "RidgeBaseline",
+    "check_leakage",
+    "fit",
+    "fit_folds",
+    "load_folds",
+    "load_model",
+    "make_baseline",
+    "predict",
+    "predict_fold",
+]

@@ -1,0 +1,237 @@
+"""Training harness: determinism, checkpoint round trip, validation slides, leakage guard, predict/evaluate."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from _backends import require_dgl
+from graph_factory import make_fold
+from hgc.errors import InputError
+from hgc.evaluate import write_report
+from hgc.train.fit import FitConfig, check_leakage, fit_folds, load_checkpoint, load_model, predict_graph
+from hgc.train.predict import predict_fold
+
+TINY = dict(epochs=3, patience=None, progress=False, model={"hidden": 16, "layers": 1})
+
+
+def _cfg(**kw) -> FitConfig:
+    return FitConfig(**{**TINY, "backend": "pyg", "device": "cpu", **kw})
+
+
+@pytest.fixture(scope="module")
+def fold():
+    return make_fold(["A1", "A2", "B1", "B2"], ["C1"])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, fold):
+    out = tmp_path_factory.mktemp("run")
+    return out, fit_folds([fold], out, _cfg())
+
+
+def test_fit_writes_run_and_validates_on_training_slides(run, fold):
+    out, results = run
+    (r,) = results
+    info = json.loads((out / fold.name / "fold.json").read_text())
+    assert r.val_slides and set(r.val_slides) <= set(fold.train_slides)
+    assert info["validation_slides"] == r.val_slides
+    assert not set(info["train_slides"]) & set(r.val_slides)  # a validation slide is not trained on
+    assert not set(r.val_slides) & set(fold.test_slides)
+    assert info["genes"] == fold.genes and info["normaliser"] == fold.normaliser
+    history = (out / fold.name / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,loss") and "val_pcc" in history[0] and len(history) == 4
+    assert (out / "config.json").is_file()
+
+
+def test_checkpoint_round_trip(run, fold):
+    out, (r,) = run
+    model, backend, info = load_model(out, fold.name, device="cpu")
+    (slide,) = r.val_slides
+    g = next(g for g in fold.train_graphs if g.target == slide)
+    np.testing.assert_array_equal(predict_graph(model, backend.prepare(g)), r.val_predictions[slide])
+    # eval predictions are deterministic (unmasked graph, no dropout)
+    np.testing.assert_array_equal(predict_graph(model, backend.prepare(g)), r.val_predictions[slide])
+
+
+def test_same_seed_repeats_exactly(tmp_path, run, fold):
+    out, (r,) = run
+    fit_folds([fold], tmp_path, _cfg())
+    a, b = load_checkpoint(out / fold.name / "model.safetensors"), load_checkpoint(tmp_path / fold.name / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / fold.name / "history.csv").read_text() == (tmp_path / fold.name / "history.csv").read_text()
+
+
+def test_no_validation_keeps_last_epoch_and_empty_fold_is_skipped(tmp_path, fold):
+    (r,) = fit_folds([fold], tmp_path, _cfg(epochs=2, n_val=0))
+    assert r.val_slides == [] and r.best_epoch == 1 and np.isnan(r.best_val_pcc)
+    assert json.loads((tmp_path / fold.name / "fold.json").read_text())["best_val_pcc"] is None
+    assert fit_folds([replace(fold, train_graphs=[], name="empty")], tmp_path, _cfg()) == []
+    assert not (tmp_path / "empty").exists()
+
+
+def test_leakage_guard(fold):
+    check_leakage(fold)
+    train = fold.train_graphs
+    # A test slide among a training graph's references.
+    bad_ref = replace(train[0], ref_slide=np.where(np.arange(train[0].n_ref) == 0, "C1", train[0].ref_slide))
+    with pytest.raises(InputError, match="test slides"):
+        check_leakage(replace(fold, train_graphs=[bad_ref] + train[1:]))
+    # A test slide as a training target.
+    with pytest.raises(InputError, match="not a training slide"):
+        check_leakage(replace(fold, train_graphs=train + [replace(fold.test_graphs[0], role="train")]))
+    # Patient-level: another section of the test patient as reference is leakage; slide-level it is allowed.
+    pk = make_fold(["A1", "B1", "B2", "C1"], ["A2"], protocol="patient-kfold")
+    with pytest.raises(InputError, match="test patient"):
+        check_leakage(pk)
+    check_leakage(replace(pk, protocol="slide-loso"))
+
+
+def test_predict_all_methods_and_evaluate(tmp_path, run, fold):
+    out, _ = run
+    files = predict_fold(fold, tmp_path, run_dir=out)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in files) == [
+        f"{m}/C1.h5ad" for m in ("hgc", "knn", "mean", "ridge")
+    ]
+    import anndata as ad
+
+    a = ad.read_h5ad(tmp_path / "hgc" / "C1.h5ad")
+    g = fold.test_graphs[0]
+    assert a.X.dtype == np.float32 and a.shape == g.spot_y.shape
+    assert list(a.obs_names) == list(g.spot_barcodes) and list(a.var_names) == fold.genes
+    np.testing.assert_array_equal(a.layers["observed"], g.spot_y)
+    np.testing.assert_array_equal(a.obsm["spatial"], g.spot_coords)
+    assert a.uns["method"] == "hgc" and a.uns["protocol"] == "slide-loso" and a.uns["fold"] == fold.name
+    assert len(a.uns["heg"]) == len(a.uns["hvg"]) == len(fold.genes)  # 6 genes < 50
+    report = write_report(tmp_path)
+    assert list(report["methods"]) == ["hgc", "ridge", "knn", "mean"]
+    assert report["methods"]["ridge"]["mean"]["pcc_all"] > 0.5
+
+
+def test_dgl_backend_trains_and_matches_pyg(tmp_path, run, fold):
+    require_dgl()  # skips on the modern stack only; HGC_STACK=dgl makes a broken DGL fail
+    out, (r,) = run
+    model, backend, _ = load_model(out, fold.name, backend="dgl")
+    assert backend.name == "dgl"
+    (slide,) = r.val_slides
+    g = next(g for g in fold.train_graphs if g.target == slide)
+    np.testing.assert_allclose(predict_graph(model, backend.prepare(g)), r.val_predictions[slide], rtol=1e-4, atol=1e-5)
+    (rd,) = fit_folds([fold], tmp_path, _cfg(backend="dgl", epochs=2))
+    assert rd.epochs_run == 2
+
+
+# --- on a real graph store: her2st, colour-statistics embeddings, patient-level folds ----------------
+
+
+@pytest.fixture(scope="module")
+def her2st_store(tmp_path_factory, her2st_manifest):
+    from her2st_graph_data import colour_embeddings, load_slides
+
+    from hgc.data.splits import make_folds
+    from hgc.graph import GraphConfig, build_graphs, write_graphs
+
+    slides = load_slides(her2st_manifest)
+    emb = {s: colour_embeddings(sl) for s, sl in slides.items()}
+    folds = make_folds({s: sl.patient for s, sl in slides.items()}, "patient-kfold")
+    graphs = build_graphs(slides, emb, folds, "patient-kfold", GraphConfig(genes="top-mean:20"))
+    return write_graphs(graphs, tmp_path_factory.mktemp("store") / "graphs.h5")
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from hgc.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_fit_predict_evaluate_on_her2st(tmp_path, her2st_store):
+    run, pred = tmp_path / "run", tmp_path / "pred"
+    r = _cli("fit", her2st_store, "--out", run, "--epochs", 2, "--backend", "pyg", "--device", "cpu",
+             "--hidden", 16, "--layers", 1)
+    assert r.exit_code == 0, r.output
+    # Fold patient-C trains on B4 alone, which has no reference slide: no model, baselines only.
+    assert "fold patient-B" in r.output and not (run / "patient-C").exists()
+    info = json.loads((run / "patient-B" / "fold.json").read_text())
+    assert info["test_slides"] == ["B4"] and info["validation_slides"]
+    assert not {"B4"} & set(info["train_slides"] + info["validation_slides"])
+    r = _cli("predict", run, "--graphs", her2st_store, "--out", pred)
+    assert r.exit_code == 0, r.output
+    r = _cli("evaluate", pred, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["protocol"] == "patient-kfold" and report["space"] == "log1p"
+    assert report["methods"]["hgc"]["n_slides"] == 1 and report["methods"]["knn"]["n_slides"] == 6
+    assert {"metrics.json", "metrics.csv", "metrics.md"} <= {p.name for p in pred.iterdir()}
+    import anndata as ad
+
+    a = ad.read_h5ad(pred / "knn" / "B4.h5ad")
+    assert a.n_obs == 283 and a.n_vars == 20 and a.uns["fold"] == "patient-B"
+    assert len(a.uns["heg"]) == len(a.uns["hvg"]) == 20
+
+
+def test_cli_fit_refuses_tampered_store(tmp_path, her2st_store):
+    import shutil
+
+    import h5py
+
+    bad = tmp_path / "tampered.h5"
+    shutil.copy(her2st_store, bad)
+    with h5py.File(bad, "r+") as f:  # slip the test slide B4 into a training pool of fold patient-B
+        pools = f["folds/patient-B/pools"]
+        key = next(k for k in pools if "C3" in json.loads(pools[k].attrs["slides"]))
+        pools[key].attrs["slides"] = pools[key].attrs["slides"].replace('"C3"', '"B4"')
+    r = _cli("fit", bad, "--out", tmp_path / "run", "--epochs", 1, "--backend", "pyg", "--device", "cpu")
+    assert r.exit_code == 1 and "B4" in r.output and "test slides" in r.output, r.output
+    assert not (tmp_path / "run" / "patient-B" / "model.safetensors").exists()
+
+
+# --- the whole pipeline on four tiny legacy-ST sections -------------------------------------------
+
+
+def test_run_pipeline_caches_steps(tmp_path, caplog):
+    import logging
+
+    from conftest import write_manifest, write_st_slide
+
+    from hgc.evaluate.report import json_safe
+    from hgc.train.pipeline import run_pipeline
+
+    rows = []
+    for i, (name, patient) in enumerate([("S1", "P1"), ("S2", "P1"), ("S3", "P2")]):
+        files = write_st_slide(tmp_path / name, name=name, grid=3, pitch_px=60, image_size=(240, 240), seed=i)
+        rows.append({"slide": name, "patient": patient, "format": "st", "microns_per_pixel": "0.8", **files})
+    manifest = write_manifest(tmp_path / "m.tsv", rows)
+    out = tmp_path / "run"
+    cfg = _cfg(epochs=1)
+    args = (manifest, "slide-loso", "top-mean:5", "effnet-lite0", out)
+    report = run_pipeline(*args, fit_config=cfg, device="cpu", progress=False)
+    assert list(report["methods"]) == ["hgc", "ridge", "knn", "mean"]
+    assert all(m["n_slides"] == 3 for m in report["methods"].values())
+    assert (out / "predictions" / "metrics.md").is_file()
+    with caplog.at_level(logging.INFO, logger="hgc.train.pipeline"):
+        again = run_pipeline(*args, fit_config=cfg, device="cpu", progress=False)
+    assert caplog.text.count("up to date") == 4 and json_safe(again) == json_safe(report)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hgc.train.pipeline"):  # other training settings, via the CLI
+        r = _cli("run", manifest, "--protocol", "slide-loso", "--genes", "top-mean:5", "--out", out, "--epochs", 2,
+                 "--backend", "pyg", "--device", "cpu", "--hidden", 16, "--layers", 1, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "| hgc |" in r.output and "Protocol: slide-loso" in r.output
+    assert "embed: up to date" in caplog.text and "graphs: up to date" in caplog.text and "fit: running" in caplog.text and "predict: running" in caplog.text
+
+
+def test_predict_refuses_run_fitted_on_other_genes(tmp_path, run, fold):
+    import shutil
+
+    out, _ = run
+    shutil.copytree(out, tmp_path / "run")
+    path = tmp_path / "run" / fold.name / "fold.json"
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps({**info, "genes": info["genes"][::-1]}))
+    with pytest.raises(InputError, match="other genes"):
+        predict_fold(fold, tmp_path / "pred", methods=["hgc"], run_dir=tmp_path / "run")
