@@ -60,15 +60,38 @@ def test_patient_kfold_on_her2st(kfold):
     # legacy ST interior spots have 8 grid neighbours of which the 5 nearest are kept
     assert np.bincount(_in_degree(tests[0].edges["near"], tests[0].n_spot)).argmax() == 5
     fold_c = kfold.folds[1]
-    assert fold_c.info.skipped == {"B4": "no other training slide can provide references"}
+    assert fold_c.info.self_referenced == ["B4"]
     assert fold_c.info.val == []  # a single training slide stays for training
+
+
+def test_sole_training_slide_references_its_own_distant_spots(kfold):
+    """Fold patient-C trains on B4 alone: B4's training graph retrieves 7 other B4 spots per spot,
+    never the spot itself nor one of its spatial neighbours, and nothing of patient C."""
+    (g,) = kfold.graphs(fold="patient-C", role="train")
+    assert g.target == "B4" and set(g.ref_slide) == {"B4"} and set(g.ref_patient) == {"B"}
+    assert (_in_degree(g.edges["refer"], g.n_spot) == 7).all()
+    ref, spot = g.edges["refer"]
+    assert (ref != spot).all()
+    near_pairs = set(zip(*g.edges["near"]))
+    assert not near_pairs & set(zip(ref, spot))
+    # still the most similar admissible spots: every retrieved spot is at least as close in
+    # embedding space (L1) as any spot left out, apart from the banned ones
+    d = np.abs(g.spot_x[:, None, :] - g.ref_x[None, :, :]).sum(-1)
+    for i in range(0, g.n_spot, 37):
+        banned = {i} | {a for a, b in near_pairs if b == i}
+        allowed = np.array([j for j in range(g.n_ref) if j not in banned])
+        chosen = ref[spot == i]
+        assert d[i, chosen].max() <= np.sort(d[i, allowed])[6] + 1e-3
 
 
 def test_training_targets_use_other_training_slides_only(kfold):
     for g in kfold.graphs(role="train"):
         fold = next(f.info for f in kfold.folds if f.info.name == g.fold)
-        assert g.target not in set(g.ref_slide)
         assert set(g.ref_slide) <= set(fold.train)
+        if g.target in fold.self_referenced:
+            assert set(g.ref_slide) == {g.target}
+        else:
+            assert g.target not in set(g.ref_slide)
 
 
 def test_slide_loso_gives_six_folds(her2st, shared_data):
@@ -238,6 +261,7 @@ def test_bad_inputs_write_nothing(her2st, shared_data, tmp_path):
     assert [(r["fold"], r["target"], r["role"], r["ref_patients"]) for r in rows] == [
         ("patient-B", "C2", "train", ["C"]), ("patient-B", "C3", "train", ["C"]),
         ("patient-B", "B4", "test", ["C"]),
+        ("patient-C", "B4", "train", ["B"]),  # the fold's only training slide references itself
         ("patient-C", "C2", "test", ["B"]), ("patient-C", "C3", "test", ["B"]),
     ]
     assert all(r["edges"]["refer"] == 7 * r["n_spot"] for r in rows)

@@ -66,7 +66,7 @@ def patches_command(manifest, out_dir, px, patch_um, patch_native_px, data_root)
 
     Optional: `hgc embed` cuts patches itself and does not need these files.
     """
-    from tqdm.auto import tqdm
+    from .._progress import progress
 
     from ..data.manifest import read_manifest
     from ..embed import PatchSpec, export_patches
@@ -75,7 +75,7 @@ def patches_command(manifest, out_dir, px, patch_um, patch_native_px, data_root)
     m = read_manifest(manifest, data_root)
     spec = PatchSpec(out_px=px, um=patch_um, native_px=patch_native_px)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for slide_id in tqdm(m.slide_ids, desc="slides", unit="slide"):
+    for slide_id in progress(m.slide_ids, desc="slides", unit="slide"):
         export_patches(m.load(slide_id), spec, Path(out_dir) / f"{group_name(slide_id)}.h5")
     click.echo(f"patches: {out_dir} ({len(m.slide_ids)} slides)")
 

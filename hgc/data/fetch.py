@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from .._progress import progress
 
 from .. import __version__
 from ..errors import HgcError, InputError
@@ -129,7 +129,7 @@ def fetch_her2st(dest: str | Path, base_url: str | None = None) -> Path:
     """
     folder = Path(dest) / "her2st"
     base = (base_url or HER2ST_URL).rstrip("/")
-    for rel, sha256 in tqdm(HER2ST_SHA256.items(), desc="her2st", unit="file", leave=False):
+    for rel, sha256 in progress(HER2ST_SHA256.items(), desc="her2st", unit="file", leave=False):
         download(f"{base}/{rel}", folder / rel, sha256)
     table = pd.DataFrame(
         [
@@ -211,7 +211,7 @@ def _stream(response, part: Path, offset: int, length: int | None, label: str) -
     """Write the response body to ``part`` after its first ``offset`` bytes; returns bytes read."""
     total = None if length is None else offset + length
     received = 0
-    with open(part, "ab" if offset else "wb") as fh, tqdm(
+    with open(part, "ab" if offset else "wb") as fh, progress(
         total=total,
         initial=offset,
         unit="B",

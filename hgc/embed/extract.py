@@ -101,7 +101,7 @@ def embed_slide(
     """(n_spots, dim) float32 embeddings of one slide, in spot order."""
     import torch
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    from .._progress import progress as progress_bar
 
     boxes = crop_boxes(slide, patch)
     pixels = slide.image.pixels()
@@ -112,8 +112,8 @@ def embed_slide(
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     out = np.empty((slide.n_spots, model.num_features), dtype=np.float32)
     start = 0
-    with torch.inference_mode(), autocast, tqdm(
-        total=slide.n_spots, desc=slide.id, unit="patch", disable=not progress, leave=False
+    with torch.inference_mode(), autocast, progress_bar(
+        total=slide.n_spots, desc=slide.id, unit="patch", disable=None if progress else True, leave=False
     ) as bar:
         for x in loader:
             feats = model(x.to(device, non_blocking=True).contiguous(memory_format=fmt)).float().cpu().numpy()

@@ -116,6 +116,8 @@ class FoldInfo:
     normaliser: dict  # Normalizer.to_dict() of the fitted transform
     missing_genes: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # training target -> why it has no graph
+    # a fold's only training slide: its training graph references its own slide (self_refer_edges)
+    self_referenced: list[str] = field(default_factory=list)
     manifest: str = ""
 
 
@@ -318,6 +320,26 @@ def refer_edges(spot_x: np.ndarray, ref_x: np.ndarray, config: GraphConfig) -> t
     return _knn_edges(idx, scores, config.metric)
 
 
+def self_refer_edges(spot_x: np.ndarray, near: np.ndarray, config: GraphConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``refer`` edges from a slide to itself: each spot's ``k_refer`` most similar other spots,
+    leaving out the spot and its ``near`` neighbours, so that retrieval cannot simply return the
+    tissue next door (the situation a cross-slide reference is in)."""
+    n = len(spot_x)
+    banned = np.concatenate([np.arange(n) * (n + 1), near[1] * n + near[0]])  # query * n + candidate
+    per_query = np.bincount(near[1], minlength=n).max(initial=0) + 1
+    idx, scores = knn.search(spot_x, spot_x, min(n, config.k_refer + per_query), config.metric,
+                             config.knn_backend, config.device)
+    ok = (idx >= 0) & ~np.isin(np.arange(n)[:, None] * n + idx, banned)
+    rank = np.cumsum(ok, axis=1)
+    take = ok & (rank <= config.k_refer)
+    nbr = np.full((n, config.k_refer), -1, np.int64)
+    score = np.zeros((n, config.k_refer), np.float32)
+    r, c = np.nonzero(take)
+    nbr[r, rank[r, c] - 1] = idx[r, c]
+    score[r, rank[r, c] - 1] = scores[r, c]
+    return _knn_edges(nbr, score, config.metric)
+
+
 def close_features(ref_x: np.ndarray, ref_y: np.ndarray, metric: str) -> np.ndarray:
     """[embedding, expression], each block z-scored per column then scaled to mean row norm 1."""
     blocks = []
@@ -410,7 +432,7 @@ def build_graphs(
     manifest: str = "",
 ) -> GraphSet:
     """Graphs of every target of every fold. ``embeddings[s]`` rows follow ``slides[s].barcodes``."""
-    from tqdm.auto import tqdm
+    from .._progress import progress
 
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol '{protocol}'; expected one of {list(PROTOCOLS)}")
@@ -428,7 +450,7 @@ def build_graphs(
     patients = {s: slides[s].patient for s in used}
     near = {s: near_edges(slides[s], config) for s in used}
     out = []
-    for fold in tqdm(folds, desc="folds", unit="fold", leave=False):
+    for fold in progress(folds, desc="folds", unit="fold", leave=False):
         out.append(_build_fold(fold, slides, data, near, patients, protocol, config, data_root, manifest))
     return GraphSet(config, protocol, data, out)
 
@@ -462,10 +484,15 @@ def _build_fold(fold, slides, data, near, patients, protocol, config, data_root,
     for role, names in (("train", fold.train), ("test", fold.test)):
         for t in names:
             pool = reference_pool(t, role, fold, patients, protocol, config.exclude_same_patient)
+            if not pool and fold.train == [t]:  # the only training slide still trains, on its own spots
+                pool = [t]
+                info.self_referenced.append(t)
+                log.warning("fold %s: %s is the only training slide; its training graph references its own "
+                            "spots, never a spot itself or its spatial neighbours", fold.name, t)
             if pool:
                 chosen.append((t, role, tuple(pool)))
             else:
-                info.skipped[t] = "no other training slide can provide references"
+                info.skipped[t] = "every other training slide is of its own patient (exclude_same_patient)"
                 log.warning("fold %s: training slide %s has no reference slide; no training graph for it", fold.name, t)
     # test targets (and any identical pools) share one pool and its close edges
     keys = {pool: f"pool{i}" for i, pool in enumerate(dict.fromkeys(p for _, _, p in chosen))}
@@ -476,7 +503,10 @@ def _build_fold(fold, slides, data, near, patients, protocol, config, data_root,
              for (pool, key), edges in zip(keys.items(), close_edges(feats, owner, list(keys), config))}
     targets = []
     for t, role, pool in chosen:
-        refer, refer_w = refer_edges(data[t].x, np.concatenate([data[s].x for s in pool]), config)
+        if pool == (t,):
+            refer, refer_w = self_refer_edges(data[t].x, near[t][0], config)
+        else:
+            refer, refer_w = refer_edges(data[t].x, np.concatenate([data[s].x for s in pool]), config)
         targets.append(TargetEdges(t, role, keys[pool], *near[t], refer, refer_w))
     return FoldGraphs(info, expression, pools, targets)
 

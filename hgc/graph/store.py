@@ -6,7 +6,7 @@ Layout (group names are percent-encoded slide / fold ids)::
                                      config (GraphConfig JSON), folds (JSON list, in order)
     /slides/<slide>           x (n, d) f32, barcodes (n,) str, coords (n, 2) f64; attrs: id, patient
     /folds/<fold>             attrs: info (FoldInfo JSON: protocol, train/val/test, genes, panel,
-                                     normaliser, missing_genes, skipped, manifest), targets (JSON)
+                                     normaliser, missing_genes, skipped, self_referenced, manifest), targets (JSON)
     /folds/<fold>/genes       (G,) str
     /folds/<fold>/expression/<slide>   (n, G) f32, the fold's normalised expression of the slide
     /folds/<fold>/pools/<key>          close (2, E) i64, close_weight (E,) f32; attrs: slides (JSON)

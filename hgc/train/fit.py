@@ -90,6 +90,7 @@ class FoldData:
     train_graphs: list[SlideGraph]
     test_graphs: list[SlideGraph]
     val_slides: list[str] | None = None  # as recorded by the store, if it chose them
+    self_referenced: list[str] = field(default_factory=list)  # sole training slides (see hgc.graph.build)
 
     @property
     def patients(self) -> dict[str, str]:
@@ -129,6 +130,7 @@ def load_folds(graphs_path: str | Path, folds: Sequence[str] | None = None) -> l
                 train_graphs=[g for g in graphs if g.role == "train"],
                 test_graphs=[g for g in graphs if g.role == "test"],
                 val_slides=list(info.val),
+                self_referenced=list(info.self_referenced),
             )
         )
     return out
@@ -138,7 +140,7 @@ def check_leakage(fold: FoldData) -> None:
     """Raise :class:`InputError` if test data can reach training or the reference pool.
 
     Checked: every training target is a training slide of the fold; no graph references its own
-    target; no training target and no reference of any graph (training or test) is a test slide;
+    target (except a fold's only training slide, whose training graph references only itself); no training target and no reference of any graph (training or test) is a test slide;
     under ``patient-kfold`` the same for every spot of a test patient. Under ``slide-loso`` other sections of a test slide's
     patient are references by design (the published protocol); that is logged, not refused.
     """
@@ -154,7 +156,9 @@ def check_leakage(fold: FoldData) -> None:
         if patient_level and g.patient in test_patients:
             raise InputError(f"{where}: training target '{g.target}' belongs to test patient '{g.patient}'")
     for g in fold.train_graphs + fold.test_graphs:
-        if g.target in set(map(str, g.ref_slide)):
+        refs = set(map(str, g.ref_slide))
+        own_only = g.role == "train" and g.target in fold.self_referenced and refs == {g.target}
+        if g.target in refs and not own_only:
             raise InputError(f"{where}: the {g.role} graph of slide '{g.target}' has the slide itself among its references")
         leaked = sorted(set(map(str, g.ref_slide)) & test)
         if leaked:
@@ -286,7 +290,7 @@ def _split_validation(fold: FoldData, config: FitConfig, seed: int) -> tuple[lis
 
 def _train_fold(fold: FoldData, config: FitConfig, out_dir: Path, backend, device: str, seed: int) -> FoldResult | None:
     import torch
-    from tqdm.auto import tqdm
+    from .._progress import progress
 
     check_leakage(fold)
     if not fold.train_graphs:
@@ -311,7 +315,8 @@ def _train_fold(fold: FoldData, config: FitConfig, out_dir: Path, backend, devic
         order = np.random.default_rng(seed)
         best: dict[str, Any] = {"epoch": -1, "pcc": -np.inf, "state": None, "val_pred": {}}
         history: list[dict[str, float]] = []
-        bar = tqdm(range(config.epochs), desc=f"fold {fold.name}", disable=not config.progress, leave=False)
+        bar = progress(range(config.epochs), desc=f"fold {fold.name}", disable=None if config.progress else True,
+                       leave=False)
         for epoch in bar:
             model.train()
             sums: dict[str, float] = {}

