@@ -31,9 +31,12 @@ env-modern: .venv-modern/.installed
 	.venv-$*/bin/python -m hgc.cli --version >/dev/null
 	touch $@
 
-# The main job on the bundled default: the her2st example with the offline encoder.
+# The main job on the bundled default: the her2st example with the offline encoder, patient-level
+# folds, the Hist2ST gene panel; every step is cached in runs/her2st, the table is printed at the end.
 demo: .venv-dgl/.installed
 	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc data inspect examples/her2st.tsv
+	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc run examples/her2st.tsv --protocol patient-kfold \
+		--genes hist2st-her2st --encoder effnet-lite0 --out runs/her2st
 
 clean-env:
 	rm -rf .venv-dgl .venv-modern
