@@ -1,0 +1,230 @@
+"""Accuracy of SpaHGC and the baselines on a dataset, one protocol, several seeds: the figures we quote.
+
+Usage (from the repository root)::
+
+    python bench/accuracy.py --dataset her2st --protocol patient-kfold --seeds 0,1,2
+    python bench/accuracy.py --dataset her2st --protocol slide-loso --seeds 0,1,2
+    python bench/accuracy.py --dataset her2st --protocol patient-kfold --quick      # CI smoke run
+    python bench/accuracy.py --manifest my.tsv --protocol patient-kfold --genes top-mean:250 --out r.json
+
+Each seed is one ``hgc run`` (:func:`hgc.train.pipeline.run_pipeline`) in one work folder, so the
+embeddings and graphs are made once and only training and prediction repeat per seed. The
+baselines (ridge, kNN retrieval, training mean) run beside the model on the same slides, genes,
+splits and features. The record (``bench/results/<name>.json``) keeps every slide's metrics per
+seed, their mean ± std over slides and seeds, the settings, machine, hgc version and commit; the
+published figures of the brief (§4) are stored beside ours, labelled, never mixed in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+
+from machine import REPO, describe, shared_data_root  # noqa: E402
+from report import accuracy_markdown  # noqa: E402
+
+log = logging.getLogger("bench.accuracy")
+
+SCHEMA_VERSION = 1
+PROTOCOLS = ("patient-kfold", "slide-loso")
+#: ``--quick``: one seed, a few epochs; a CI check that the harness runs, not figures to quote.
+QUICK_EPOCHS = 2
+QUICK_SEEDS = (0,)
+FULL_SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A named dataset: its manifest in examples/, its cohort (for published figures), gene panels."""
+
+    manifest: str
+    cohort: str
+    panels: dict[str, str]  # protocol -> gene panel spec
+
+
+DATASETS: dict[str, Dataset] = {
+    "her2st": Dataset("examples/her2st.tsv", "HER2+", {"slide-loso": "hist2st-her2st", "patient-kfold": "top-mean:250"}),
+    "cscc": Dataset("examples/cscc.tsv", "cSCC", {"slide-loso": "hist2st-cscc", "patient-kfold": "top-mean:250"}),
+}
+
+_OTHER = "full {cohort} set, UNI-class features; other data and features than ours"
+#: The brief's §4 table: PCC-ALL per (protocol, cohort), as published.
+PUBLISHED: dict[tuple[str, str], tuple[tuple[str, float], ...]] = {
+    ("slide-loso", "HER2+"): (("Hist2ST", 0.144), ("THItoGene", 0.173), ("BLEEP", 0.187), ("mclSTExp", 0.230)),
+    ("slide-loso", "cSCC"): (("Hist2ST", 0.184), ("THItoGene", 0.237), ("BLEEP", 0.245), ("mclSTExp", 0.324)),
+    ("patient-kfold", "HER2+"): (("TRIPLEX", 0.314), ("DKAN", 0.330), ("Gene-DML", 0.331)),
+    ("patient-kfold", "cSCC"): (("TRIPLEX", 0.374), ("DKAN", 0.407), ("Gene-DML", 0.433)),
+}
+
+
+def published(protocol: str, cohort: str | None) -> list[dict[str, Any]]:
+    rows = PUBLISHED.get((protocol, cohort or ""), ())
+    return [{"method": m, "pcc_all": v, "note": _OTHER.format(cohort=cohort)} for m, v in rows]
+
+
+def summarise_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and std over (slide, seed) rows, by the evaluator's own rule (NaN slides left out)."""
+    from hgc.evaluate.metrics import SlideMetrics, summarise
+
+    names = set(SlideMetrics.__dataclass_fields__)
+    return summarise([SlideMetrics(**{k: v for k, v in r.items() if k in names}) for r in rows])
+
+
+def combine(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per method: every slide's metrics tagged with its seed, and mean ± std over all of them."""
+    from hgc.evaluate.report import json_safe
+
+    methods: dict[str, Any] = {}
+    for seed, report in reports.items():
+        for name, m in report["methods"].items():
+            rows = methods.setdefault(name, {"per_slide": []})["per_slide"]
+            rows += [{"seed": seed, **{k: (float("nan") if v is None else v) for k, v in row.items()}}
+                     for row in m["per_slide"]]
+    for name, m in methods.items():
+        m["mean"], m["std"] = summarise_rows(m["per_slide"])
+        m["seed_means"] = {
+            str(seed): summarise_rows([r for r in m["per_slide"] if r["seed"] == seed])[0] for seed in reports
+        }
+        m["n"] = len(m["per_slide"])
+    return json_safe(methods)
+
+
+def run(
+    manifest: Path,
+    protocol: str,
+    genes: str,
+    encoder: str,
+    seeds: Sequence[int],
+    work_dir: Path,
+    *,
+    epochs: int,
+    patience: int | None,
+    mode: str,
+    dataset: str,
+    cohort: str | None = None,
+    backend: str = "auto",
+    device: str = "auto",
+    data_root: Path | None = None,
+    fit_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline once per seed in ``work_dir`` and return the JSON-ready record."""
+    import torch
+
+    from hgc.nn import get_backend
+    from hgc.train.fit import FitConfig
+    from hgc.train.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    reports: dict[int, dict[str, Any]] = {}
+    runs = []
+    fit = FitConfig(backend=backend, device=device, epochs=epochs, patience=patience, progress=False,
+                    **(fit_overrides or {}))
+    for seed in seeds:
+        t_seed = time.perf_counter()
+        cfg = replace(fit, seed=seed)
+        log.info("seed %d: hgc run %s (%s, %s, %s) in %s", seed, manifest, protocol, genes, encoder, work_dir)
+        reports[seed] = run_pipeline(manifest, protocol, genes, encoder, work_dir, fit_config=cfg, device=device,
+                                     data_root=data_root, progress=False)
+        runs.append({"seed": seed, "wall_s": round(time.perf_counter() - t_seed, 2)})
+    first = next(iter(reports.values()))
+    methods = combine(reports)
+    all_rows = [r for m in methods.values() for r in m["per_slide"]]
+    machine = describe()
+    fit_record = {k: v for k, v in fit.to_dict().items() if k not in ("seed", "progress")}
+    return {
+        "schema": SCHEMA_VERSION,
+        "kind": "accuracy",
+        "mode": mode,
+        "dataset": dataset,
+        "cohort": cohort,
+        "manifest": str(manifest),
+        "protocol": protocol,
+        "genes": genes,
+        "n_genes": int(all_rows[0]["n_genes"]),
+        "encoder": encoder,
+        "backend": get_backend(backend).name,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "seeds": list(seeds),
+        "fit": fit_record,
+        "space": first["space"],
+        "n_top_genes": first.get("n_top_genes"),
+        "constant_genes": first.get("constant_genes"),
+        "n_slides": len({r["slide"] for r in all_rows}),
+        "hgc_version": machine["hgc_version"],
+        "git_commit": machine["git_commit"],
+        "machine": machine,
+        "runs": runs,
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "methods": methods,
+        "published": published(protocol, cohort),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=sorted(DATASETS), help="A named dataset (manifest in examples/).")
+    src.add_argument("--manifest", type=Path, help="Any hgc manifest.")
+    p.add_argument("--protocol", choices=PROTOCOLS, required=True)
+    p.add_argument("--genes", default=None, help="Gene panel (default for a dataset: its panel for the protocol).")
+    p.add_argument("--encoder", default="effnet-lite0")
+    p.add_argument("--seeds", default=None, help=f"Comma-separated (default: {FULL_SEEDS}; quick: {QUICK_SEEDS}).")
+    p.add_argument("--epochs", type=int, default=None, help=f"Default 200 (quick: {QUICK_EPOCHS}).")
+    p.add_argument("--patience", type=int, default=50, help="Early-stopping patience in epochs (0: none).")
+    p.add_argument("--quick", action="store_true", help="One seed, few epochs: a smoke run, not figures to quote.")
+    p.add_argument("--backend", default="auto", choices=["auto", "dgl", "pyg"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice; 1 on a CPU shared with other jobs).")
+    p.add_argument("--data-root", type=Path, default=None, help="Default: $HGC_DATA, else ../shared/data.")
+    p.add_argument("--work-dir", type=Path, default=None, help="Pipeline folder (default: runs/bench/<name>).")
+    p.add_argument("--name", default=None, help="Result name (default: accuracy-<dataset>-<protocol>-<encoder>).")
+    p.add_argument("--out", type=Path, default=None, help="JSON to write (default: bench/results/<name>.json).")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    if a.dataset:
+        ds = DATASETS[a.dataset]
+        manifest, cohort, dataset = REPO / ds.manifest, ds.cohort, a.dataset
+        genes = a.genes or ds.panels[a.protocol]
+        if not manifest.is_file():
+            p.error(f"dataset {a.dataset}: manifest {manifest} is not in this checkout")
+    else:
+        manifest, cohort, dataset = a.manifest, None, a.manifest.stem
+        if not a.genes:
+            p.error("--genes is required with --manifest")
+        genes = a.genes
+    data_root = a.data_root or shared_data_root()
+    quick = a.quick
+    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(QUICK_SEEDS if quick else FULL_SEEDS)
+    epochs = a.epochs or (QUICK_EPOCHS if quick else 200)
+    name = a.name or f"accuracy-{dataset}-{a.protocol}-{a.encoder}" + ("-quick" if quick else "")
+    work = a.work_dir or REPO / "runs" / "bench" / name
+    out = a.out or HERE / "results" / f"{name}.json"
+
+    record = run(manifest, a.protocol, genes, a.encoder, seeds, work, epochs=epochs,
+                 patience=a.patience or None, mode="quick" if quick else "full", dataset=dataset, cohort=cohort,
+                 backend=a.backend, device=a.device, data_root=data_root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    record["_file"] = out.name
+    md = accuracy_markdown(record)
+    (work / f"{name}.md").write_text(md)  # bench/results/ keeps JSON only; report.py renders the README
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Tables from benchmark JSON: the generated part of bench/README.md, and each run's markdown.
+
+Numbers in bench/README.md come only from the JSON in bench/results/ (written by real runs of
+bench/accuracy.py and bench/throughput.py); this script renders them, so no figure is typed by
+hand. ``python bench/report.py`` rewrites the part of the README between the markers;
+``--check`` fails when the README is not what the committed JSON renders to.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from machine import short  # noqa: E402
+
+RESULTS = HERE / "results"
+README = HERE / "README.md"
+BEGIN = "<!-- BEGIN GENERATED: python bench/report.py (do not edit by hand) -->"
+END = "<!-- END GENERATED -->"
+
+METRICS: tuple[tuple[str, str], ...] = (
+    ("pcc_all", "PCC-ALL"), ("pcc_heg", "PCC-HEG"), ("pcc_hvg", "PCC-HVG"), ("mse", "MSE"), ("mae", "MAE"),
+)
+#: The accuracy runs the README must show (dataset, protocol); missing ones are marked as such.
+EXPECTED_ACCURACY: tuple[tuple[str, str], ...] = (("her2st", "slide-loso"), ("her2st", "patient-kfold"))
+GPU_COMMAND = "bash bench/gpu.sh OUTDIR"
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """Floats with ``digits`` decimals, or as whole numbers with separators from 100 up (rates)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if abs(x) < 100 else f"{x:,.0f}"
+    return str(x)
+
+
+def commit(c: str | None) -> str:
+    """A commit id shortened to 10 characters, keeping a ``+dirty`` mark."""
+    if not c:
+        return "unknown"
+    head, _, mark = c.partition("+")
+    return head[:10] + (f"+{mark}" if mark else "")
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+#: Keys every record of a kind carries (what the tables and readers rely on).
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "accuracy": ("schema", "mode", "dataset", "protocol", "genes", "n_genes", "encoder", "backend", "seeds", "fit",
+                 "space", "n_slides", "hgc_version", "git_commit", "machine", "wall_s", "methods", "published"),
+    "throughput": ("schema", "set", "device", "machine", "wall_s", "stages"),
+}
+MACHINE_KEYS = ("cpu", "cores", "ram_gib", "gpu", "versions", "hgc_version", "git_commit", "timestamp")
+METHOD_KEYS = ("mean", "std", "per_slide", "n")
+TRAIN_ROW_KEYS = ("backend", "device", "n_spot", "n_ref", "status")
+TRAIN_KEYS = ("n_edges", "train_step_s", "graph_steps_per_s", "train_spots_per_s", "peak_train_mib", "memory_kind")
+INFER_KEYS = ("n_edges", "infer_s", "infer_spots_per_s", "peak_infer_mib", "memory_kind")
+#: Keys a training-throughput row carries, by status.
+TRAIN_STATUS_KEYS = {"ok": TRAIN_KEYS + INFER_KEYS, "train oom": INFER_KEYS}
+
+
+def check_record(r: dict[str, Any]) -> list[str]:
+    """Problems with a result record's schema (empty when valid): what every reader relies on."""
+    kind = r.get("kind")
+    if kind not in REQUIRED:
+        return [f"unknown kind {kind!r}; expected one of {sorted(REQUIRED)}"]
+    problems = [f"missing key {k!r}" for k in REQUIRED[kind] if k not in r]
+    problems += [f"machine lacks {k!r}" for k in MACHINE_KEYS if k not in r.get("machine", {})]
+    if kind == "accuracy":
+        if not r.get("methods"):
+            problems.append("no methods")
+        for name, m in r.get("methods", {}).items():
+            problems += [f"method {name} lacks {k!r}" for k in METHOD_KEYS if k not in m]
+            for part in ("mean", "std"):
+                problems += [f"method {name} {part} lacks {k}" for k, _ in METRICS if k not in m.get(part, {})]
+            problems += [f"method {name} slide row lacks seed/slide" for row in m.get("per_slide", [])
+                         if "seed" not in row or "slide" not in row][:1]
+        problems += [f"published row {p} lacks method/pcc_all/note" for p in r.get("published", [])
+                     if not {"method", "pcc_all", "note"} <= set(p)]
+    else:
+        for name, stage in r.get("stages", {}).items():
+            if "status" not in stage:
+                problems.append(f"stage {name} has no status")
+        train = r.get("stages", {}).get("train", {})
+        for row in train.get("rows", []):
+            need = TRAIN_ROW_KEYS + TRAIN_STATUS_KEYS.get(row.get("status"), ())
+            problems += [f"train row {row.get('backend')}/{row.get('n_spot')} lacks {k!r}" for k in need if k not in row]
+    return problems
+
+
+def load(folder: Path = RESULTS) -> list[dict[str, Any]]:
+    """Every result record in ``folder``, with its file name, sorted by name; invalid ones refused."""
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        record = json.loads(path.read_text())
+        problems = check_record(record)
+        if problems:
+            raise ValueError(f"{path} is not a valid result record: {'; '.join(problems)}")
+        record["_file"] = path.name
+        records.append(record)
+    return records
+
+
+# -- accuracy -------------------------------------------------------------------------------------
+def accuracy_caption(r: dict[str, Any]) -> str:
+    fit = r["fit"]
+    return (
+        f"**{r['dataset']}**, protocol **{r['protocol']}**, genes `{r['genes']}` ({r['n_genes']} genes), "
+        f"encoder `{r['encoder']}`, backend {r['backend']}, {r['mode']} mode: {fit['epochs']} epochs, "
+        f"seeds {r['seeds']}; expression space {r['space']}; mean ± std over held-out slides x seeds "
+        f"(column n; {r['n_slides']} held-out slides in all). hgc {r['hgc_version']}, "
+        f"commit {commit(r['git_commit'])}, {short(r['machine'])}; {fmt(r['wall_s'] / 60, 1)} min. "
+        f"Source: `bench/results/{r['_file']}`."
+    )
+
+
+def accuracy_markdown(r: dict[str, Any]) -> str:
+    """Measured rows per method, then the published figures, labelled and never mixed in."""
+    head = ["method", "source"] + [label for _, label in METRICS] + ["n", "constant genes"]
+    rows = []
+    for name, m in r["methods"].items():
+        cells = [f"{fmt(m['mean'][k])} ± {fmt(m['std'][k])}" for k, _ in METRICS]
+        const = [row["n_constant"] for row in m["per_slide"]]
+        rows.append([f"**{name}**", "measured here"] + cells + [m["n"], f"{min(const)}–{max(const)} of {r['n_genes']}"])
+    for p in r.get("published", []):
+        rows.append([p["method"], f"published ({p['note']})", fmt(p["pcc_all"])] + ["—"] * (len(METRICS) + 1))
+    return "\n".join([accuracy_caption(r), "", *table(head, rows)]) + "\n"
+
+
+# -- throughput -----------------------------------------------------------------------------------
+TRAIN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("backend", "backend"), ("n_spot", "spots"), ("n_edges", "edges"), ("train_step_s", "train step (s)"),
+    ("graph_steps_per_s", "graph-steps/s"), ("train_spots_per_s", "train spots/s"),
+    ("infer_spots_per_s", "inference spots/s"), ("peak_train_mib", "peak train MiB"),
+    ("peak_infer_mib", "peak inference MiB"), ("status", "status"),
+)
+
+
+EMBED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("encoder", "encoder"), ("batch_size", "batch"), ("dtype", "dtype"), ("device", "device"),
+    ("patches_per_s", "patches/s"), ("status", "status"),
+)
+E2E_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("encoder", "encoder"), ("batch_size", "batch"), ("device", "device"), ("workers", "workers"),
+    ("spots", "spots"), ("end_to_end_patches_per_s", "end to end patches/s"),
+    ("ceiling_patches_per_s", "forward-only patches/s"), ("fraction_of_ceiling", "fraction of ceiling"),
+)
+
+
+def rows_markdown(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]] | None = None) -> list[str]:
+    """A table of scalar fields; ``columns`` (key, label) or every scalar key in first-seen order."""
+    if columns is None:
+        keys = list(dict.fromkeys(k for row in rows for k, v in row.items() if not isinstance(v, (dict, list))))
+        columns = [(k, k) for k in keys]
+    return table([label for _, label in columns], ([row.get(k) for k, _ in columns] for row in rows))
+
+
+def _stage_rows(stage: dict[str, Any], key: str = "rows") -> list[dict[str, Any]] | None:
+    value = stage.get(key)
+    return value if isinstance(value, list) and value else None
+
+
+def throughput_markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    threads = r.get("torch_threads") or r["stages"].get("train", {}).get("config", {}).get("torch_threads")
+    out = [
+        f"{r['set'].upper()} set ({', '.join(r['stages'])}) on **{short(m)}**; numpy {m['versions'].get('numpy')}, "
+        f"torch threads {fmt(threads)}, {m['cores']} CPU cores, "
+        f"{m['ram_gib']} GiB RAM; hgc {m['hgc_version']}, commit {commit(m['git_commit'])}, {m['timestamp']}. "
+        f"Medians over repeats after warm-up. Source: `bench/results/{r['_file']}`.",
+    ]
+    stages = r["stages"]
+    sections = (
+        ("Embedding: encoder forward pass alone (random weights; the ceiling)", "embedding", "rows", EMBED_COLUMNS),
+        ("Embedding: `hgc embed` end to end (real her2st slides)", "embedding", "end_to_end", E2E_COLUMNS),
+        ("Similarity search", "search", "search", None),
+        ("Graph building, her2st folds", "search", "graph_build_her2st", None),
+        ("Training and inference (synthetic graphs)", "train", "rows", TRAIN_COLUMNS),
+    )
+    for title, name, key, columns in sections:
+        if name not in stages:
+            continue
+        stage = stages[name]
+        out += ["", f"**{title}**", ""]
+        rows = _stage_rows(stage, key)
+        if rows is None:
+            inner = stage.get(key) if isinstance(stage.get(key), dict) else {}
+            reason = inner.get("status") or stage.get("error") or stage.get("status") or "stage not run"
+            out.append(f"Not measured in this run ({reason}).")
+            continue
+        out += rows_markdown(rows, columns)
+        if key == "rows" and "scaling" in stage:
+            fits = [f"{b}: train time ~ edges^{fmt(s['train_exponent'], 2)} ({s['n_sizes']} sizes), inference ~ "
+                    f"edges^{fmt(s['infer_exponent'], 2)} ({s.get('n_sizes_infer', s['n_sizes'])} sizes)"
+                    for b, s in stage["scaling"].items()]
+            out += ["", "Scaling exponents (log-log fit of time vs edges): " + "; ".join(fits) + "."]
+    return "\n".join(out) + "\n"
+
+
+# -- README ---------------------------------------------------------------------------------------
+def generated(records: list[dict[str, Any]]) -> str:
+    acc = [r for r in records if r.get("kind") == "accuracy"]
+    full = [r for r in acc if r.get("mode") == "full"]
+    quick = [r for r in acc if r.get("mode") == "quick"]
+    thr = [r for r in records if r.get("kind") == "throughput"]
+    out = ["## Accuracy", ""]
+    for dataset, protocol in EXPECTED_ACCURACY:
+        runs = [r for r in full if r["dataset"] == dataset and r["protocol"] == protocol]
+        out += [f"### {dataset}, {protocol}", ""]
+        if not runs:
+            out += [f"Not yet measured: `python bench/accuracy.py --dataset {dataset} --protocol {protocol} "
+                    f"--seeds 0,1,2`.", ""]
+        for r in runs:
+            out += [accuracy_markdown(r)]
+    others = [r for r in full if (r["dataset"], r["protocol"]) not in EXPECTED_ACCURACY]
+    for r in others:
+        out += [f"### {r['dataset']}, {r['protocol']}", "", accuracy_markdown(r)]
+    out += ["## Throughput", ""]
+    for set_name in ("cpu", "gpu"):
+        runs = [r for r in thr if r.get("set") == set_name]
+        out += [f"### {set_name.upper()}", ""]
+        if not runs:
+            hint = GPU_COMMAND if set_name == "gpu" else "python bench/throughput.py --set cpu --out bench/results/throughput-cpu.json"
+            out += [f"Not yet measured: `{hint}`.", ""]
+        for r in runs:
+            out += [throughput_markdown(r)]
+    if quick:
+        out += ["## Smoke runs (`--quick`: CI check that the harness runs, not figures to quote)", ""]
+        head = ["file", "dataset", "protocol", "epochs", "hgc PCC-ALL", "minutes", "machine"]
+        rows = [[f"`{r['_file']}`", r["dataset"], r["protocol"], r["fit"]["epochs"],
+                 fmt(r["methods"].get("hgc", {}).get("mean", {}).get("pcc_all")), fmt(r["wall_s"] / 60, 1),
+                 short(r["machine"])] for r in quick]
+        out += table(head, rows) + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_readme(text: str, records: list[dict[str, Any]]) -> str:
+    """``text`` with the part between the markers replaced (appended when the markers are absent)."""
+    block = f"{BEGIN}\n\n{generated(records)}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        return head + block + rest.split(END, 1)[1]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--check", action="store_true", help="Exit 1 if the README is not up to date.")
+    a = p.parse_args(argv)
+    current = a.readme.read_text() if a.readme.is_file() else ""
+    new = render_readme(current, load(a.results))
+    if a.check:
+        if new != current:
+            print(f"{a.readme} is out of date with {a.results}; run python bench/report.py", file=sys.stderr)
+            return 1
+        return 0
+    a.readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
