@@ -130,3 +130,23 @@ def test_microns_per_pixel_from_spot_pitch(tmp_path):
     slide = read_manifest(write_manifest(tmp_path / "m.tsv", [row])).load("S1")
     assert slide.mpp_source == "spot-pitch"
     assert slide.microns_per_pixel == pytest.approx(200.0 / 40.0)
+
+
+def test_cscc_layout_with_float_spot_positions(tmp_path):
+    """GSE144240 (cSCC): ``*_stdata.tsv`` counts and a spot table whose x/y are perturbed floats;
+    spots join on the rounded array position, as Hist2ST reads them."""
+    paths = write_st_slide(tmp_path / "P2", name="P2_ST_rep1")
+    counts = tmp_path / "P2" / "P2_ST_rep1_stdata.tsv"
+    paths["counts"].rename(counts)
+    lines = paths["spots"].read_text().splitlines()
+    jittered = [lines[0]]
+    for i, line in enumerate(lines[1:]):
+        x, y, *rest = line.split("\t")
+        jittered.append("\t".join([f"{int(x) + 0.04 * (-1) ** i:.3f}", f"{int(y) - 0.03:.3f}", *rest]))
+    spots = tmp_path / "P2" / "spot_data-selection-P2_ST_rep1.tsv"
+    spots.write_text("\n".join(jittered) + "\n")
+    row = _row({"counts": counts, "spots": spots, "image": paths["image"]}, slide="P2_ST_rep1", patient="P2")
+    slide = read_manifest(write_manifest(tmp_path / "m.tsv", [row])).load("P2_ST_rep1")
+    assert slide.n_spots == 16 and slide.patient == "P2"
+    assert sorted(map(tuple, slide.array_coords)) == [(x, y) for x in range(1, 5) for y in range(1, 5)]
+    np.testing.assert_allclose(slide.coords[0], slide.array_coords[0] * 40.0)
