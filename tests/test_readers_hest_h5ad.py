@@ -68,6 +68,22 @@ def write_hest(
     return adata, level0
 
 
+def test_tiled_wsi_regions_decode_only_their_tiles(tmp_path: Path) -> None:
+    """read_region on a tiled TIFF decodes the tiles under the box, not the slide, and equals
+    a crop of the fully decoded image everywhere: across tile seams and past the borders."""
+    from hgc.data.image import SlideImage, crop_padded
+
+    _, level0 = write_hest(tmp_path)
+    image = SlideImage(tmp_path / "wsis" / "TENX99.tif")
+    w, h = WSI_SIZE
+    boxes = [(60, 60, 10, 10), (0, 0, 64, 64), (100, 30, 70, 90), (-20, -7, 40, 30), (w - 30, h - 5, 50, 40)]
+    regions = [image.read_region(*box) for box in boxes]
+    assert image._pixels is None  # nothing was decoded whole
+    for box, region in zip(boxes, regions):
+        np.testing.assert_array_equal(region, crop_padded(level0, *box, fill=255))
+    np.testing.assert_array_equal(image.pixels(), level0)
+
+
 def test_hest_sample(tmp_path: Path) -> None:
     adata, level0 = write_hest(tmp_path)
     s = read_hest(tmp_path, "TENX99")
