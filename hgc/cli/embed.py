@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ..embed.registry import DEFAULT_ENCODER
 from . import data_root_option
 
 
@@ -25,7 +26,7 @@ def _patch_options(f):
 
 @click.command("embed")
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--encoder", default="effnet-lite0", show_default=True, help="Encoder name: effnet-lite0, "
+@click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help="Encoder name: effnet-lite0, "
               "effnet-lite1, effnet-lite2, uni, uni2-h, or timm:<model> with --weights.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Embedding HDF5 file to create or update.")
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,

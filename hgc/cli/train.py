@@ -5,6 +5,7 @@ import json
 
 import click
 
+from ..embed.registry import DEFAULT_ENCODER
 from . import data_root_option
 
 METHOD_CHOICES = "hgc,ridge,knn,mean"
@@ -92,7 +93,7 @@ def register(main: click.Group) -> None:
     @click.argument("manifest", type=click.Path(dir_okay=False, exists=True))
     @click.option("--protocol", type=click.Choice(["patient-kfold", "slide-loso", "split-file"]), required=True)
     @click.option("--genes", required=True, help="Gene panel: hist2st-her2st, hist2st-cscc, top-mean:N, hvg:N or a file.")
-    @click.option("--encoder", default="effnet-lite0", show_default=True, help="Image encoder (see `hgc embed --help`).")
+    @click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help="Image encoder (see `hgc embed --help`).")
     @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run folder (steps are cached there).")
     @click.option("--normalize", type=click.Choice(["log1p", "log10-minmax"]), default="log1p", show_default=True)
     @click.option("--methods", default=METHOD_CHOICES, show_default=True, help="Comma-separated methods.")

@@ -21,7 +21,7 @@ import numpy as np
 from .. import __version__
 from ..errors import InputError
 from .patches import PatchBatches, PatchSpec, crop_boxes, require_image
-from .registry import Encoder, load_encoder
+from .registry import DEFAULT_ENCODER, Encoder, load_encoder
 from .store import EmbeddingStore
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def _prefetched(
 
 def embed_manifest(
     manifest: SlideSource | str | Path,
-    encoder: str = "effnet-lite0",
+    encoder: str = DEFAULT_ENCODER,
     out: str | Path = "embeddings.h5",
     *,
     weights: str | Path | None = None,

