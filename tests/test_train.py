@@ -219,7 +219,8 @@ def test_run_pipeline_caches_steps(tmp_path, caplog):
     assert caplog.text.count("up to date") == 4 and json_safe(again) == json_safe(report)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hgc.train.pipeline"):  # other training settings, via the CLI
-        r = _cli("run", manifest, "--protocol", "slide-loso", "--genes", "top-mean:5", "--out", out, "--epochs", 2,
+        r = _cli("run", manifest, "--protocol", "slide-loso", "--genes", "top-mean:5", "--encoder", "effnet-lite0",
+                 "--out", out, "--epochs", 2,
                  "--backend", "pyg", "--device", "cpu", "--hidden", 16, "--layers", 1, "--no-progress")
     assert r.exit_code == 0, r.output
     assert "| hgc |" in r.output and "Protocol: slide-loso" in r.output
