@@ -1,7 +1,9 @@
 # Two pinned, tested stacks, each in its own virtual environment (see README.md):
 #   dgl    : torch 2.2.1 + DGL 2.1.0 (+ PyG), numpy 1.26  -- the default
 #   modern : torch 2.14.1 + PyG, numpy 2, no DGL
-# An environment is (re)built when it is missing or its constraints/setup.cfg changed.
+# An environment is (re)built when it is missing or its constraints/setup.cfg changed. Each takes
+# about 6 GB (torch's PyPI wheels bundle CUDA libraries); pip's cache is off so a fresh machine
+# needs no room for a second copy of the wheels.
 
 PYTHON ?= python3.11
 HGC_DATA ?= $(abspath ../shared/data)
@@ -27,7 +29,7 @@ env-modern: .venv-modern/.installed
 .venv-%/.installed: constraints/%.txt setup.cfg pyproject.toml
 	rm -rf .venv-$*
 	$(PYTHON) -m venv .venv-$*
-	.venv-$*/bin/pip install --quiet --disable-pip-version-check -c constraints/$*.txt -e ".[$(EXTRAS_$*)]"
+	.venv-$*/bin/pip install --quiet --disable-pip-version-check --no-cache-dir -c constraints/$*.txt -e ".[$(EXTRAS_$*)]"
 	.venv-$*/bin/python -m hgc.cli --version >/dev/null
 	touch $@
 

@@ -44,6 +44,7 @@ def _roundtrip(name: str, path: Path, overrides: dict | None = None, size: int =
     encoder = load_encoder(name, weights=path, arch_overrides=overrides)
     assert encoder.weights_sha256 == file_sha256(path)
     model = encoder.build()
+    path.unlink()  # ViT-L weights are 1.2 GB; pytest keeps the last three runs' folders
     x = torch.randn(2, 3, size, size)
     with torch.inference_mode():
         got, want = model(x), reference(x)
