@@ -42,6 +42,13 @@ PROTOCOLS = ("patient-kfold", "slide-loso")
 QUICK_EPOCHS = 2
 QUICK_SEEDS = (0,)
 FULL_SEEDS = (0, 1, 2)
+#: ``--ablation``: the model with one part taken out (``hgc fit`` options); the full model is ``None``.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no-contrast": {"contrast": "none"},
+    "no-masking": {"masking": False},
+    "no-near": {"relations": ("refer", "close")},
+    "no-refer": {"relations": ("near", "close")},
+}
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,7 @@ def run(
     device: str = "auto",
     data_root: Path | None = None,
     fit_overrides: dict[str, Any] | None = None,
+    ablation: str | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline once per seed in ``work_dir`` and return the JSON-ready record."""
     import torch
@@ -129,7 +137,7 @@ def run(
     reports: dict[int, dict[str, Any]] = {}
     runs = []
     fit = FitConfig(backend=backend, device=device, epochs=epochs, patience=patience, progress=False,
-                    **(fit_overrides or {}))
+                    **{**(fit_overrides or {}), **(ABLATIONS[ablation] if ablation else {})})
     for seed in seeds:
         t_seed = time.perf_counter()
         cfg = replace(fit, seed=seed)
@@ -146,6 +154,7 @@ def run(
         "schema": SCHEMA_VERSION,
         "kind": "accuracy",
         "mode": mode,
+        "ablation": ablation,
         "dataset": dataset,
         "cohort": cohort,
         "manifest": str(manifest),
@@ -172,6 +181,20 @@ def run(
     }
 
 
+def reuse_inputs(source: Path, work: Path) -> None:
+    """Copy the embeddings and graphs of ``source`` (a run folder) into ``work`` when it lacks them.
+
+    The pipeline checks each file's stamp, so a copy made with other settings is simply rebuilt.
+    """
+    import shutil
+
+    for name in ("embeddings.h5", "graphs.h5"):
+        for path in (source / name, source / f"{name}.stamp.json"):
+            if path.is_file() and not (work / path.name).exists():
+                work.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, work / path.name)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -184,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=None, help=f"Default 200 (quick: {QUICK_EPOCHS}).")
     p.add_argument("--patience", type=int, default=50, help="Early-stopping patience in epochs (0: none).")
     p.add_argument("--quick", action="store_true", help="One seed, few epochs: a smoke run, not figures to quote.")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS), default=None,
+                   help="Train the model with one part taken out (features and graphs are reused from the "
+                        "full run's folder when it has them).")
     p.add_argument("--backend", default="auto", choices=["auto", "dgl", "pyg"])
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None,
@@ -201,25 +227,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.dataset:
         ds = DATASETS[a.dataset]
         manifest, cohort, dataset = REPO / ds.manifest, ds.cohort, a.dataset
-        genes = a.genes or ds.panels[a.protocol]
+        ds_genes = ds.panels[a.protocol]
+        genes = a.genes or ds_genes
         if not manifest.is_file():
             p.error(f"dataset {a.dataset}: manifest {manifest} is not in this checkout")
     else:
         manifest, cohort, dataset = a.manifest, None, a.manifest.stem
         if not a.genes:
             p.error("--genes is required with --manifest")
-        genes = a.genes
+        genes = ds_genes = a.genes
     data_root = a.data_root or shared_data_root()
     quick = a.quick
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(QUICK_SEEDS if quick else FULL_SEEDS)
     epochs = a.epochs or (QUICK_EPOCHS if quick else 200)
-    name = a.name or f"accuracy-{dataset}-{a.protocol}-{a.encoder}" + ("-quick" if quick else "")
+    base = f"accuracy-{dataset}-{a.protocol}-{a.encoder}" + (f"-{genes}" if genes != ds_genes else "")
+    name = a.name or base + (f"-{a.ablation}" if a.ablation else "") + ("-quick" if quick else "")
     work = a.work_dir or REPO / "runs" / "bench" / name
     out = a.out or HERE / "results" / f"{name}.json"
+    if a.ablation:
+        reuse_inputs(REPO / "runs" / "bench" / base, work)
 
     record = run(manifest, a.protocol, genes, a.encoder, seeds, work, epochs=epochs,
                  patience=a.patience or None, mode="quick" if quick else "full", dataset=dataset, cohort=cohort,
-                 backend=a.backend, device=a.device, data_root=data_root)
+                 backend=a.backend, device=a.device, data_root=data_root, ablation=a.ablation)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     record["_file"] = out.name

@@ -29,6 +29,8 @@ METRICS: tuple[tuple[str, str], ...] = (
 )
 #: The accuracy runs the README must show (dataset, protocol); missing ones are marked as such.
 EXPECTED_ACCURACY: tuple[tuple[str, str], ...] = (("her2st", "slide-loso"), ("her2st", "patient-kfold"))
+#: What an ablation record shares with the full run it is shown beside.
+ABLATION_MATCH = ("dataset", "protocol", "genes", "encoder", "seeds", "backend")
 GPU_COMMAND = "bash bench/gpu.sh OUTDIR"
 
 
@@ -138,6 +140,22 @@ def accuracy_markdown(r: dict[str, Any]) -> str:
     return "\n".join([accuracy_caption(r), "", *table(head, rows)]) + "\n"
 
 
+def ablation_markdown(full: dict[str, Any], ablations: list[dict[str, Any]]) -> str:
+    """The model's figures with one part taken out, beside the full model's, from the same inputs."""
+    head = ["model", "PCC-ALL", "PCC-HEG", "PCC-HVG", "MSE", "MAE", "n", "source"]
+    rows = []
+    for label, r in [("full model", full)] + [(f"{a['ablation']}", a) for a in ablations]:
+        m = r["methods"]["hgc"]
+        rows.append([label] + [f"{fmt(m['mean'][k])} ± {fmt(m['std'][k])}" for k, _ in METRICS]
+                    + [m["n"], f"`{r['_file']}`"])
+    caption = (f"hgc with one part taken out (`bench/accuracy.py --ablation NAME`): **{full['dataset']}**, "
+               f"**{full['protocol']}**, genes `{full['genes']}`, encoder `{full['encoder']}`, seeds "
+               f"{full['seeds']}; mean ± std over held-out slides x seeds. `no-contrast`: no contrastive "
+               f"loss; `no-masking`: no feature masking or edge dropping; `no-near` / `no-refer`: the graphs "
+               f"without that relation.")
+    return "\n".join([caption, "", *table(head, rows)]) + "\n"
+
+
 # -- throughput -----------------------------------------------------------------------------------
 TRAIN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("backend", "backend"), ("n_spot", "spots"), ("n_edges", "edges"), ("train_step_s", "train step (s)"),
@@ -209,9 +227,16 @@ def throughput_markdown(r: dict[str, Any]) -> str:
 
 
 # -- README ---------------------------------------------------------------------------------------
+def with_ablations(r: dict[str, Any], ablated: list[dict[str, Any]]) -> list[str]:
+    """A full run's table, then the table of its ablations (same data, genes, encoder, seeds) if any."""
+    same = [a for a in ablated if all(a[k] == r[k] for k in ABLATION_MATCH)]
+    return [accuracy_markdown(r)] + ([ablation_markdown(r, same)] if same else [])
+
+
 def generated(records: list[dict[str, Any]]) -> str:
     acc = [r for r in records if r.get("kind") == "accuracy"]
-    full = [r for r in acc if r.get("mode") == "full"]
+    full = [r for r in acc if r.get("mode") == "full" and not r.get("ablation")]
+    ablated = [r for r in acc if r.get("mode") == "full" and r.get("ablation")]
     quick = [r for r in acc if r.get("mode") == "quick"]
     thr = [r for r in records if r.get("kind") == "throughput"]
     out = ["## Accuracy", ""]
@@ -222,10 +247,10 @@ def generated(records: list[dict[str, Any]]) -> str:
             out += [f"Not yet measured: `python bench/accuracy.py --dataset {dataset} --protocol {protocol} "
                     f"--seeds 0,1,2`.", ""]
         for r in runs:
-            out += [accuracy_markdown(r)]
+            out += with_ablations(r, ablated)
     others = [r for r in full if (r["dataset"], r["protocol"]) not in EXPECTED_ACCURACY]
     for r in others:
-        out += [f"### {r['dataset']}, {r['protocol']}", "", accuracy_markdown(r)]
+        out += [f"### {r['dataset']}, {r['protocol']}", ""] + with_ablations(r, ablated)
     out += ["## Throughput", ""]
     for set_name in ("cpu", "gpu"):
         runs = [r for r in thr if r.get("set") == set_name]

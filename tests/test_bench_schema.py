@@ -140,6 +140,36 @@ def test_readme_renders_from_records(tiny_accuracy, tiny_throughput, tmp_path):
     assert report.main(["--results", str(folder), "--readme", str(readme), "--check"]) == 1
 
 
+def test_ablation_reuses_inputs_and_is_tabled_beside_the_full_model(tiny_accuracy, tmp_path):
+    path, full = tiny_accuracy
+    work = tmp_path / "work-no-near"
+    accuracy.reuse_inputs(path.parent / "work", work)
+    assert {p.name for p in work.iterdir()} == {
+        "embeddings.h5", "embeddings.h5.stamp.json", "graphs.h5", "graphs.h5.stamp.json"}
+    ablated = accuracy.run(
+        path.parent / "m.tsv", "patient-kfold", "top-mean:5", "effnet-lite0", [0, 1], work, epochs=1,
+        patience=None, mode="quick", dataset="tiny", cohort="HER2+", backend="pyg", device="cpu",
+        fit_overrides={"model": TINY_MODEL}, ablation="no-near",
+    )
+    assert report.check_record(ablated) == []
+    assert ablated["ablation"] == "no-near" and full["ablation"] is None
+    assert ablated["fit"]["relations"] == ["refer", "close"] and full["fit"]["relations"] is None
+    saved = json.loads((work / "model" / "config.json").read_text())
+    assert saved["fit"]["relations"] == ["refer", "close"]
+    # ablated hgc differs from the full model; the baselines, untouched by the ablation, do not
+    assert ablated["methods"]["hgc"]["mean"] != full["methods"]["hgc"]["mean"]
+    assert ablated["methods"]["ridge"]["mean"] == full["methods"]["ridge"]["mean"]
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for name, record in (("accuracy-tiny.json", full), ("accuracy-tiny-no-near.json", ablated)):
+        (folder / name).write_text(json.dumps({**record, "mode": "full"}))
+    readme = tmp_path / "README.md"
+    assert report.main(["--results", str(folder), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| full model |" in text and "| no-near |" in text and "`accuracy-tiny-no-near.json`" in text
+
+
 def test_committed_readme_is_generated_from_committed_results():
     """bench/README.md's tables are exactly what bench/results/*.json render to."""
     assert report.main(["--check"]) == 0
