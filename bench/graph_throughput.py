@@ -1,9 +1,11 @@
-"""Throughput of graph construction: her2st folds end to end, and kNN search on synthetic pools.
+"""Throughput of graph construction: her2st folds end to end, synthetic slides of 1k-50k spots,
+and kNN search on synthetic pools.
 
 Usage::
 
     python bench/graph_throughput.py --out bench_graph.json                      # small sizes
     python bench/graph_throughput.py --sizes 10000x1000,100000x10000,1000000x10000 --dim 1024
+    python bench/graph_throughput.py --slides 1000,5000,20000,50000 --manifest ''
 
 Each case runs once to warm up, then ``repeats`` times; the median is reported. A warm-up slower
 than ``max_seconds`` is reported alone (``repeats: 0``) so a slow backend cannot stall the run.
@@ -138,13 +140,72 @@ def bench_her2st(manifest: Path, embeddings: Path | None, genes: str, repeats: i
     return rows
 
 
+def synthetic_slide(name: str, patient: str, n_spots: int, n_genes: int, rng: np.random.Generator):
+    """A Visium-like slide without an image: spots on the hexagonal array (odd rows shifted one
+    column, 100 µm apart at 1 µm/px) and Poisson counts."""
+    import scipy.sparse as sp
+
+    from hgc.data import Slide
+
+    side = int(np.ceil(np.sqrt(n_spots)))
+    row, col = np.divmod(np.arange(n_spots), side)
+    col = 2 * col + row % 2
+    return Slide(
+        id=name, patient=patient, barcodes=np.array([f"{name}-{i}" for i in range(n_spots)]),
+        coords=np.stack([col * 50.0, row * 86.6], axis=1), counts=sp.csr_matrix(rng.poisson(1.0, (n_spots, n_genes))),
+        genes=np.array([f"G{i}" for i in range(n_genes)]), microns_per_pixel=1.0, mpp_source="synthetic",
+        platform="visium", array_coords=np.stack([row, col], axis=1),
+    )
+
+
+def bench_synthetic(spots: Sequence[int], dim: int, repeats: int, max_seconds: float,
+                    backend: str = "auto", device: str = "cpu", n_genes: int = 250) -> list[dict]:
+    """One slide-LOSO fold of three synthetic slides of ``n`` spots each (two training slides, one
+    test slide): three target graphs, the test target's pool holding 2n references.
+
+    Sizes go up in order; once a build takes longer than ``max_seconds`` the larger ones are
+    recorded as not run (the kNN part grows as n squared).
+    """
+    from hgc.data.splits import Fold
+    from hgc.graph.build import GraphConfig, build_graphs
+
+    rng = np.random.default_rng(0)
+    config = GraphConfig(genes=f"top-mean:{n_genes}", knn_backend=backend, device=device)
+    rows: list[dict] = []
+    too_slow = None
+    for n in spots:
+        row = {"n_spot": n, "n_ref_test": 2 * n, "dim": dim, "genes": n_genes, "metric": config.metric,
+               "backend": backend, "device": device}
+        if too_slow is not None:
+            rows.append({**row, "status": f"not run: {too_slow:,} spots took longer than {max_seconds:.0f} s"})
+            continue
+        slides = {name: synthetic_slide(name, f"P{i}", n, n_genes, rng) for i, name in enumerate("ABC")}
+        centres = rng.normal(size=(64, dim)).astype(np.float32)
+        emb = {k: centres[rng.integers(0, 64, n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32)
+               for k in slides}
+        fold = [Fold("C", train=["A", "B"], test=["C"])]
+        seconds, reps, gs = _time(lambda: build_graphs(slides, emb, fold, "slide-loso", config), repeats, max_seconds)
+        f = gs.folds[0]
+        edges = {"near": sum(t.near.shape[1] for t in f.targets), "refer": sum(t.refer.shape[1] for t in f.targets),
+                 "close": sum(p.close.shape[1] for p in f.pools.values())}
+        rows.append({**row, "graphs": len(f.targets), "n_edges": sum(edges.values()), "edges": edges, "median_s": round(seconds, 3),
+                     "repeats": reps, "spots_per_s": round(3 * n / seconds, 1), "status": "ok"})
+        print(json.dumps(rows[-1]), flush=True)
+        if seconds > max_seconds:
+            too_slow = n
+    return rows
+
+
 def run(out_json: str | Path, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, dim: int = 1024,
         metrics: Sequence[str] = ("l1", "cosine"), k: int = 7, repeats: int = 3, max_seconds: float = 60.0,
         manifest: str | Path | None = REPO / "examples" / "her2st.tsv", embeddings: str | Path | None = None,
-        genes: str = "top-mean:250", backends: Sequence[tuple[str, str]] | None = None) -> dict:
-    """Run both benchmarks and write the results as JSON to ``out_json``."""
+        genes: str = "top-mean:250", backends: Sequence[tuple[str, str]] | None = None,
+        slides: Sequence[int] = ()) -> dict:
+    """Run the benchmarks and write the results as JSON to ``out_json``."""
     result = {"machine": _machine(),
               "search": bench_search(sizes, dim, metrics, k, repeats, max_seconds, backends)}
+    if slides:
+        result["synthetic"] = bench_synthetic(slides, dim, repeats, max_seconds)
     if manifest is not None:
         result["her2st"] = bench_her2st(Path(manifest), Path(embeddings) if embeddings else None, genes,
                                         repeats, max_seconds)
@@ -168,7 +229,8 @@ if __name__ == "__main__":
     p.add_argument("--embeddings", default=None)
     p.add_argument("--genes", default="top-mean:250")
     p.add_argument("--backends", default="", help="e.g. faiss:cpu,torch:cuda (default: all available)")
+    p.add_argument("--slides", default="", help="synthetic slide sizes in spots, e.g. 1000,5000,20000,50000")
     a = p.parse_args()
     chosen = [tuple(b.split(":")) for b in a.backends.split(",") if b] or None
     run(a.out, a.sizes, a.dim, a.metrics.split(","), 7, a.repeats, a.max_seconds, a.manifest or None,
-        a.embeddings, a.genes, chosen)
+        a.embeddings, a.genes, chosen, [int(n) for n in a.slides.split(",") if n])

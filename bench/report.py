@@ -169,6 +169,10 @@ EMBED_COLUMNS: tuple[tuple[str, str], ...] = (
     ("encoder", "encoder"), ("batch_size", "batch"), ("dtype", "dtype"), ("device", "device"),
     ("patches_per_s", "patches/s"), ("status", "status"),
 )
+SYNTHETIC_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("n_spot", "spots per slide"), ("n_edges", "edges"), ("metric", "metric"), ("device", "device"),
+    ("median_s", "seconds"), ("spots_per_s", "spots/s"), ("status", "status"),
+)
 E2E_COLUMNS: tuple[tuple[str, str], ...] = (
     ("encoder", "encoder"), ("batch_size", "batch"), ("device", "device"), ("workers", "workers"),
     ("spots", "spots"), ("end_to_end_patches_per_s", "end to end patches/s"),
@@ -204,6 +208,9 @@ def throughput_markdown(r: dict[str, Any]) -> str:
         ("Embedding: `hgc embed` end to end (real her2st slides)", "embedding", "end_to_end", E2E_COLUMNS),
         ("Similarity search", "search", "search", None),
         ("Graph building, her2st folds", "search", "graph_build_her2st", None),
+        ("Graph building, synthetic slides (one slide-LOSO fold of three slides of n spots, 1024-d "
+         "features; the test target's pool holds 2n references)", "search", "graph_build_synthetic",
+         SYNTHETIC_COLUMNS),
         ("Training and inference (synthetic graphs)", "train", "rows", TRAIN_COLUMNS),
     )
     for title, name, key, columns in sections:

@@ -44,7 +44,8 @@ class BenchSet:
     """One throughput set: keyword arguments of each stage's ``run`` (sizes, encoders, ...).
 
     ``budget_s`` caps a stage's own time where the stage supports it; ``her2st`` adds building
-    the her2st folds' graphs (needs the real data).
+    the her2st folds' graphs (needs the real data); ``synthetic`` builds graphs of synthetic
+    slides (sizes in spots, the device, and the time after which larger sizes are not run).
     """
 
     name: str
@@ -53,6 +54,7 @@ class BenchSet:
     search: list[dict[str, Any]]
     train: dict[str, Any]
     her2st: bool
+    synthetic: dict[str, Any] = field(default_factory=dict)
     repeats: int = 3
     budget_s: dict[str, float] = field(default_factory=dict)
 
@@ -66,6 +68,7 @@ SETS: dict[str, BenchSet] = {
         search=[{"sizes": ((10_000, 1_000),), "devices": ("cpu",)}],
         train={"sizes": CPU_SIZES},
         her2st=True,
+        synthetic={"spots": (1_000, 2_000, 5_000, 10_000, 20_000, 50_000), "device": "cpu", "max_seconds": 60.0},
         budget_s={"train": 300.0},
     ),
     "gpu": BenchSet(
@@ -78,6 +81,7 @@ SETS: dict[str, BenchSet] = {
         ],
         train={"sizes": GPU_SIZES},
         her2st=False,
+        synthetic={"spots": (1_000, 5_000, 10_000, 20_000, 50_000), "device": "cuda", "max_seconds": 30.0},
         budget_s={"embedding": 120.0, "train": 120.0},
     ),
 }
@@ -163,7 +167,8 @@ def stage_embedding(s: BenchSet, data_root: Path | None) -> dict[str, Any]:
 
 
 def stage_search(s: BenchSet, data_root: Path | None) -> dict[str, Any]:
-    """kNN search on synthetic pools, and (with the real data) building the her2st folds' graphs.
+    """kNN search on synthetic pools, building synthetic slides' graphs, and (with the real data)
+    building the her2st folds' graphs.
 
     ``s.search`` is a list of cases, each sizes (pool, queries) on some devices: the backends that
     run there (faiss if installed, torch) are timed, so a 1M pool is never searched on a CPU.
@@ -186,11 +191,15 @@ def stage_search(s: BenchSet, data_root: Path | None) -> dict[str, Any]:
             )
             rows += out["search"]
             graph_rows = graph_rows or out.get("her2st")
+    synthetic = s.synthetic
     return {
         "search": rows,
         "graph_build_her2st": graph_rows or _skipped(
             "her2st data not available here" if s.her2st else f"not part of the {s.name} set"
         ),
+        "graph_build_synthetic": graph_throughput.bench_synthetic(
+            synthetic["spots"], 1024, repeats=s.repeats, max_seconds=synthetic["max_seconds"],
+            device=synthetic["device"]) if synthetic else _skipped(f"not part of the {s.name} set"),
         "graph_machine": out["machine"],
     }
 

@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import accuracy  # noqa: E402
+import graph_throughput  # noqa: E402
 import machine  # noqa: E402
 import report  # noqa: E402
 import throughput  # noqa: E402
@@ -80,6 +81,19 @@ def test_throughput_record_is_valid(tiny_throughput):
         assert row["status"] == "ok" and row["graph_steps_per_s"] > 0 and row["peak_train_mib"] > 0
     for fit in train["scaling"].values():
         assert fit["n_sizes"] == 2 and np.isfinite(fit["train_exponent"])
+
+
+def test_synthetic_graph_building_rows():
+    """Three synthetic Visium-like slides per size; sizes after one slower than the limit are not run."""
+    rows = graph_throughput.bench_synthetic((100, 400, 900), dim=16, repeats=1, max_seconds=60.0)
+    assert [r["status"] for r in rows] == ["ok"] * 3 and [r["n_spot"] for r in rows] == [100, 400, 900]
+    for r in rows:
+        n = r["n_spot"]
+        # k = 7 refer edges per target spot, k = 3 close edges per pool spot (pools of n and 2n)
+        assert r["edges"]["refer"] == 3 * n * 7 and r["edges"]["close"] == (n + n + 2 * n) * 3
+        assert 4 * n < r["edges"]["near"] <= 3 * n * 6 and r["n_edges"] == sum(r["edges"].values())
+    stopped = graph_throughput.bench_synthetic((100, 400), dim=16, repeats=1, max_seconds=0.0)
+    assert stopped[0]["status"] == "ok" and stopped[1]["status"].startswith("not run: 100 spots took longer")
 
 
 def test_failed_stage_is_recorded_not_raised():
@@ -191,9 +205,11 @@ tiny = throughput.BenchSet(
     name="cpu", device="cpu", her2st=False, repeats=1,
     embed={"encoders": ("effnet-lite0",), "batch_sizes": (2,), "dtypes": ("fp32",)},
     search=[{"sizes": ((300, 20),), "devices": ("cpu",), "dim": 8}],
+    synthetic={"spots": (60, 120), "device": "cpu", "max_seconds": 60.0},
     train={"sizes": (30,), "dim": 8, "n_genes": 3, "warmup": 0, "model": {"hidden": 8, "layers": 1, "heads": 2}},
 )
 record = throughput.run(tiny)
+print(json.dumps([r["status"] for r in record["stages"]["search"]["graph_build_synthetic"]]))
 print(json.dumps({k: v["status"] for k, v in record["stages"].items()}))
 print(json.dumps(record["stages"]["embedding"]["rows"][0]["status"]))
 """
@@ -207,6 +223,7 @@ def test_gpu_machine_import_chain():
     out = subprocess.run([sys.executable, "-c", GPU_MACHINE_CHECK], cwd=repo, capture_output=True, text=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(repo)}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    statuses, embed_status = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+    synthetic, statuses, embed_status = (json.loads(line) for line in out.stdout.strip().splitlines()[-3:])
     assert statuses == {"embedding": "ok", "search": "ok", "train": "ok"}, out.stderr[-3000:]
+    assert synthetic == ["ok", "ok"]
     assert embed_status == "ok"
