@@ -43,11 +43,14 @@ QUICK_EPOCHS = 2
 QUICK_SEEDS = (0,)
 FULL_SEEDS = (0, 1, 2)
 #: ``--ablation``: the model with one part taken out (``hgc fit`` options); the full model is ``None``.
+#: ``no-masked-supervision`` keeps the masked views for the contrast only: the supervised terms see
+#: the unmasked graph, as inference does (``ModelConfig.supervise="clean"``).
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no-contrast": {"contrast": "none"},
     "no-masking": {"masking": False},
     "no-near": {"relations": ("refer", "close")},
     "no-refer": {"relations": ("near", "close")},
+    "no-masked-supervision": {"model": {"supervise": "clean"}},
 }
 
 
@@ -137,7 +140,7 @@ def run(
     reports: dict[int, dict[str, Any]] = {}
     runs = []
     fit = FitConfig(backend=backend, device=device, epochs=epochs, patience=patience, progress=False,
-                    **{**(fit_overrides or {}), **(ABLATIONS[ablation] if ablation else {})})
+                    **merge_overrides(fit_overrides or {}, ABLATIONS[ablation] if ablation else {}))
     for seed in seeds:
         t_seed = time.perf_counter()
         cfg = replace(fit, seed=seed)
@@ -179,6 +182,12 @@ def run(
         "methods": methods,
         "published": published(protocol, cohort),
     }
+
+
+def merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``hgc fit`` options with ``extra`` on top; ``model`` overrides merge key by key."""
+    model = {**base.get("model", {}), **extra.get("model", {})}
+    return {**base, **extra, **({"model": model} if model else {})}
 
 
 def reuse_inputs(source: Path, work: Path) -> None:

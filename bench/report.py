@@ -152,7 +152,8 @@ def ablation_markdown(full: dict[str, Any], ablations: list[dict[str, Any]]) -> 
                f"**{full['protocol']}**, genes `{full['genes']}`, encoder `{full['encoder']}`, seeds "
                f"{full['seeds']}; mean ± std over held-out slides x seeds. `no-contrast`: no contrastive "
                f"loss; `no-masking`: no feature masking or edge dropping; `no-near` / `no-refer`: the graphs "
-               f"without that relation.")
+               f"without that relation; `no-masked-supervision`: masked views for the contrast only, the "
+               f"supervised terms on the unmasked graph (as at inference).")
     return "\n".join([caption, "", *table(head, rows)]) + "\n"
 
 

@@ -184,6 +184,13 @@ def test_ablation_reuses_inputs_and_is_tabled_beside_the_full_model(tiny_accurac
     assert "| full model |" in text and "| no-near |" in text and "`accuracy-tiny-no-near.json`" in text
 
 
+def test_ablation_overrides_merge_with_the_callers():
+    merged = accuracy.merge_overrides({"model": TINY_MODEL, "epochs": 3}, accuracy.ABLATIONS["no-masked-supervision"])
+    assert merged == {"model": {**TINY_MODEL, "supervise": "clean"}, "epochs": 3}
+    assert accuracy.merge_overrides({"epochs": 3}, accuracy.ABLATIONS["no-near"]) == {
+        "epochs": 3, "relations": ("refer", "close")}
+
+
 def test_committed_readme_is_generated_from_committed_results():
     """bench/README.md's tables are exactly what bench/results/*.json render to."""
     assert report.main(["--check"]) == 0
