@@ -149,7 +149,7 @@ def _cli(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_cli_fit_predict_evaluate_on_her2st(tmp_path, her2st_store):
+def test_cli_fit_predict_evaluate_on_her2st(tmp_path, her2st_store, her2st_manifest):
     run, pred = tmp_path / "run", tmp_path / "pred"
     r = _cli("fit", her2st_store, "--out", run, "--epochs", 2, "--backend", "pyg", "--device", "cpu",
              "--hidden", 16, "--layers", 1)
@@ -173,6 +173,18 @@ def test_cli_fit_predict_evaluate_on_her2st(tmp_path, her2st_store):
     a = ad.read_h5ad(pred / "knn" / "B4.h5ad")
     assert a.n_obs == 283 and a.n_vars == 20 and a.uns["fold"] == "patient-B"
     assert len(a.uns["heg"]) == len(a.uns["hvg"]) == 20
+    # the H&E travels from the manifest through the graph store into every prediction file
+    from her2st_graph_data import load_slides
+
+    he = load_slides(her2st_manifest)["B4"].image
+    assert a.uns["image"] == str(he.path.resolve()) and a.uns["image_scale"] == he.scale
+    r = _cli("plot", pred, "--slide", "B4", "--genes", a.var_names[0], "--out", tmp_path / "B4.png")
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    with Image.open(tmp_path / "B4.png") as fig:  # the H&E underneath: mostly pink, not a white canvas
+        rgb = np.asarray(fig.convert("RGB"), dtype=float)
+    assert (rgb[..., 0] - rgb[..., 1] > 20).mean() > 0.05
 
 
 def test_cli_fit_refuses_tampered_store(tmp_path, her2st_store):

@@ -48,6 +48,8 @@ class Prediction:
     observed: np.ndarray | None  # (n, G) float32, same space
     heg: np.ndarray  # gene indices chosen on the fold's training slides
     hvg: np.ndarray
+    image: str = ""  # the slide's H&E file, for `hgc plot`
+    image_scale: float = 1.0
 
     @property
     def space(self) -> str:
@@ -90,6 +92,8 @@ def write_prediction(pred_dir: str | Path, p: Prediction) -> Path:
         heg=np.asarray(p.heg, dtype=np.int64),
         hvg=np.asarray(p.hvg, dtype=np.int64),
     )
+    if p.image:
+        adata.uns.update(image=p.image, image_scale=float(p.image_scale))
     adata.write_h5ad(path)
     return path
 
@@ -118,6 +122,8 @@ def read_prediction(path: str | Path) -> Prediction:
         observed=None if observed is None else _dense(observed),
         heg=np.asarray(uns["heg"], dtype=np.int64),
         hvg=np.asarray(uns["hvg"], dtype=np.int64),
+        image=str(uns.get("image", "")),
+        image_scale=float(uns.get("image_scale", 1.0)),
     )
 
 

@@ -100,6 +100,8 @@ class SlideData:
     x: np.ndarray  # (n, d) float32, in barcode order
     barcodes: np.ndarray
     coords: np.ndarray
+    image: str = ""  # the H&E file (absolute path), so predictions can be drawn over it
+    image_scale: float = 1.0  # as SlideImage.scale
 
 
 @dataclass
@@ -190,6 +192,8 @@ def assemble(fg: FoldGraphs, t: TargetEdges, slides: Mapping[str, SlideData]) ->
         edges={"near": t.near, "refer": t.refer, "close": pool.close},
         edge_weight={"near": t.near_weight, "refer": t.refer_weight, "close": pool.close_weight},
         spot_y=fg.expression.get(t.target),
+        image=spot.image,
+        image_scale=spot.image_scale,
     )
 
 
@@ -463,8 +467,10 @@ def _slide_data(slide: Slide, emb: np.ndarray) -> SlideData:
     if bad.size:
         raise InputError(f"slide {slide.id}: embeddings of {bad.size} spots contain NaN or infinity "
                          f"(e.g. {list(slide.barcodes[bad[:5]])}); re-run `hgc embed`")
+    image = slide.image
     return SlideData(slide.id, slide.patient, emb, np.asarray(slide.barcodes, dtype=object),
-                     np.asarray(slide.coords, np.float64))
+                     np.asarray(slide.coords, np.float64), str(image.path.resolve()) if image else "",
+                     float(image.scale) if image else 1.0)
 
 
 def _build_fold(fold, slides, data, near, patients, protocol, config, data_root, manifest) -> FoldGraphs:

@@ -45,6 +45,8 @@ class SlideGraph:
     edges: dict[str, np.ndarray] = field(default_factory=dict)
     edge_weight: dict[str, np.ndarray] = field(default_factory=dict)
     spot_y: np.ndarray | None = None  # (n, G) float32
+    image: str = ""  # the target's H&E file, when known
+    image_scale: float = 1.0
 
     @property
     def n_spot(self) -> int:

@@ -4,7 +4,8 @@ Layout (group names are percent-encoded slide / fold ids)::
 
     /                         attrs: format="hgc-graphs", format_version, hgc_version, protocol,
                                      config (GraphConfig JSON), folds (JSON list, in order)
-    /slides/<slide>           x (n, d) f32, barcodes (n,) str, coords (n, 2) f64; attrs: id, patient
+    /slides/<slide>           x (n, d) f32, barcodes (n,) str, coords (n, 2) f64; attrs: id, patient,
+                                     image (H&E path, "" if none), image_scale
     /folds/<fold>             attrs: info (FoldInfo JSON: protocol, train/val/test, genes, panel,
                                      normaliser, missing_genes, skipped, self_referenced, manifest), targets (JSON)
     /folds/<fold>/genes       (G,) str
@@ -54,7 +55,7 @@ def write_graphs(graphs: GraphSet, out: str | Path) -> Path:
             g.create_dataset("x", data=s.x)
             g.create_dataset("barcodes", data=s.barcodes.astype(str).astype(object), dtype=strings)
             g.create_dataset("coords", data=s.coords)
-            g.attrs.update({"id": s.id, "patient": s.patient})
+            g.attrs.update({"id": s.id, "patient": s.patient, "image": s.image, "image_scale": s.image_scale})
         for fg in graphs.folds:
             g = f.create_group(f"folds/{group_name(fg.info.name)}")
             g.attrs["info"] = json.dumps(asdict(fg.info))
@@ -109,6 +110,7 @@ def read_graph_set(path: str | Path, fold: str | None = None) -> GraphSet:
             slides[g.attrs["id"]] = SlideData(
                 g.attrs["id"], g.attrs["patient"], g["x"][()],
                 g["barcodes"].asstr()[()].astype(object), g["coords"][()],
+                str(g.attrs.get("image", "")), float(g.attrs.get("image_scale", 1.0)),
             )
         folds = []
         for name in _fold_names(f, path, fold):

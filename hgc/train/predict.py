@@ -84,7 +84,7 @@ def predict_fold(
                 method=method, slide=g.target, fold=fold.name, patient=g.patient, protocol=fold.protocol,
                 normalisation=fold.normaliser, genes=np.asarray(fold.genes, dtype=object),
                 barcodes=g.spot_barcodes, coords=g.spot_coords, predicted=by_slide[g.target],
-                observed=g.spot_y, heg=heg, hvg=hvg,
+                observed=g.spot_y, heg=heg, hvg=hvg, image=g.image, image_scale=g.image_scale,
             )))
     log.info("fold %s: wrote %d prediction files", fold.name, len(written))
     return written
