@@ -1,0 +1,78 @@
+"""Validation vs test accuracy per fold, hgc beside the ridge baseline: where a model's edge is lost.
+
+Usage (a folder written by ``hgc run`` or ``bench/accuracy.py``)::
+
+    python bench/generalisation.py runs/bench/accuracy-her2st-patient-kfold-effnet-lite1-hist2st-her2st
+
+Each fold's validation slides are training slides held out of training (the ones early stopping
+watched); its test slides are the held-out ones. Under ``patient-kfold`` with few patients the
+validation slides come from the training patients, so the validation-minus-test gap measures what
+is lost across patients. Both methods are scored the same way (PCC-ALL, per slide): hgc with the
+saved checkpoint, ridge fitted on the same training slides hgc trained on (the validation slide's
+references). Nothing here is chosen on test slides; the test figures are read from the run's
+``predictions/metrics.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+METRICS = ("pcc_all", "pcc_heg", "pcc_hvg")
+
+
+def fold_rows(run: Path, device: str = "cpu") -> list[dict[str, Any]]:
+    """One row per (fold, slide, split): PCC-ALL/HEG/HVG of hgc and ridge on validation and test slides."""
+    from hgc.evaluate.metrics import slide_metrics, training_gene_sets
+    from hgc.train.baselines import make_baseline, training_set
+    from hgc.train.fit import load_folds, load_model, predict_graph, read_fold_info
+
+    tested = json.loads((run / "predictions" / "metrics.json").read_text())["methods"]
+    test = {(m, r["slide"]): r for m in ("hgc", "ridge") for r in tested[m]["per_slide"]}
+    rows = []
+    for fold in load_folds(run / "graphs.h5"):
+        if not (run / "model" / fold.name).is_dir():
+            continue
+        info = read_fold_info(run / "model", fold.name)
+        model, backend, _ = load_model(run / "model", fold.name, device=device)
+        heg, hvg = training_gene_sets(training_set(fold.test_graphs).y)  # as `hgc predict` chooses them
+        for g in (g for g in fold.train_graphs if g.target in info["validation_slides"]):
+            ridge = make_baseline("ridge").fit(training_set([g]))  # the other training slides
+            preds = {"hgc": predict_graph(model, backend.prepare(g, device)), "ridge": ridge.predict(g)}
+            scores = {m: vars(slide_metrics(g.spot_y, p, heg, hvg)) for m, p in preds.items()}
+            rows.append({"fold": fold.name, "slide": g.target, "split": "validation",
+                         **{f"{m}_{k}": scores[m][k] for m in preds for k in METRICS}})
+        for s in fold.test_slides:
+            rows.append({"fold": fold.name, "slide": s, "split": "test",
+                         **{f"{m}_{k}": test[(m, s)][k] for m in ("hgc", "ridge") for k in METRICS}})
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    head = ["fold", "slide", "split"] + [f"{m} {k.upper().replace('_', '-')}" for k in METRICS for m in ("hgc", "ridge")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"{r[f'{m}_{k}']:.3f}" for k in METRICS for m in ("hgc", "ridge")]
+        lines.append(f"| {r['fold']} | {r['slide']} | {r['split']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="A run folder (graphs.h5, model/, predictions/metrics.json).")
+    p.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON here.")
+    a = p.parse_args(argv)
+    rows = fold_rows(a.run)
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=2) + "\n")
+    print(markdown(rows), end="")
+
+
+if __name__ == "__main__":
+    main()
