@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import accuracy  # noqa: E402
+import generalisation  # noqa: E402
 import graph_throughput  # noqa: E402
 import machine  # noqa: E402
 import report  # noqa: E402
@@ -189,6 +190,24 @@ def test_ablation_overrides_merge_with_the_callers():
     assert merged == {"model": {**TINY_MODEL, "supervise": "clean"}, "epochs": 3}
     assert accuracy.merge_overrides({"epochs": 3}, accuracy.ABLATIONS["no-near"]) == {
         "epochs": 3, "relations": ("refer", "close")}
+
+
+def test_generalisation_rows_score_validation_and_test_slides(tiny_accuracy):
+    path, record = tiny_accuracy
+    work = path.parent / "work"  # the last seed's run
+    rows = generalisation.fold_rows(work)
+    for fold in ("patient-P1", "patient-P2"):
+        info = json.loads((work / "model" / fold / "fold.json").read_text())
+        val = [r for r in rows if r["fold"] == fold and r["split"] == "validation"]
+        assert [r["slide"] for r in val] == info["validation_slides"] and len(val) == 1
+        assert all(np.isfinite(r[f"{m}_pcc_all"]) for r in val for m in ("hgc", "ridge"))
+    tested = json.loads((work / "predictions" / "metrics.json").read_text())["methods"]
+    test = [r for r in rows if r["split"] == "test"]
+    assert sorted(r["slide"] for r in test) == ["S1", "S2", "S3", "S4"]
+    for r in test:
+        want = next(x for x in tested["ridge"]["per_slide"] if x["slide"] == r["slide"])
+        assert r["ridge_pcc_heg"] == want["pcc_heg"]
+    assert "| validation |" in generalisation.markdown(rows)
 
 
 def test_committed_readme_is_generated_from_committed_results():
