@@ -84,9 +84,10 @@ def bench_search(sizes: Sequence[tuple[int, int]], dim: int, metrics: Sequence[s
     rows = []
     for n_ref, n_query in sizes:
         # clustered data: IVF recall on pure noise says nothing about embeddings
-        centres = rng.normal(size=(256, dim)).astype(np.float32)
-        refs = centres[rng.integers(0, 256, n_ref)] + 0.5 * rng.normal(size=(n_ref, dim)).astype(np.float32)
-        queries = centres[rng.integers(0, 256, n_query)] + 0.5 * rng.normal(size=(n_query, dim)).astype(np.float32)
+        # float32 throughout: a 1M x 1024 pool is 4 GB, twice that as float64
+        centres = rng.standard_normal((256, dim), dtype=np.float32)
+        refs = centres[rng.integers(0, 256, n_ref)] + 0.5 * rng.standard_normal((n_ref, dim), dtype=np.float32)
+        queries = centres[rng.integers(0, 256, n_query)] + 0.5 * rng.standard_normal((n_query, dim), dtype=np.float32)
         for metric in metrics:
             exact = None
             for backend, device in backends:
