@@ -134,3 +134,33 @@ def test_read_embeddings_names_what_is_missing(tiny, tmp_path):
         f["S2"].attrs["complete"] = False
     with pytest.raises(InputError, match="incomplete"):
         read_embeddings(out, "S2")
+
+
+def test_tiled_wsi_is_embedded_tile_by_tile(tmp_path, her2st_manifest, monkeypatch):
+    """A whole-slide TIFF is never decoded whole, in worker processes either, and its patches give
+    exactly the embeddings of the same pixels decoded from a PNG (real H&E, spots past the edge)."""
+    import tifffile
+    from PIL import Image
+
+    from conftest import write_manifest, write_st_slide
+    from hgc.data.image import SlideImage
+
+    crop = read_manifest(her2st_manifest).load("B4").image.pixels()[2000:3000, 2500:3500]
+    tifffile.imwrite(tmp_path / "wsi.tif", crop, tile=(128, 128), photometric="rgb")
+    Image.fromarray(crop).save(tmp_path / "same.png")
+    files = write_st_slide(tmp_path / "S", name="S", grid=5, pitch_px=190, image_size=(8, 8))  # spots 190..950 px
+    rows = [{"slide": slide, "patient": "P", "format": "st", "microns_per_pixel": "0.5", **files, "image": image}
+            for slide, image in (("WSI", tmp_path / "wsi.tif"), ("PNG", tmp_path / "same.png"))]
+    manifest = write_manifest(tmp_path / "m.tsv", rows)
+    decode = SlideImage._decode
+
+    def decode_unless_tiled(self):
+        assert self.path.suffix != ".tif", "the tiled WSI was decoded whole"
+        return decode(self)
+
+    monkeypatch.setattr(SlideImage, "_decode", decode_unless_tiled)
+    out = tmp_path / "e.h5"
+    embed_manifest(manifest, TINY, out, weights=tiny_weights(tmp_path), workers=2, batch_size=8, progress=False)
+    (_, wsi), (_, png) = read_embeddings(out, "WSI"), read_embeddings(out, "PNG")
+    assert wsi.shape[0] == 25 and np.isfinite(wsi).all()
+    np.testing.assert_array_equal(wsi, png)

@@ -1,11 +1,14 @@
 """Lazy, decode-once access to H&E images of any size.
 
 A 10,000 x 10,000 JPEG takes seconds to decode; every consumer (validation, patch cropping,
-plotting) goes through one :class:`SlideImage` so that happens at most once per process.
+plotting) goes through one :class:`SlideImage` so that happens at most once per process. A tiled
+TIFF (a whole-slide image, e.g. HEST-1k's, ~40,000 px square) is never decoded whole for
+patches: each region decodes only the tiles under it.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +40,31 @@ class SlideImage:
     scale: float = 1.0
     _pixels: np.ndarray | None = field(default=None, init=False, repr=False)
     _size: tuple[int, int] | None = field(default=None, init=False, repr=False)
+    _tiled: bool | None = field(default=None, init=False, repr=False)
+    _tif: object = field(default=None, init=False, repr=False)  # open TiffFile, per process
+    _tif_pid: int | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
+
+    def __getstate__(self) -> dict:
+        """For worker processes (spawn): the file reference, not the pixels, lock or file handle."""
+        return {"path": self.path, "scale": self.scale, "_size": self._size, "_tiled": self._tiled}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["scale"])
+        self._size, self._tiled = state["_size"], state["_tiled"]
+
+    @property
+    def tiled(self) -> bool:
+        """Whether level 0 is a tiled RGB TIFF, whose regions can be read without decoding it all."""
+        if self._tiled is None:
+            self._tiled = False
+            if self.path.suffix.lower() in _TIFF_SUFFIXES and _is_tifffile_preferred(self.path):
+                with _tifffile().TiffFile(self.path) as tif:
+                    self._tiled = _tiled_level0(tif) is not None
+        return self._tiled
 
     @property
     def size(self) -> tuple[int, int]:
@@ -104,16 +128,28 @@ class SlideImage:
         s = self.scale
         fx0, fy0 = int(np.floor(x0 * s)), int(np.floor(y0 * s))
         fw, fh = max(1, int(round(width * s))), max(1, int(round(height * s)))
-        if self._pixels is None and self.path.suffix.lower() in _TIFF_SUFFIXES and _is_tifffile_preferred(self.path):
-            region = _read_tiled_region(self.path, fx0, fy0, fw, fh, fill)
-            if region is not None:  # a tiled TIFF: only the tiles under the box were decoded
-                return region
-        return crop_padded(self.pixels(), fx0, fy0, fw, fh, fill)
+        return self.file_region(fx0, fy0, fw, fh, fill)
+
+    def file_region(self, x0: int, y0: int, width: int, height: int, fill: int = 255) -> np.ndarray:
+        """Like :meth:`read_region`, in the file's own pixels (what patch boxes are given in).
+
+        A tiled TIFF that was not decoded whole decodes only the tiles under the box, through a
+        file handle opened once per process (worker processes open their own).
+        """
+        if self._pixels is None and self.tiled:
+            with self._lock:
+                if self._tif_pid != os.getpid():
+                    self._tif, self._tif_pid = _tifffile().TiffFile(self.path), os.getpid()
+                return _read_tiled_region(self._tif, self.path, x0, y0, width, height, fill)
+        return crop_padded(self.pixels(), x0, y0, width, height, fill)
 
     def release(self) -> None:
-        """Drop the decoded pixels (e.g. after all patches of a slide are cut)."""
+        """Drop the decoded pixels and close the file (e.g. after all patches of a slide are cut)."""
         with self._lock:
             self._pixels = None
+            if self._tif is not None and self._tif_pid == os.getpid():
+                self._tif.close()
+            self._tif = self._tif_pid = None
 
 
 def crop_padded(pixels: np.ndarray, x0: int, y0: int, w: int, h: int, fill: int = 255) -> np.ndarray:
@@ -159,39 +195,41 @@ def _to_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _read_tiled_region(path: Path, x0: int, y0: int, w: int, h: int, fill: int) -> np.ndarray | None:
-    """The box from level 0 of a tiled TIFF, decoding only the tiles it overlaps; None if not tiled.
+def _tiled_level0(tif):
+    """Level 0's key page if it is tiled, interleaved RGB(A); else None."""
+    page = tif.series[0].levels[0].keyframe
+    return page if page.is_tiled and page.planarconfig == 1 and page.samplesperpixel >= 3 else None
+
+
+def _read_tiled_region(tif, path: Path, x0: int, y0: int, w: int, h: int, fill: int) -> np.ndarray:
+    """The box from level 0 of an open tiled TIFF, decoding only the tiles it overlaps.
 
     Whole-slide images (HEST-1k WSIs are ~40,000 px square, ~5 GB as RGB) should not be decoded
     to look at one spot.
     """
-    tifffile = _tifffile()
-    with tifffile.TiffFile(path) as tif:
-        page = tif.series[0].levels[0].keyframe
-        if not page.is_tiled or page.planarconfig != 1 or page.samplesperpixel < 3:
-            return None
-        H, W = page.imagelength, page.imagewidth
-        th, tw = page.tilelength, page.tilewidth
-        out = np.full((h, w, 3), fill, dtype=np.uint8)
-        cols = -(-W // tw)
-        fh = tif.filehandle
-        for ty in range(max(y0, 0) // th, min(y0 + h, H) // th + 1):
-            for tx in range(max(x0, 0) // tw, min(x0 + w, W) // tw + 1):
-                if ty * th >= H or tx * tw >= W:
-                    continue
-                index = ty * cols + tx
-                fh.seek(page.dataoffsets[index])
-                data = fh.read(page.databytecounts[index])
-                tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-                tile = _to_rgb_uint8(np.asarray(tile).reshape(th, tw, -1), path)
-                # the part of this tile inside both the image and the box
-                ax0, ay0 = max(tx * tw, x0, 0), max(ty * th, y0, 0)
-                ax1, ay1 = min((tx + 1) * tw, x0 + w, W), min((ty + 1) * th, y0 + h, H)
-                if ax1 > ax0 and ay1 > ay0:
-                    out[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = tile[
-                        ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw
-                    ]
-        return out
+    page = _tiled_level0(tif)
+    H, W = page.imagelength, page.imagewidth
+    th, tw = page.tilelength, page.tilewidth
+    out = np.full((h, w, 3), fill, dtype=np.uint8)
+    cols = -(-W // tw)
+    fh = tif.filehandle
+    for ty in range(max(y0, 0) // th, min(y0 + h, H) // th + 1):
+        for tx in range(max(x0, 0) // tw, min(x0 + w, W) // tw + 1):
+            if ty * th >= H or tx * tw >= W:
+                continue
+            index = ty * cols + tx
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+            tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+            tile = _to_rgb_uint8(np.asarray(tile).reshape(th, tw, -1), path)
+            # the part of this tile inside both the image and the box
+            ax0, ay0 = max(tx * tw, x0, 0), max(ty * th, y0, 0)
+            ax1, ay1 = min((tx + 1) * tw, x0 + w, W), min((ty + 1) * th, y0 + h, H)
+            if ax1 > ax0 and ay1 > ay0:
+                out[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = tile[
+                    ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw
+                ]
+    return out
 
 
 def _tifffile():

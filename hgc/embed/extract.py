@@ -1,7 +1,7 @@
 """Batched, resumable extraction of spot embeddings for every slide of a manifest.
 
-Per slide: decode the image once in the main process, let DataLoader workers cut and resample
-batches of patches while the model runs, write the slide durably, release the image. Slides
+Per slide: decode the image once in the main process (a tiled whole-slide TIFF is instead read
+tile by tile), let DataLoader workers cut and resample batches of patches while the model runs, write the slide durably, release the image. Slides
 already embedded with the same encoder, weights, patch settings and inputs are skipped.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError
-from .patches import PatchBatches, PatchSpec, crop_boxes, require_image
+from .patches import PatchBatches, PatchSpec, crop_boxes, patch_source, require_image
 from .registry import DEFAULT_ENCODER, Encoder, load_encoder
 from .store import EmbeddingStore
 
@@ -104,9 +104,8 @@ def embed_slide(
     from .._progress import progress as progress_bar
 
     boxes = crop_boxes(slide, patch)
-    pixels = slide.image.pixels()
     share = workers > 0 and torch.multiprocessing.get_start_method() != "fork"
-    data = PatchBatches(pixels, boxes, patch.out_px, batch_size, encoder.spec.mean, encoder.spec.std, share)
+    data = PatchBatches(patch_source(slide), boxes, patch.out_px, batch_size, encoder.spec.mean, encoder.spec.std, share)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     autocast, _ = _precision(device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -138,7 +137,7 @@ def _prefetched(
         slide = manifest.load(slide_id)
         key = cache_key(slide)
         where = store.cached(slide_id, key, slide.barcodes)
-        if where is None:
+        if where is None and not slide.image.tiled:  # a tiled WSI is read tile by tile instead
             slide.image.pixels()
         return slide_id, slide, key, where
 

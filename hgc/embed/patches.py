@@ -3,8 +3,9 @@
 The field of view is set in micrometres (default: the encoder's input size at 0.5 µm/px, so
 112 µm for 224 px), converted to pixels with each slide's microns per pixel, so slides scanned at
 0.5, 0.7 or 3 µm/px give patches of the same tissue area. Spots near the border are padded with
-white, never dropped or shifted. Each slide image is decoded once; patches are array slices of
-it, resampled a batch at a time (bilinear with antialiasing, deterministic on CPU).
+white, never dropped or shifted. Each slide image is decoded once and patches are array slices of
+it; a tiled whole-slide TIFF is not decoded at all, each patch decodes the tiles under it. Patches
+are resampled a batch at a time (bilinear with antialiasing, deterministic on CPU).
 """
 from __future__ import annotations
 
@@ -94,6 +95,12 @@ def require_image(slide: Slide) -> SlideImage:
     return slide.image
 
 
+def patch_source(slide: Slide) -> np.ndarray | SlideImage:
+    """What patches are cut from: the tiled TIFF itself (read tile by tile), else the decoded image."""
+    image = require_image(slide)
+    return image if image.tiled else image.pixels()
+
+
 def crop_boxes(slide: Slide, spec: PatchSpec) -> np.ndarray:
     """(n, 3) int64 [x0, y0, width] of every spot's square box in the image FILE's pixels.
 
@@ -121,14 +128,15 @@ class PatchBatches:
     """Map-style dataset of whole batches of one slide's patches (index = batch number).
 
     Whole batches keep Python overhead per batch, not per spot (one array slice per patch).
-    DataLoader workers started by fork inherit the decoded image copy-on-write; for the spawn or
-    forkserver start methods, ``share=True`` moves it into shared memory once, so workers never
-    decode or copy the slide image themselves.
+    ``source`` is the decoded image, or a :class:`SlideImage` of a tiled TIFF whose patches are
+    read tile by tile (each worker process opens the file itself). DataLoader workers started by
+    fork inherit a decoded image copy-on-write; for the spawn or forkserver start methods,
+    ``share=True`` moves it into shared memory once, so workers never decode or copy it.
     """
 
     def __init__(
         self,
-        pixels: np.ndarray,
+        source: np.ndarray | SlideImage,
         boxes: np.ndarray,
         out_px: int,
         batch_size: int,
@@ -138,9 +146,11 @@ class PatchBatches:
     ) -> None:
         import torch
 
-        self._pixels: np.ndarray | None = pixels
+        self._image = None if isinstance(source, np.ndarray) else source
+        self._pixels: np.ndarray | None = source if isinstance(source, np.ndarray) else None
         self._shared: torch.Tensor | None = None
-        if share:
+        if share and self._pixels is not None:
+            pixels = self._pixels
             self._shared = torch.empty(pixels.shape, dtype=torch.uint8).share_memory_()
             self._shared.numpy()[...] = pixels
             self._pixels = None
@@ -157,9 +167,12 @@ class PatchBatches:
         """Batch ``i``: normalised float32 if mean/std were given, else uint8 (B, 3, px, px)."""
         import torch
 
-        px = self._pixels if self._pixels is not None else self._shared.numpy()
-        boxes = self.boxes[i * self.batch_size : (i + 1) * self.batch_size]
-        crops = np.stack([crop_padded(px, x0, y0, w, w, WHITE) for x0, y0, w in boxes.tolist()])
+        boxes = self.boxes[i * self.batch_size : (i + 1) * self.batch_size].tolist()
+        if self._image is not None:
+            crops = np.stack([self._image.file_region(x0, y0, w, w, WHITE) for x0, y0, w in boxes])
+        else:
+            px = self._pixels if self._pixels is not None else self._shared.numpy()
+            crops = np.stack([crop_padded(px, x0, y0, w, w, WHITE) for x0, y0, w in boxes])
         x = resample(crops, self.out_px)
         if self.mean is None:
             return x.round_().clamp_(0, 255).to(torch.uint8)
@@ -176,7 +189,7 @@ def export_patches(slide: Slide, spec: PatchSpec, path: Path, batch_size: int = 
     from .store import atomic_h5
 
     boxes = crop_boxes(slide, spec)
-    data = PatchBatches(slide.image.pixels(), boxes, spec.out_px, batch_size)
+    data = PatchBatches(patch_source(slide), boxes, spec.out_px, batch_size)
     n, px = slide.n_spots, spec.out_px
     with atomic_h5(path) as f:
         img = f.create_dataset("img", (n, px, px, 3), dtype=np.uint8, chunks=(1, px, px, 3))
