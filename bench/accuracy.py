@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
 from machine import REPO, describe, shared_data_root  # noqa: E402
-from report import accuracy_markdown  # noqa: E402
+from report import accuracy_markdown, summarise_rows  # noqa: E402
 
 from hgc.embed.registry import DEFAULT_ENCODER  # noqa: E402
 
@@ -81,14 +81,6 @@ PUBLISHED: dict[tuple[str, str], tuple[tuple[str, float], ...]] = {
 def published(protocol: str, cohort: str | None) -> list[dict[str, Any]]:
     rows = PUBLISHED.get((protocol, cohort or ""), ())
     return [{"method": m, "pcc_all": v, "note": _OTHER.format(cohort=cohort)} for m, v in rows]
-
-
-def summarise_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and std over (slide, seed) rows, by the evaluator's own rule (NaN slides left out)."""
-    from hgc.evaluate.metrics import SlideMetrics, summarise
-
-    names = set(SlideMetrics.__dataclass_fields__)
-    return summarise([SlideMetrics(**{k: v for k, v in r.items() if k in names}) for r in rows])
 
 
 def combine(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:

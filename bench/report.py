@@ -29,8 +29,8 @@ METRICS: tuple[tuple[str, str], ...] = (
 )
 #: The accuracy runs the README must show (dataset, protocol); missing ones are marked as such.
 EXPECTED_ACCURACY: tuple[tuple[str, str], ...] = (("her2st", "slide-loso"), ("her2st", "patient-kfold"))
-#: What an ablation record shares with the full run it is shown beside.
-ABLATION_MATCH = ("dataset", "protocol", "genes", "encoder", "seeds", "backend")
+#: What an ablation record shares with the full run it is shown beside (which ran its seeds too).
+ABLATION_MATCH = ("dataset", "protocol", "genes", "encoder", "backend")
 GPU_COMMAND = "bash bench/gpu.sh OUTDIR"
 
 
@@ -140,17 +140,30 @@ def accuracy_markdown(r: dict[str, Any]) -> str:
     return "\n".join([accuracy_caption(r), "", *table(head, rows)]) + "\n"
 
 
+def summarise_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and std over (slide, seed) rows, by the evaluator's own rule (NaN slides left out)."""
+    from hgc.evaluate.metrics import SlideMetrics, summarise
+
+    names = set(SlideMetrics.__dataclass_fields__)
+    return summarise([SlideMetrics(**{k: v for k, v in r.items() if k in names}) for r in rows])
+
+
 def ablation_markdown(full: dict[str, Any], ablations: list[dict[str, Any]]) -> str:
-    """The model's figures with one part taken out, beside the full model's, from the same inputs."""
+    """The model with one part taken out, beside the full model on the same inputs and seeds.
+
+    Ablations may use fewer seeds than the full run; its row then covers those seeds only.
+    """
+    seeds = ablations[0]["seeds"]
     head = ["model", "PCC-ALL", "PCC-HEG", "PCC-HVG", "MSE", "MAE", "n", "source"]
     rows = []
     for label, r in [("full model", full)] + [(f"{a['ablation']}", a) for a in ablations]:
-        m = r["methods"]["hgc"]
-        rows.append([label] + [f"{fmt(m['mean'][k])} ± {fmt(m['std'][k])}" for k, _ in METRICS]
-                    + [m["n"], f"`{r['_file']}`"])
+        per_slide = [row for row in r["methods"]["hgc"]["per_slide"] if row["seed"] in seeds]
+        mean, std = summarise_rows(per_slide)
+        rows.append([label] + [f"{fmt(mean[k])} ± {fmt(std[k])}" for k, _ in METRICS]
+                    + [len(per_slide), f"`{r['_file']}`"])
     caption = (f"hgc with one part taken out (`bench/accuracy.py --ablation NAME`): **{full['dataset']}**, "
                f"**{full['protocol']}**, genes `{full['genes']}`, encoder `{full['encoder']}`, seeds "
-               f"{full['seeds']}; mean ± std over held-out slides x seeds. `no-contrast`: no contrastive "
+               f"{seeds}; mean ± std over held-out slides x seeds. `no-contrast`: no contrastive "
                f"loss; `no-masking`: no feature masking or edge dropping; `no-near` / `no-refer`: the graphs "
                f"without that relation; `no-masked-supervision`: masked views for the contrast only, the "
                f"supervised terms on the unmasked graph (as at inference).")
@@ -237,8 +250,11 @@ def throughput_markdown(r: dict[str, Any]) -> str:
 # -- README ---------------------------------------------------------------------------------------
 def with_ablations(r: dict[str, Any], ablated: list[dict[str, Any]]) -> list[str]:
     """A full run's table, then the table of its ablations (same data, genes, encoder, seeds) if any."""
-    same = [a for a in ablated if all(a[k] == r[k] for k in ABLATION_MATCH)]
-    return [accuracy_markdown(r)] + ([ablation_markdown(r, same)] if same else [])
+    same = [a for a in ablated if all(a[k] == r[k] for k in ABLATION_MATCH) and set(a["seeds"]) <= set(r["seeds"])]
+    tables = []
+    for seeds in dict.fromkeys(tuple(a["seeds"]) for a in same):
+        tables.append(ablation_markdown(r, [a for a in same if tuple(a["seeds"]) == seeds]))
+    return [accuracy_markdown(r)] + tables
 
 
 def generated(records: list[dict[str, Any]]) -> str:
