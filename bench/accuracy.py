@@ -190,10 +190,11 @@ def reuse_inputs(source: Path, work: Path) -> None:
     import shutil
 
     for name in ("embeddings.h5", "graphs.h5"):
-        for path in (source / name, source / f"{name}.stamp.json"):
-            if path.is_file() and not (work / path.name).exists():
-                work.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, work / path.name)
+        pair = [f"{name}", f"{name}.stamp.json"]  # a file and its stamp travel together, or not at all
+        if all((source / f).is_file() for f in pair) and not any((work / f).exists() for f in pair):
+            work.mkdir(parents=True, exist_ok=True)
+            for f in pair:
+                shutil.copy2(source / f, work / f)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

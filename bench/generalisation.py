@@ -7,10 +7,10 @@ Usage (a folder written by ``hgc run`` or ``bench/accuracy.py``)::
 Each fold's validation slides are training slides held out of training (the ones early stopping
 watched); its test slides are the held-out ones. Under ``patient-kfold`` with few patients the
 validation slides come from the training patients, so the validation-minus-test gap measures what
-is lost across patients. Both methods are scored the same way (PCC-ALL, per slide): hgc with the
-saved checkpoint, ridge fitted on the same training slides hgc trained on (the validation slide's
-references). Nothing here is chosen on test slides; the test figures are read from the run's
-``predictions/metrics.json``.
+is lost across patients. Both methods are scored the same way (per slide): hgc with the saved
+checkpoint, ridge fitted on the slides hgc trained on (the fold's training slides less the
+validation ones), HEG/HVG chosen on those slides too. Nothing here is chosen on test slides; the
+test figures are read from the run's ``predictions/metrics.json``.
 """
 from __future__ import annotations
 
@@ -20,8 +20,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+
+from report import fmt, table  # noqa: E402
 
 
 METRICS = ("pcc_all", "pcc_heg", "pcc_hvg")
@@ -30,7 +35,7 @@ METRICS = ("pcc_all", "pcc_heg", "pcc_hvg")
 def fold_rows(run: Path, device: str = "cpu") -> list[dict[str, Any]]:
     """One row per (fold, slide, split): PCC-ALL/HEG/HVG of hgc and ridge on validation and test slides."""
     from hgc.evaluate.metrics import slide_metrics, training_gene_sets
-    from hgc.train.baselines import make_baseline, training_set
+    from hgc.train.baselines import TrainingSet, make_baseline, training_set
     from hgc.train.fit import load_folds, load_model, predict_graph, read_fold_info
 
     tested = json.loads((run / "predictions" / "metrics.json").read_text())["methods"]
@@ -41,9 +46,12 @@ def fold_rows(run: Path, device: str = "cpu") -> list[dict[str, Any]]:
             continue
         info = read_fold_info(run / "model", fold.name)
         model, backend, _ = load_model(run / "model", fold.name, device=device)
-        heg, hvg = training_gene_sets(training_set(fold.test_graphs).y)  # as `hgc predict` chooses them
+        everything = training_set(fold.test_graphs)  # every training slide's spots
+        keep = ~np.isin(everything.slides, info["validation_slides"])
+        trained_on = TrainingSet(everything.x[keep], everything.y[keep], everything.slides[keep])
+        heg, hvg = training_gene_sets(trained_on.y)
+        ridge = make_baseline("ridge").fit(trained_on) if info["validation_slides"] else None
         for g in (g for g in fold.train_graphs if g.target in info["validation_slides"]):
-            ridge = make_baseline("ridge").fit(training_set([g]))  # the other training slides
             preds = {"hgc": predict_graph(model, backend.prepare(g, device)), "ridge": ridge.predict(g)}
             scores = {m: vars(slide_metrics(g.spot_y, p, heg, hvg)) for m, p in preds.items()}
             rows.append({"fold": fold.name, "slide": g.target, "split": "validation",
@@ -56,11 +64,13 @@ def fold_rows(run: Path, device: str = "cpu") -> list[dict[str, Any]]:
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     head = ["fold", "slide", "split"] + [f"{m} {k.upper().replace('_', '-')}" for k in METRICS for m in ("hgc", "ridge")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [f"{r[f'{m}_{k}']:.3f}" for k in METRICS for m in ("hgc", "ridge")]
-        lines.append(f"| {r['fold']} | {r['slide']} | {r['split']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = ([r["fold"], r["slide"], r["split"]] + [_number(r[f"{m}_{k}"]) for k in METRICS for m in ("hgc", "ridge")]
+             for r in rows)
+    return "\n".join(table(head, cells)) + "\n"
+
+
+def _number(x: float | None) -> str:
+    return fmt(float("nan") if x is None else float(x))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -164,28 +164,35 @@ def bench_synthetic(spots: Sequence[int], dim: int, repeats: int, max_seconds: f
     """One slide-LOSO fold of three synthetic slides of ``n`` spots each (two training slides, one
     test slide): three target graphs, the test target's pool holding 2n references.
 
-    Sizes go up in order; once a build takes longer than ``max_seconds`` the larger ones are
-    recorded as not run (the kNN part grows as n squared).
+    Sizes go up in order; once a build takes longer than ``max_seconds`` (or fails, e.g. out of
+    memory) the larger ones are recorded as not run (the kNN part grows as n squared).
     """
     from hgc.data.splits import Fold
+    from hgc.graph import knn
     from hgc.graph.build import GraphConfig, build_graphs
 
     rng = np.random.default_rng(0)
     config = GraphConfig(genes=f"top-mean:{n_genes}", knn_backend=backend, device=device)
     rows: list[dict] = []
-    too_slow = None
+    stop = None
     for n in spots:
         row = {"n_spot": n, "n_ref_test": 2 * n, "dim": dim, "genes": n_genes, "metric": config.metric,
-               "backend": backend, "device": device}
-        if too_slow is not None:
-            rows.append({**row, "status": f"not run: {too_slow:,} spots took longer than {max_seconds:.0f} s"})
+               "backend": knn.resolve_backend(backend, device), "device": device}
+        if stop is not None:
+            rows.append({**row, "status": f"not run: {stop}"})
             continue
         slides = {name: synthetic_slide(name, f"P{i}", n, n_genes, rng) for i, name in enumerate("ABC")}
-        centres = rng.normal(size=(64, dim)).astype(np.float32)
-        emb = {k: centres[rng.integers(0, 64, n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32)
+        centres = rng.standard_normal((64, dim), dtype=np.float32)
+        emb = {k: centres[rng.integers(0, 64, n)] + 0.5 * rng.standard_normal((n, dim), dtype=np.float32)
                for k in slides}
         fold = [Fold("C", train=["A", "B"], test=["C"])]
-        seconds, reps, gs = _time(lambda: build_graphs(slides, emb, fold, "slide-loso", config), repeats, max_seconds)
+        try:
+            seconds, reps, gs = _time(lambda: build_graphs(slides, emb, fold, "slide-loso", config), repeats,
+                                      max_seconds)
+        except Exception as exc:  # noqa: BLE001 - a size that fails (memory) must not lose the others
+            rows.append({**row, "status": f"error: {type(exc).__name__}: {exc}"[:300]})
+            stop = f"{n:,} spots failed"
+            continue
         f = gs.folds[0]
         edges = {"near": sum(t.near.shape[1] for t in f.targets), "refer": sum(t.refer.shape[1] for t in f.targets),
                  "close": sum(p.close.shape[1] for p in f.pools.values())}
@@ -193,7 +200,7 @@ def bench_synthetic(spots: Sequence[int], dim: int, repeats: int, max_seconds: f
                      "repeats": reps, "spots_per_s": round(3 * n / seconds, 1), "status": "ok"})
         print(json.dumps(rows[-1]), flush=True)
         if seconds > max_seconds:
-            too_slow = n
+            stop = f"{n:,} spots took longer than {max_seconds:.0f} s"
     return rows
 
 

@@ -29,8 +29,10 @@ METRICS: tuple[tuple[str, str], ...] = (
 )
 #: The accuracy runs the README must show (dataset, protocol); missing ones are marked as such.
 EXPECTED_ACCURACY: tuple[tuple[str, str], ...] = (("her2st", "slide-loso"), ("her2st", "patient-kfold"))
-#: What an ablation record shares with the full run it is shown beside (which ran its seeds too).
+#: What an ablation record shares with the full run it is shown beside (which ran its seeds too),
+#: at the top level and in its training settings.
 ABLATION_MATCH = ("dataset", "protocol", "genes", "encoder", "backend")
+ABLATION_MATCH_FIT = ("epochs", "patience", "lr", "weight_decay")
 GPU_COMMAND = "bash bench/gpu.sh OUTDIR"
 
 
@@ -156,7 +158,7 @@ def ablation_markdown(full: dict[str, Any], ablations: list[dict[str, Any]]) -> 
     seeds = ablations[0]["seeds"]
     head = ["model", "PCC-ALL", "PCC-HEG", "PCC-HVG", "MSE", "MAE", "n", "source"]
     rows = []
-    for label, r in [("full model", full)] + [(f"{a['ablation']}", a) for a in ablations]:
+    for label, r in [("full model", full)] + [(a["ablation"], a) for a in ablations]:
         per_slide = [row for row in r["methods"]["hgc"]["per_slide"] if row["seed"] in seeds]
         mean, std = summarise_rows(per_slide)
         rows.append([label] + [f"{fmt(mean[k])} ± {fmt(std[k])}" for k, _ in METRICS]
@@ -235,7 +237,10 @@ def throughput_markdown(r: dict[str, Any]) -> str:
         rows = _stage_rows(stage, key)
         if rows is None:
             inner = stage.get(key) if isinstance(stage.get(key), dict) else {}
-            reason = inner.get("status") or stage.get("error") or stage.get("status") or "stage not run"
+            if key not in stage and stage.get("status") == "ok":
+                reason = "this record predates the measurement"
+            else:
+                reason = inner.get("status") or stage.get("error") or stage.get("status") or "stage not run"
             out.append(f"Not measured in this run ({reason}).")
             continue
         out += rows_markdown(rows, columns)
@@ -248,9 +253,15 @@ def throughput_markdown(r: dict[str, Any]) -> str:
 
 
 # -- README ---------------------------------------------------------------------------------------
+def ablation_of(a: dict[str, Any], full: dict[str, Any]) -> bool:
+    """Whether ablation record ``a`` was run beside full run ``full`` (same inputs, settings, seeds)."""
+    return (all(a[k] == full[k] for k in ABLATION_MATCH) and set(a["seeds"]) <= set(full["seeds"])
+            and all(a["fit"].get(k) == full["fit"].get(k) for k in ABLATION_MATCH_FIT))
+
+
 def with_ablations(r: dict[str, Any], ablated: list[dict[str, Any]]) -> list[str]:
     """A full run's table, then the table of its ablations (same data, genes, encoder, seeds) if any."""
-    same = [a for a in ablated if all(a[k] == r[k] for k in ABLATION_MATCH) and set(a["seeds"]) <= set(r["seeds"])]
+    same = [a for a in ablated if ablation_of(a, r)]
     tables = []
     for seeds in dict.fromkeys(tuple(a["seeds"]) for a in same):
         tables.append(ablation_markdown(r, [a for a in same if tuple(a["seeds"]) == seeds]))
@@ -275,6 +286,9 @@ def generated(records: list[dict[str, Any]]) -> str:
     others = [r for r in full if (r["dataset"], r["protocol"]) not in EXPECTED_ACCURACY]
     for r in others:
         out += [f"### {r['dataset']}, {r['protocol']}", ""] + with_ablations(r, ablated)
+    orphans = [a for a in ablated if not any(ablation_of(a, r) for r in full)]
+    if orphans:
+        out += ["### Ablation runs without a matching full run", ""] + [accuracy_markdown(a) for a in orphans]
     out += ["## Throughput", ""]
     for set_name in ("cpu", "gpu"):
         runs = [r for r in thr if r.get("set") == set_name]

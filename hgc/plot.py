@@ -73,25 +73,11 @@ def read_plot_input(path: str | Path) -> PlotInput:
 
     path = Path(path)
     p = read_prediction(path)
-    image, scale = _image_reference(path)
     return PlotInput(
         path=path, method=p.method, slide=p.slide, genes=[str(g) for g in p.genes], coords=p.coords[:, :2],
-        predicted=p.predicted, observed=p.observed, image=image, image_scale=scale,
+        predicted=p.predicted, observed=p.observed, image=Path(p.image) if p.image else None,
+        image_scale=p.image_scale,
     )
-
-
-def _image_reference(path: Path) -> tuple[Path | None, float]:
-    """``uns["image"]`` and ``uns["image_scale"]`` of an h5ad, read without loading the matrices."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        uns = f.get("uns")
-        if uns is None or "image" not in uns:
-            return None, 1.0
-        image = uns["image"][()]
-        scale = float(uns["image_scale"][()]) if "image_scale" in uns else 1.0
-    image = image.decode() if isinstance(image, bytes) else str(image)
-    return (Path(image) if image else None), scale
 
 
 def _gene_columns(data: PlotInput, genes: Sequence[str]) -> list[int]:
@@ -113,13 +99,12 @@ def _underlay(data: PlotInput, max_px: int) -> tuple[np.ndarray, tuple[float, fl
 
     img = SlideImage(data.image, data.image_scale)
     try:
-        pixels = img.pixels()
+        pixels = img.thumbnail(max_px)
+        width, height = img.size
     except InputError as exc:
         log.warning("%s: H&E underlay left out: %s", data.path, exc)
         return None
-    step = max(1, int(np.ceil(max(pixels.shape[:2]) / max_px)))
-    width, height = img.size
-    return pixels[::step, ::step], (0.0, float(width), float(height), 0.0)
+    return pixels, (0.0, float(width), float(height), 0.0)
 
 
 def _spot_pitch(coords: np.ndarray) -> float:

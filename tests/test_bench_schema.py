@@ -161,12 +161,14 @@ def test_ablation_reuses_inputs_and_is_tabled_beside_the_full_model(tiny_accurac
     accuracy.reuse_inputs(path.parent / "work", work)
     assert {p.name for p in work.iterdir()} == {
         "embeddings.h5", "embeddings.h5.stamp.json", "graphs.h5", "graphs.h5.stamp.json"}
+    copied = {name: (work / name).stat().st_mtime_ns for name in ("embeddings.h5", "graphs.h5")}
     ablated = accuracy.run(  # one of the full run's two seeds
         path.parent / "m.tsv", "patient-kfold", "top-mean:5", "effnet-lite0", [1], work, epochs=1,
         patience=None, mode="quick", dataset="tiny", cohort="HER2+", backend="pyg", device="cpu",
         fit_overrides={"model": TINY_MODEL}, ablation="no-near",
     )
     assert report.check_record(ablated) == []
+    assert {name: (work / name).stat().st_mtime_ns for name in copied} == copied  # used, not rebuilt
     assert ablated["ablation"] == "no-near" and full["ablation"] is None
     assert ablated["fit"]["relations"] == ["refer", "close"] and full["fit"]["relations"] is None
     saved = json.loads((work / "model" / "config.json").read_text())

@@ -171,6 +171,14 @@ def test_store_round_trip(kfold, tmp_path):
     rows = summarize(path)
     assert rows[5] == {**rows[5], "fold": "patient-B", "target": "B4", "role": "test", "n_spot": 283,
                        "n_ref": 910, "ref_patients": ["C"]}
+    # each target carries its H&E (for plots); stores written before that still load, without one
+    assert back[5].image == str(slides["B4"].image.path.resolve()) and back[5].image_scale == 1.0
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        for g in f["slides"].values():
+            del g.attrs["image"], g.attrs["image_scale"]
+    assert {(g.image, g.image_scale) for g in read_graphs(path)} == {("", 1.0)}
 
 
 def test_reference_pool_refuses_leakage():

@@ -84,6 +84,32 @@ def test_tiled_wsi_regions_decode_only_their_tiles(tmp_path: Path) -> None:
     np.testing.assert_array_equal(image.pixels(), level0)
 
 
+def test_wsi_handle_pickles_thumbnails_from_the_pyramid_and_decodes_16_bit_whole(tmp_path: Path) -> None:
+    """Worker processes get the file reference (no pixels, no open handle); a plot thumbnail comes
+    from the smallest pyramid level wide enough; 16-bit tiles are not streamed (scaled as a whole)."""
+    import pickle
+
+    from hgc.data.image import SlideImage
+
+    _, level0 = write_hest(tmp_path)
+    image = SlideImage(tmp_path / "wsis" / "TENX99.tif")
+    first = image.file_region(30, 50, 80, 70)
+    copy = pickle.loads(pickle.dumps(image))
+    assert copy._pixels is None and copy._tif is None and copy.tiled
+    np.testing.assert_array_equal(copy.file_region(30, 50, 80, 70), first)
+    thumb = image.thumbnail(100)  # level 1 is 128 x 96: every second pixel of it
+    np.testing.assert_array_equal(thumb, level0[::2, ::2][::2, ::2])
+    assert image._pixels is None
+
+    deep = (level0.astype(np.uint16) * 257)[:128, :128]
+    tifffile.imwrite(tmp_path / "deep.tif", deep, tile=(64, 64), photometric="rgb")
+    deep_image = SlideImage(tmp_path / "deep.tif")
+    assert not deep_image.tiled
+    region = deep_image.file_region(10, 20, 64, 64)
+    assert deep_image._pixels is not None and region.dtype == np.uint8  # decoded whole, scaled once
+    np.testing.assert_array_equal(region, deep_image.pixels()[20:84, 10:74])
+
+
 def test_hest_sample(tmp_path: Path) -> None:
     adata, level0 = write_hest(tmp_path)
     s = read_hest(tmp_path, "TENX99")

@@ -58,13 +58,38 @@ class SlideImage:
 
     @property
     def tiled(self) -> bool:
-        """Whether level 0 is a tiled RGB TIFF, whose regions can be read without decoding it all."""
+        """Whether level 0 is a tiled 8-bit RGB TIFF, whose regions can be read without decoding it all."""
         if self._tiled is None:
             self._tiled = False
             if self.path.suffix.lower() in _TIFF_SUFFIXES and _is_tifffile_preferred(self.path):
-                with _tifffile().TiffFile(self.path) as tif:
+                with self._open_tiff() as tif:
                     self._tiled = _tiled_level0(tif) is not None
         return self._tiled
+
+    def _open_tiff(self):
+        if not self.path.is_file():
+            raise InputError(f"image file not found: {self.path}")
+        try:
+            return _tifffile().TiffFile(self.path)
+        except Exception as exc:  # tifffile raises many types for unreadable files
+            raise InputError(f"cannot read image {self.path}: {exc}") from exc
+
+    def thumbnail(self, max_px: int) -> np.ndarray:
+        """The image at most ``max_px`` pixels a side (for display), in file pixels' orientation.
+
+        A pyramidal TIFF is read from its smallest level at least ``max_px`` wide, so drawing a
+        whole-slide image never decodes level 0; other images are decoded (once) and subsampled.
+        """
+        pixels = None
+        if self._pixels is None and self.tiled:
+            with self._open_tiff() as tif:
+                levels = tif.series[0].levels
+                big = [lv for lv in levels if max(_level_hw(lv)) >= max_px] or levels[:1]
+                pixels = _to_rgb_uint8(big[-1].asarray(), self.path)
+        if pixels is None:
+            pixels = self.pixels()
+        step = max(1, int(np.ceil(max(pixels.shape[:2]) / max_px)))
+        return pixels[::step, ::step]
 
     @property
     def size(self) -> tuple[int, int]:
@@ -78,10 +103,8 @@ class SlideImage:
         if not self.path.is_file():
             raise InputError(f"image file not found: {self.path}")
         if self.path.suffix.lower() in _TIFF_SUFFIXES and _is_tifffile_preferred(self.path):
-            tifffile = _tifffile()
-            with tifffile.TiffFile(self.path) as tif:
-                shape = tif.series[0].levels[0].shape
-            hw = shape[:2] if shape[-1] in (3, 4) or len(shape) == 2 else shape[1:3]
+            with self._open_tiff() as tif:
+                hw = _level_hw(tif.series[0].levels[0])
             return int(hw[1]), int(hw[0])
         try:
             with Image.open(self.path) as im:
@@ -139,7 +162,7 @@ class SlideImage:
         if self._pixels is None and self.tiled:
             with self._lock:
                 if self._tif_pid != os.getpid():
-                    self._tif, self._tif_pid = _tifffile().TiffFile(self.path), os.getpid()
+                    self._tif, self._tif_pid = self._open_tiff(), os.getpid()
                 return _read_tiled_region(self._tif, self.path, x0, y0, width, height, fill)
         return crop_padded(self.pixels(), x0, y0, width, height, fill)
 
@@ -196,9 +219,19 @@ def _to_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _tiled_level0(tif):
-    """Level 0's key page if it is tiled, interleaved RGB(A); else None."""
+    """Level 0's key page if it is tiled, interleaved 8-bit RGB(A); else None.
+
+    Other sample types are decoded whole: they are scaled to 8 bits by the image's maximum, which
+    one tile cannot know.
+    """
     page = tif.series[0].levels[0].keyframe
-    return page if page.is_tiled and page.planarconfig == 1 and page.samplesperpixel >= 3 else None
+    tiled = page.is_tiled and page.planarconfig == 1 and page.samplesperpixel >= 3
+    return page if tiled and np.dtype(page.dtype) == np.uint8 else None
+
+
+def _level_hw(level) -> tuple[int, int]:
+    shape = level.shape
+    return shape[:2] if shape[-1] in (3, 4) or len(shape) == 2 else shape[1:3]
 
 
 def _read_tiled_region(tif, path: Path, x0: int, y0: int, w: int, h: int, fill: int) -> np.ndarray:
@@ -218,6 +251,8 @@ def _read_tiled_region(tif, path: Path, x0: int, y0: int, w: int, h: int, fill: 
             if ty * th >= H or tx * tw >= W:
                 continue
             index = ty * cols + tx
+            if not page.databytecounts[index]:  # a sparse tile: nothing stored, leave it filled
+                continue
             fh.seek(page.dataoffsets[index])
             data = fh.read(page.databytecounts[index])
             tile = page.decode(data, index, jpegtables=page.jpegtables)[0]

@@ -1,8 +1,9 @@
 """Batched, resumable extraction of spot embeddings for every slide of a manifest.
 
-Per slide: decode the image once in the main process (a tiled whole-slide TIFF is instead read
-tile by tile), let DataLoader workers cut and resample batches of patches while the model runs, write the slide durably, release the image. Slides
-already embedded with the same encoder, weights, patch settings and inputs are skipped.
+Per slide: decode the image once in the main process (a tiled whole-slide TIFF is read tile
+by tile instead), let DataLoader workers cut and resample batches of patches as the model runs,
+write the slide durably, release the image. Slides already embedded with the same encoder,
+weights, patch settings and inputs are skipped.
 """
 from __future__ import annotations
 
