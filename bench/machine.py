@@ -81,7 +81,8 @@ def git_commit(repo: Path = REPO) -> str | None:
 
     try:
         head = git("rev-parse", "HEAD").strip()
-        dirty = bool(git("status", "--porcelain").strip())
+        # tracked files only: result files a run writes into bench/results/ do not change the code
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("HGC_GIT_COMMIT") or None
     return head + ("+dirty" if dirty else "") if head else None
