@@ -66,7 +66,8 @@ def run(
 
     from hgc.data.manifest import read_manifest
     from hgc.embed import embed_manifest, load_encoder
-    from hgc.embed.extract import default_workers, resolve_device
+    from hgc._devices import resolve_device
+    from hgc.embed.extract import default_workers
 
     m = read_manifest(manifest, data_root)
     if slides:

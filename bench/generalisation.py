@@ -36,15 +36,17 @@ def fold_rows(run: Path, device: str = "cpu") -> list[dict[str, Any]]:
     """One row per (fold, slide, split): PCC-ALL/HEG/HVG of hgc and ridge on validation and test slides."""
     from hgc.evaluate.metrics import slide_metrics, training_gene_sets
     from hgc.train.baselines import TrainingSet, make_baseline, training_set
-    from hgc.train.fit import load_folds, load_model, predict_graph, read_fold_info
+    from hgc.train.fit import load_folds, load_model, predict_graph
+    from hgc.train.rundir import open_run
 
     tested = json.loads((run / "predictions" / "metrics.json").read_text())["methods"]
     test = {(m, r["slide"]): r for m in ("hgc", "ridge") for r in tested[m]["per_slide"]}
     rows = []
+    models = open_run(run / "model")
     for fold in load_folds(run / "graphs.h5"):
-        if not (run / "model" / fold.name).is_dir():
+        if fold.name not in models.folds:
             continue
-        info = read_fold_info(run / "model", fold.name)
+        info = models.fold_info(fold.name)
         model, backend, _ = load_model(run / "model", fold.name, device=device)
         everything = training_set(fold.test_graphs)  # every training slide's spots
         keep = ~np.isin(everything.slides, info["validation_slides"])

@@ -43,28 +43,28 @@ class PlotInput:
 
 
 def find_prediction(source: str | Path, slide: str | None = None, method: str = "hgc") -> Path:
-    """The prediction file itself, or ``source/<method>/<slide>.h5ad`` in a prediction folder.
+    """The prediction file itself, or the file of ``method`` and ``slide`` in a prediction folder.
 
-    ``slide`` may be omitted when the method's folder holds exactly one slide.
+    ``slide`` may be omitted when the method's predictions cover exactly one slide.
     """
+    from .evaluate.predictions import open_predictions
+
     source = Path(source)
     if source.is_file():
         return source
     if not source.is_dir():
         raise InputError(f"{source} is neither a prediction .h5ad file nor a prediction folder")
-    folder = source / method
-    available = sorted(p.stem for p in folder.glob("*.h5ad"))
-    if not available:
-        methods = sorted(d.name for d in source.iterdir() if d.is_dir() and any(d.glob("*.h5ad")))
-        raise InputError(f"no predictions of method '{method}' in {source}; methods there: {methods}")
+    files = open_predictions(source).files
+    if method not in files:
+        raise InputError(f"no predictions of method '{method}' in {source}; methods there: {sorted(files)}")
+    available = sorted(files[method])
     if slide is None:
         if len(available) != 1:
-            raise InputError(f"{folder} holds slides {available}; choose one with --slide")
+            raise InputError(f"{source} holds slides {available}; choose one with --slide")
         slide = available[0]
-    path = folder / f"{slide}.h5ad"
-    if not path.is_file():
-        raise InputError(f"no prediction for slide '{slide}' in {folder}; slides there: {available}")
-    return path
+    if slide not in files[method]:
+        raise InputError(f"no prediction for slide '{slide}' in {source}/{method}; slides there: {available}")
+    return files[method][slide]
 
 
 def read_plot_input(path: str | Path) -> PlotInput:
@@ -138,8 +138,14 @@ def plot_prediction(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from ._outputs import atomic_file, check_writable
     from .evaluate.metrics import pearson_per_gene
 
+    out = Path(out)
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise InputError(f"cannot write a figure as {out}: its extension is not one of {', '.join(sorted(formats))}")
+    check_writable(out)
     data = read_plot_input(find_prediction(source, slide, method))
     cols = _gene_columns(data, genes)
     pcc = (
@@ -175,8 +181,7 @@ def plot_prediction(
             ax.set_title(f"{gene} {label}" + (f"\nPCC = {r_text}" if c == len(panels) - 1 else ""), fontsize=9)
             fig.colorbar(sc, ax=ax, shrink=0.7)
     fig.suptitle(f"slide {data.slide}", fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=out.suffix.lstrip(".").lower())
     log.info("wrote %s (%d genes, slide %s, method %s)", out, len(cols), data.slide, data.method)
     return out

@@ -16,7 +16,7 @@ from PIL import Image
 
 from hgc.data import read_manifest
 from hgc.data.slide import Slide
-from hgc.embed.store import group_name
+from hgc._outputs import safe_name
 
 REDUCE = 8  # JPEG draft decode factor
 FIELD_UM = 150.0
@@ -57,7 +57,7 @@ def write_embedding_file(path: Path, slides: dict[str, Slide], embeddings: dict[
 
     with h5py.File(path, "w") as f:
         for sid, emb in embeddings.items():
-            g = f.create_group(group_name(sid))
+            g = f.create_group(safe_name(sid))
             g.create_dataset("embeddings", data=emb)
             g.create_dataset("barcodes", data=slides[sid].barcodes.astype(str).astype(object),
                              dtype=h5py.string_dtype())

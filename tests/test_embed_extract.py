@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from hgc.cli import main
 from hgc.data import read_manifest
 from hgc.embed import embed_manifest, embed_slide, load_encoder, read_attrs, read_embeddings
-from hgc.embed.extract import resolve_device
+from hgc._devices import resolve_device
 from hgc.embed.patches import PatchSpec
 from hgc.errors import InputError
 

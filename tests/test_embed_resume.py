@@ -124,6 +124,18 @@ def test_leftovers_of_a_kill_during_the_merge_are_cleaned(setup, tmp_path, caplo
 
 
 def test_two_runs_cannot_write_one_output(tmp_path):
-    with EmbeddingStore(tmp_path / "e.h5"):
-        with pytest.raises(InputError, match="another `hgc embed` is writing"):
+    """A second process is refused while the first holds the output; the lock dies with its holder."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom hgc.embed.store import EmbeddingStore\n"
+         f"with EmbeddingStore({str(tmp_path / 'e.h5')!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=rf"e\.h5 is being written by .*process {holder.pid}"):
             EmbeddingStore(tmp_path / "e.h5").__enter__()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    with EmbeddingStore(tmp_path / "e.h5"):  # killed holder: the lock is free again
+        pass

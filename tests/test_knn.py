@@ -45,20 +45,85 @@ def test_faiss_and_torch_agree_on_real_embeddings(her2st_manifest, metric):
     _assert_same_up_to_ties(a, b, metric)
 
 
+class _NoisyKernels:
+    """Fast kernels that round differently, as another CPU's BLAS would: every float32 key the
+    faiss index or the torch kernel computes is multiplied by (1 + u), |u| <= 8 float32 epsilons."""
+
+    def __init__(self, monkeypatch, seed: int):
+        import torch
+
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        real_key, real_index = knn._torch_key, knn._faiss_index
+        eps = float(np.finfo(np.float32).eps)
+
+        def noisy_key(*args):
+            key = real_key(*args)
+            return key * (1 + 8 * eps * (2 * torch.rand(key.shape, generator=self.gen) - 1))
+
+        class NoisyIndex:
+            def __init__(self, index):
+                self.index = index
+
+            def add(self, r):
+                self.n = len(r)
+                self.index.add(r)
+
+            def search(inner, q, m):
+                dist, idx = inner.index.search(q, min(inner.n, 2 * m))
+                dist = dist * (1 + 8 * eps * self.rng.uniform(-1, 1, dist.shape)).astype(np.float32)
+                order = np.argsort(dist if inner.index.metric_type != 0 else -dist, axis=1, kind="stable")[:, :m]
+                return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+
+        monkeypatch.setattr(knn, "_torch_key", noisy_key)
+        monkeypatch.setattr(knn, "_faiss_index", lambda *a: NoisyIndex(real_index(*a)))
+
+
+@pytest.mark.parametrize("noisy", [False, True])
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_ties_go_to_the_lowest_reference_index(backend, metric):
+def test_ties_go_to_the_lowest_reference_index(backend, metric, noisy, monkeypatch):
+    """Copies of a vector tie and go to the lower index whatever rounding the fast kernel does
+    (its matrix products round differently on other CPUs), within and across reference chunks."""
+    if noisy:
+        _NoisyKernels(monkeypatch, seed=5)
     rng = np.random.default_rng(2)
     base = rng.normal(size=(5, 6)).astype(np.float32)
     refs = np.concatenate([base, base, base, base])  # every vector four times: 5, 10, 15 tie with 0
     queries = base + 0.01 * rng.normal(size=base.shape).astype(np.float32)
     expected = np.arange(5)[:, None] + np.array([0, 5, 10])[None, :]
     for chunk in (7, 16384):  # ties across reference chunks and within one chunk
-        idx, _ = knn.search(queries, refs, 3, metric, backend=backend, ref_chunk_size=chunk)
+        idx, score = knn.search(queries, refs, 3, metric, backend=backend, ref_chunk_size=chunk)
         np.testing.assert_array_equal(idx, expected)
-    if metric == "l1":  # exact zero distances: an exact query ties with all four copies
-        idx, d = knn.search(base[:1], refs, 4, metric, backend=backend)
-        assert idx.tolist() == [[0, 5, 10, 15]] and (d == 0).all()
+        assert (score == score[:, :1]).all()  # the copies' scores are equal, not merely close
+    idx, d = knn.search(base[:1], refs, 4, metric, backend=backend)  # a query equal to the vector itself
+    assert idx.tolist() == [[0, 5, 10, 15]]
+    if metric != "cosine":
+        assert (d == 0).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_results_do_not_depend_on_the_fast_kernels_rounding(metric, monkeypatch):
+    """On real-valued data with near ties, faiss, torch and both with perturbed kernels return
+    the same neighbours and scores: the candidates they propose are re-scored by one exact rule."""
+    rng = np.random.default_rng(7)
+    refs = rng.normal(size=(600, 24)).astype(np.float32)
+    refs[300:400] = refs[:100]  # duplicates across the pool
+    refs[400:500] = refs[:100] + 1e-7 * rng.normal(size=(100, 24)).astype(np.float32)  # near duplicates
+    queries = (refs[rng.integers(0, 600, 80)] + 0.05 * rng.normal(size=(80, 24))).astype(np.float32)
+    want = knn.search(queries, refs, 9, metric, backend="torch", ref_chunk_size=128)
+    pairs = [(r, list(row).index(a), list(row).index(a + 300)) for r, row in enumerate(want[0])
+             for a in row if a < 100 and a + 300 in row]
+    assert len(pairs) > 20  # exact duplicates rank together...
+    assert all(i < j and want[1][r, i] == want[1][r, j] for r, i, j in pairs)  # ...the lower index first
+    got = [knn.search(queries, refs, 9, metric, backend="faiss")]
+    _NoisyKernels(monkeypatch, seed=11)
+    got += [knn.search(queries, refs, 9, metric, backend=b, ref_chunk_size=97) for b in ("faiss", "torch")]
+    for idx, score in got:
+        np.testing.assert_array_equal(idx, want[0])
+        np.testing.assert_array_equal(score, want[1])
+    order = np.lexsort((want[0], -want[1] if metric == "cosine" else want[1]), axis=-1)
+    np.testing.assert_array_equal(order, np.broadcast_to(np.arange(9), order.shape))  # (score, index) order
 
 
 @pytest.mark.parametrize("chunk", [64, 16384])

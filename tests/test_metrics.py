@@ -16,8 +16,8 @@ from hgc.evaluate import (
     pooled_pcc,
     slide_metrics,
     training_gene_sets,
-    write_prediction,
     write_report,
+    writing_predictions,
 )
 
 
@@ -72,25 +72,29 @@ def test_training_gene_sets_and_pooled():
     assert pooled == pytest.approx(ref)
 
 
-def _write(tmp_path, method: str, slide: str, obs, pred, constant: bool = False) -> None:
+def _prediction(method: str, slide: str, obs, pred, constant: bool = False, protocol: str = "slide-loso"):
     n, g = obs.shape
-    write_prediction(
-        tmp_path,
-        Prediction(
-            method=method, slide=slide, fold=f"fold-{slide}", patient="P", protocol="slide-loso",
-            normalisation={"name": "log1p", "target_sum": None}, genes=np.array([f"G{j}" for j in range(g)]),
-            barcodes=np.array([f"{i}x{i}" for i in range(n)]), coords=np.arange(2 * n, dtype=float).reshape(n, 2),
-            predicted=np.tile(obs.mean(0), (n, 1)) if constant else pred, observed=obs,
-            heg=np.arange(3), hvg=np.arange(2, 5),
-        ),
+    return Prediction(
+        method=method, slide=slide, fold=f"fold-{slide}", patient="P", protocol=protocol,
+        normalisation={"name": "log1p", "target_sum": None}, genes=np.array([f"G{j}" for j in range(g)]),
+        barcodes=np.array([f"{i}x{i}" for i in range(n)]), coords=np.arange(2 * n, dtype=float).reshape(n, 2),
+        predicted=np.tile(obs.mean(0), (n, 1)) if constant else pred, observed=obs,
+        heg=np.arange(3), hvg=np.arange(2, 5),
     )
 
 
+def _write(folder, predictions) -> None:
+    with writing_predictions(folder, protocol="slide-loso") as out:
+        for p in predictions:
+            out.add(p)
+
+
 def test_report_files_and_json_keys(tmp_path):
+    preds = []
     for k, slide in enumerate(["A1", "B1"]):
         obs, pred = _pair(k)
-        _write(tmp_path, "ridge", slide, obs, pred)
-        _write(tmp_path, "mean", slide, obs, pred, constant=True)
+        preds += [_prediction("ridge", slide, obs, pred), _prediction("mean", slide, obs, pred, constant=True)]
+    _write(tmp_path, preds)
     write_report(tmp_path)
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["space"] == "log1p" and report["protocol"] == "slide-loso"
@@ -111,16 +115,10 @@ def test_report_files_and_json_keys(tmp_path):
 
 
 def test_evaluate_refuses_mixed_protocols_and_empty(tmp_path):
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="not a complete hgc prediction folder"):
         evaluate(tmp_path)
     obs, pred = _pair()
-    _write(tmp_path, "ridge", "A1", obs, pred)
-    p = tmp_path / "knn"
-    write_prediction(
-        tmp_path,
-        Prediction("knn", "A1", "f", "P", "patient-kfold", {"name": "log1p"}, np.array([f"G{j}" for j in range(8)]),
-                   np.array([str(i) for i in range(30)]), np.zeros((30, 2)), pred, obs, np.arange(3), np.arange(3)),
-    )
-    assert p.is_dir()
+    _write(tmp_path / "mixed", [_prediction("ridge", "A1", obs, pred),
+                                _prediction("knn", "A1", obs, pred, protocol="patient-kfold")])
     with pytest.raises(InputError, match="protocol"):
-        evaluate(tmp_path)
+        evaluate(tmp_path / "mixed")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from hgc.cli.plot import register
 from hgc.errors import InputError
-from hgc.evaluate.report import Prediction, write_prediction
+from hgc.evaluate.predictions import Prediction, writing_predictions
 from hgc.plot import find_prediction, plot_prediction
 
 GENES = ["ERBB2", "KRT19", "GENE_C"]
@@ -29,7 +29,9 @@ def _prediction(tmp_path, image: bool = True):
         barcodes=np.array([f"{a}x{b}" for a, b in zip(xs.ravel(), ys.ravel())], dtype=object),
         coords=coords, predicted=predicted, observed=observed, heg=np.arange(3), hvg=np.arange(3),
     )
-    path = write_prediction(pred_dir, p)
+    with writing_predictions(pred_dir, protocol="slide-loso") as out:
+        out.add(p)
+    path = pred_dir / "hgc" / "S1.h5ad"
     if image:
         import anndata as ad
 

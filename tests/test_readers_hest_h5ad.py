@@ -84,9 +84,10 @@ def test_tiled_wsi_regions_decode_only_their_tiles(tmp_path: Path) -> None:
     np.testing.assert_array_equal(image.pixels(), level0)
 
 
-def test_wsi_handle_pickles_thumbnails_from_the_pyramid_and_decodes_16_bit_whole(tmp_path: Path) -> None:
+def test_wsi_handle_pickles_thumbnails_from_the_pyramid_and_streams_16_bit_tiles(tmp_path: Path) -> None:
     """Worker processes get the file reference (no pixels, no open handle); a plot thumbnail comes
-    from the smallest pyramid level wide enough; 16-bit tiles are not streamed (scaled as a whole)."""
+    from the smallest pyramid level wide enough; 16-bit tiles are streamed, each scaled from the
+    16-bit range, so a region equals the same region of the image decoded whole."""
     import pickle
 
     from hgc.data.image import SlideImage
@@ -104,10 +105,11 @@ def test_wsi_handle_pickles_thumbnails_from_the_pyramid_and_decodes_16_bit_whole
     deep = (level0.astype(np.uint16) * 257)[:128, :128]
     tifffile.imwrite(tmp_path / "deep.tif", deep, tile=(64, 64), photometric="rgb")
     deep_image = SlideImage(tmp_path / "deep.tif")
-    assert not deep_image.tiled
+    assert deep_image.tiled
     region = deep_image.file_region(10, 20, 64, 64)
-    assert deep_image._pixels is not None and region.dtype == np.uint8  # decoded whole, scaled once
-    np.testing.assert_array_equal(region, deep_image.pixels()[20:84, 10:74])
+    assert deep_image._pixels is None and region.dtype == np.uint8  # read tile by tile...
+    np.testing.assert_array_equal(region, level0[20:84, 10:74])  # ...and scaled from the 16-bit range
+    np.testing.assert_array_equal(deep_image.pixels(), level0[:128, :128])  # as when decoded whole
 
 
 def test_hest_sample(tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ import torch
 from _backends import require_dgl
 from graph_factory import make_fold
 from hgc.errors import InputError
-from hgc.evaluate import write_report
-from hgc.train.fit import FitConfig, check_leakage, fit_folds, load_checkpoint, load_model, predict_graph
+from hgc.evaluate import write_report, writing_predictions
+from hgc.train.fit import FitConfig, check_leakage, fit_folds, load_model, predict_graph
 from hgc.train.predict import predict_fold
+from hgc.train.rundir import load_checkpoint, open_run
 
 TINY = dict(epochs=3, patience=None, progress=False, model={"hidden": 16, "layers": 1})
 
@@ -72,6 +73,7 @@ def test_no_validation_keeps_last_epoch_and_empty_fold_is_skipped(tmp_path, fold
     assert json.loads((tmp_path / fold.name / "fold.json").read_text())["best_val_pcc"] is None
     assert fit_folds([replace(fold, train_graphs=[], name="empty")], tmp_path, _cfg()) == []
     assert not (tmp_path / "empty").exists()
+    assert open_run(tmp_path).skipped.keys() == {"empty"}
 
 
 def test_leakage_guard(fold):
@@ -93,8 +95,10 @@ def test_leakage_guard(fold):
 
 def test_predict_all_methods_and_evaluate(tmp_path, run, fold):
     out, _ = run
-    files = predict_fold(fold, tmp_path, run_dir=out)
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in files) == [
+    with writing_predictions(tmp_path / "pred", protocol=fold.protocol) as w:
+        files = [w.add(p) for p in predict_fold(fold, run=open_run(out))]
+    tmp_path = tmp_path / "pred"
+    assert sorted(p.relative_to(p.parents[1]).as_posix() for p in files) == [
         f"{m}/C1.h5ad" for m in ("hgc", "knn", "mean", "ridge")
     ]
     import anndata as ad
@@ -248,4 +252,4 @@ def test_predict_refuses_run_fitted_on_other_genes(tmp_path, run, fold):
     info = json.loads(path.read_text())
     path.write_text(json.dumps({**info, "genes": info["genes"][::-1]}))
     with pytest.raises(InputError, match="other genes"):
-        predict_fold(fold, tmp_path / "pred", methods=["hgc"], run_dir=tmp_path / "run")
+        predict_fold(fold, methods=["hgc"], run=open_run(tmp_path / "run"))

@@ -10,15 +10,45 @@ import logging
 import click
 
 from .. import __version__
+from .._devices import DEVICE_HELP, check_device
+from .._outputs import os_error_message
 from ..errors import HgcError
 
 
 class _Group(click.Group):
+    """Problems a user can fix become one line and exit status 1: hgc's own errors, and failures to
+    write (full disk, read-only folder, no permission) wherever they happen."""
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except HgcError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            message = os_error_message(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
+class DeviceType(click.ParamType):
+    """A device name, checked when the command line is parsed."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        try:
+            return check_device(value)
+        except HgcError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DEVICE = DeviceType()
+
+
+def device_option(default: str | None = "auto", purpose: str = ""):
+    return click.option("--device", type=DEVICE, default=default, show_default=default is not None,
+                        help=f"{purpose}{DEVICE_HELP}.")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

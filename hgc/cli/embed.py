@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..embed.registry import DEFAULT_ENCODER
-from . import data_root_option
+from . import data_root_option, device_option
 
 
 def _patch_options(f):
@@ -31,7 +31,7 @@ def _patch_options(f):
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Embedding HDF5 file to create or update.")
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Local weights file (state dict or .safetensors) instead of the default source.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="DataLoader workers cutting patches (default: 0 on CPU, spare cores up to 8 on GPU).")
@@ -71,13 +71,13 @@ def patches_command(manifest, out_dir, px, patch_um, patch_native_px, data_root)
 
     from ..data.manifest import read_manifest
     from ..embed import PatchSpec, export_patches
-    from ..embed.store import group_name
+    from .._outputs import safe_name
 
     m = read_manifest(manifest, data_root)
     spec = PatchSpec(out_px=px, um=patch_um, native_px=patch_native_px)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for slide_id in progress(m.slide_ids, desc="slides", unit="slide"):
-        export_patches(m.load(slide_id), spec, Path(out_dir) / f"{group_name(slide_id)}.h5")
+        export_patches(m.load(slide_id), spec, Path(out_dir) / f"{safe_name(slide_id)}.h5")
     click.echo(f"patches: {out_dir} ({len(m.slide_ids)} slides)")
 
 

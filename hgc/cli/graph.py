@@ -5,7 +5,7 @@ import json
 
 import click
 
-from . import data_root_option
+from . import data_root_option, device_option
 
 
 @click.command("build-graph")
@@ -22,7 +22,7 @@ from . import data_root_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Graph store to write (HDF5).")
 @click.option("--knn-backend", type=click.Choice(["auto", "faiss", "faiss-ivf", "torch"]), default="auto",
               show_default=True, help="Similarity search engine (faiss-ivf is approximate).")
-@click.option("--device", default="cpu", show_default=True, help="Device for the search (cpu, cuda, cuda:1).")
+@device_option("cpu", "Device for the similarity search: ")
 @click.option("--k-refer", type=int, default=7, show_default=True, help="References per target spot.")
 @click.option("--k-close", type=int, default=3, show_default=True, help="Neighbours per reference.")
 @click.option("--metric", type=click.Choice(["l1", "l2", "cosine"]), default="l1", show_default=True)

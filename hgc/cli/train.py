@@ -6,7 +6,7 @@ import json
 import click
 
 from ..embed.registry import DEFAULT_ENCODER
-from . import data_root_option
+from . import data_root_option, device_option
 
 METHOD_CHOICES = "hgc,ridge,knn,mean"
 
@@ -20,7 +20,7 @@ def _fit_options(f):
     options = [
         click.option("--backend", type=click.Choice(["auto", "dgl", "pyg"]), default="auto", show_default=True,
                      help="Graph library (auto: DGL when it imports, else PyG)."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        device_option(),
         click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="A CPU run with the same seed repeats exactly."),
         click.option("--lr", type=float, default=1e-4, show_default=True),
@@ -71,7 +71,7 @@ def register(main: click.Group) -> None:
     @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Prediction folder to write.")
     @click.option("--methods", default=METHOD_CHOICES, show_default=True, help="Comma-separated methods.")
     @click.option("--backend", type=click.Choice(["auto", "dgl", "pyg"]), default=None, help="Default: the run's backend.")
-    @click.option("--device", default="auto", show_default=True)
+    @device_option()
     def predict_command(run_dir: str, graphs: str, out: str, methods: str, backend: str | None, device: str) -> None:
         """Write OUT/<method>/<slide>.h5ad for every test slide, by the model and the baselines."""
         from ..train.predict import predict

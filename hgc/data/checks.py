@@ -51,9 +51,18 @@ def check_slide(slide: "Slide") -> None:
             f"{where}: counts matrix is {slide.counts.shape[0]} x {slide.counts.shape[1]} but there are "
             f"{n} spots and {slide.n_genes} genes"
         )
-    if slide.coords.shape != (n, 2) or not np.isfinite(slide.coords).all():
-        raise InputError(f"{where}: spot coordinates must be {n} finite (x, y) pairs")
     barcodes = np.asarray(slide.barcodes).astype(str)
+    positions = slide.source.get("spots") or slide.source.get("positions") or slide.source.get("path") or src
+    if slide.coords.shape != (n, 2):
+        raise InputError(f"{where}: {positions} gives spot coordinates of shape {slide.coords.shape}; "
+                         f"expected {n} (x, y) pairs")
+    unplaced = ~np.isfinite(slide.coords).all(axis=1)
+    if unplaced.any():
+        i = int(np.argmax(unplaced))
+        raise InputError(
+            f"{where}: {int(unplaced.sum())} spot(s) have no valid pixel position in {positions}, e.g. spot "
+            f"{barcodes[i]} at ({slide.coords[i, 0]}, {slide.coords[i, 1]}); expected finite x and y for every spot"
+        )
     uniq, counts = np.unique(barcodes, return_counts=True)
     if (counts > 1).any():
         raise InputError(

@@ -10,7 +10,9 @@ import hashlib
 import http.client
 import logging
 import os
+import shutil
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import pandas as pd
 from .._progress import progress
 
 from .. import __version__
+from .._outputs import check_writable, write_text
 from ..errors import HgcError, InputError
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,7 @@ def fetch_dataset(name: str, dest: str | Path, base_url: str | None = None) -> P
     ``base_url`` replaces the upstream address (a mirror with the same file layout).
     Files already present with the right checksum are not downloaded again.
     """
+    check_writable(Path(dest) / name)
     if name == "her2st":
         return fetch_her2st(dest, base_url)
     if name == "hist2st-panels":
@@ -156,7 +160,7 @@ def fetch_hist2st_panels(dest: str | Path, base_url: str | None = None) -> Path:
     for upstream, (text_name, sha256) in HIST2ST_PANELS.items():
         path = download(f"{base}/{upstream}", folder / "upstream" / upstream, sha256)
         genes = np.load(path, allow_pickle=True)  # safe: the pinned checksum matched
-        (folder / text_name).write_text("".join(f"{g}\n" for g in genes.tolist()), encoding="utf-8")
+        write_text(folder / text_name, "".join(f"{g}\n" for g in genes.tolist()))
         log.info("gene panel %s: %d genes", folder / text_name, len(genes))
     return folder
 
@@ -175,6 +179,9 @@ def download(url: str, target: Path, sha256: str) -> Path:
         log.warning("%s does not match its pinned sha256; downloading it again", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme in ("", "file"):  # a local mirror: --base-url file:///data/mirror or /data/mirror
+        return _copy_local(url, target, part, sha256)
     offset = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"User-Agent": f"hgc/{__version__}"})
     if offset:
@@ -195,6 +202,10 @@ def download(url: str, target: Path, sha256: str) -> Path:
             raise _network_error(url, target, part, exc) from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise _network_error(url, target, part, exc) from exc
+    return _verify_and_rename(url, part, target, sha256)
+
+
+def _verify_and_rename(url: str, part: Path, target: Path, sha256: str) -> Path:
     digest = file_sha256(part)
     if digest != sha256:
         part.unlink()
@@ -205,6 +216,19 @@ def download(url: str, target: Path, sha256: str) -> Path:
         )
     os.replace(part, target)
     return target
+
+
+def _copy_local(url: str, target: Path, part: Path, sha256: str) -> Path:
+    """``download`` from a local mirror: copy, verify, rename."""
+    split = urllib.parse.urlsplit(url)
+    source = Path(urllib.request.url2pathname(split.path)) if split.scheme == "file" else Path(url)
+    if not source.is_file():
+        raise HgcError(f"the mirror has no file {source} (expected the upstream layout under --base-url)")
+    try:
+        shutil.copyfile(source, part)
+    except OSError as exc:
+        raise HgcError(f"cannot copy {source} to {part}: {exc}") from None
+    return _verify_and_rename(url, part, target, sha256)
 
 
 def _stream(response, part: Path, offset: int, length: int | None, label: str) -> int:

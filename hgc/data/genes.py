@@ -56,14 +56,10 @@ class GenePanel:
         return len(self.genes)
 
 
-def resolve_panel(spec: str, data_root: str | Path | None, train_slides: Sequence[Slide] = ()) -> GenePanel:
-    """Turn a panel ``spec`` into genes.
+def panel_file(spec: str, data_root: str | Path | None) -> Path | None:
+    """The file a panel ``spec`` is read from (None for data-driven panels); a bad spec is an InputError.
 
-    ``spec`` is ``hist2st-her2st`` / ``hist2st-cscc`` (files under ``<data_root>/gene_panels``;
-    ``data_root`` None means ``$HGC_DATA``, else the per-user cache),
-    ``top-mean:N`` (highest mean raw count), ``hvg:N`` (highest variance of log1p-normalised
-    expression), or the path of a text file with one symbol per line. Data-driven specs rank the
-    genes measured on all ``train_slides`` using their spots only.
+    Checks only the spec, without any slide, so a run can refuse a typo before expensive work.
     """
     spec = str(spec).strip()
     if spec in PUBLISHED_PANELS:
@@ -75,30 +71,46 @@ def resolve_panel(spec: str, data_root: str | Path | None, train_slides: Sequenc
                 f"gene panel '{spec}' expects the file {path}, which does not exist; "
                 f"run `hgc data fetch hist2st-panels` to download it"
             )
-        return GenePanel(spec, _read_symbols(path))
+        return path
     kind, _, num = spec.partition(":")
     if kind in ("top-mean", "hvg") and num:
-        try:
-            n = int(num)
-        except ValueError:
-            n = 0
-        if n <= 0:
+        if not (num.isdigit() and int(num) > 0):
             raise InputError(f"gene panel '{spec}': N must be a positive integer")
-        if not train_slides:
-            raise InputError(f"gene panel '{spec}' is chosen on training slides, but none were given")
-        score = _mean_counts if kind == "top-mean" else _hvg_variance
-        return GenePanel(spec, _top_genes(train_slides, n, score, spec))
+        return None
     path = Path(spec).expanduser()
     if path.is_file():
-        return GenePanel(path.stem, _read_symbols(path))
+        return path
     raise InputError(
         f"unknown gene panel '{spec}': expected one of {sorted(PUBLISHED_PANELS)}, "
         "'top-mean:N', 'hvg:N' or the path of a file with one gene symbol per line"
     )
 
 
+def resolve_panel(spec: str, data_root: str | Path | None, train_slides: Sequence[Slide] = ()) -> GenePanel:
+    """Turn a panel ``spec`` into genes.
+
+    ``spec`` is ``hist2st-her2st`` / ``hist2st-cscc`` (files under ``<data_root>/gene_panels``;
+    ``data_root`` None means ``$HGC_DATA``, else the per-user cache),
+    ``top-mean:N`` (highest mean raw count), ``hvg:N`` (highest variance of log1p-normalised
+    expression), or the path of a text file with one symbol per line. Data-driven specs rank the
+    genes measured on all ``train_slides`` using their spots only.
+    """
+    spec = str(spec).strip()
+    path = panel_file(spec, data_root)
+    if path is not None:
+        return GenePanel(spec if spec in PUBLISHED_PANELS else path.stem, _read_symbols(path))
+    if not train_slides:
+        raise InputError(f"gene panel '{spec}' is chosen on training slides, but none were given")
+    kind, _, num = spec.partition(":")
+    score = _mean_counts if kind == "top-mean" else _hvg_variance
+    return GenePanel(spec, _top_genes(train_slides, int(num), score, spec))
+
+
 def _read_symbols(path: Path) -> list[str]:
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read gene panel file {path} ({exc}); expected text, one gene symbol per line") from None
     genes = [ln for ln in lines if ln and not ln.startswith("#")]
     if not genes:
         raise InputError(f"gene panel file {path} lists no genes")
@@ -178,6 +190,18 @@ def log1p_normalized(slide: Slide, genes: Sequence[str], target_sum: float = TAR
     lib = library_size(slide)
     scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
     return np.log1p(raw * scale[:, None]).astype(np.float32)
+
+
+def check_panel_overlap(panel: GenePanel, slides: Iterable[Slide]) -> None:
+    """Refuse a panel that shares no gene with one of ``slides`` (its expression would be all zeros)."""
+    for s in slides:
+        if (_gene_columns(s, panel.genes) < 0).all():
+            source = s.source.get("counts") or s.source.get("path") or "its counts"
+            raise InputError(
+                f"gene panel '{panel.name}' ({len(panel)} genes, e.g. {', '.join(panel.genes[:3])}) shares no "
+                f"gene with slide '{s.id}' ({source}), whose genes look like {', '.join(map(str, s.genes[:3]))}; "
+                "check that both name genes the same way (symbols or Ensembl ids, same species)"
+            )
 
 
 def panel_coverage(panel: GenePanel, slides: Iterable[Slide]) -> dict[str, list[str]]:

@@ -4,6 +4,16 @@ A 10,000 x 10,000 JPEG takes seconds to decode; every consumer (validation, patc
 plotting) goes through one :class:`SlideImage` so that happens at most once per process. A tiled
 TIFF (a whole-slide image, e.g. HEST-1k's, ~40,000 px square) is never decoded whole for
 patches: each region decodes only the tiles under it.
+
+Pixels are what the file holds, or an error -- never silently different ones:
+
+- JPEGs are decoded by libjpeg-turbo in strict mode (``simplejpeg``), so a file cut short, or
+  with damaged data, fails with the decoder's message instead of coming back with grey or
+  shifted rows;
+- 16-bit and other deep images are scaled from their type's full range to 8 bits (a 16-bit
+  grayscale PNG is not clipped to white), the same for every tile of a whole-slide image;
+- an EXIF orientation other than "upright" is refused: hgc reads pixels as stored, so spot
+  coordinates taken on the displayed (rotated) picture would not match.
 """
 from __future__ import annotations
 
@@ -25,6 +35,11 @@ log = logging.getLogger(__name__)
 Image.MAX_IMAGE_PIXELS = 2_000_000_000
 
 _TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".btf"}
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "flipped", 5: "mirrored and rotated 90°",
+                 6: "rotated 90° clockwise", 7: "mirrored and rotated 270°", 8: "rotated 90° counter-clockwise"}
+#: PIL modes whose pixels are deeper than 8 bits; converting them with ``convert("RGB")`` clips.
+_DEEP_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
 @dataclass(eq=False)
@@ -109,9 +124,11 @@ class SlideImage:
         try:
             with Image.open(self.path) as im:
                 size, fmt = im.size, im.format
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
         except Exception as exc:  # PIL raises many types for unreadable files
             raise InputError(f"cannot read image {self.path}: {exc}") from exc
         _check_complete(self.path, fmt)
+        _check_orientation(self.path, orientation)
         return size
 
     def pixels(self) -> np.ndarray:
@@ -134,8 +151,16 @@ class SlideImage:
             return _to_rgb_uint8(arr, self.path)
         try:
             with Image.open(self.path) as im:
+                _check_complete(self.path, im.format)
+                _check_orientation(self.path, im.getexif().get(_EXIF_ORIENTATION, 1))
+                if im.format == "JPEG" and im.mode in ("RGB", "L"):
+                    return _decode_jpeg(self.path)
                 im.load()
+                if im.mode in _DEEP_MODES:
+                    return _to_rgb_uint8(np.asarray(im), self.path)
                 return np.asarray(im.convert("RGB"))
+        except InputError:
+            raise
         except Exception as exc:
             raise InputError(
                 f"cannot decode image {self.path} (unreadable or truncated): {exc}"
@@ -204,7 +229,36 @@ def _check_complete(path: Path, fmt: str | None) -> None:
         )
 
 
+def _check_orientation(path: Path, orientation) -> None:
+    if orientation in (None, 0, 1):
+        return
+    what = _ORIENTATIONS.get(int(orientation), f"orientation {orientation}")
+    raise InputError(
+        f"image {path} carries an EXIF orientation tag ({what} for display); hgc reads pixels as "
+        "stored, so spot coordinates taken on the displayed picture would not match. Save the image "
+        "upright without the tag (if the spot coordinates refer to the displayed picture), or remove "
+        "the tag, e.g. `exiftool -Orientation=1 -n FILE` (if they refer to the stored pixels)"
+    )
+
+
+def _decode_jpeg(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 from libjpeg-turbo in strict mode: corrupt or cut data is an error."""
+    import simplejpeg
+
+    data = path.read_bytes()
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError as exc:
+        raise InputError(
+            f"image {path} is damaged: the JPEG decoder reports '{exc}' (data cut short or corrupted); "
+            "re-download or re-export it"
+        ) from None
+
+
 def _to_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 from any layout, so a pixel's value never depends on the others: 8- and
+    16-bit integers are scaled from their full range, 32-bit ones (PIL's "I" mode, which holds
+    16-bit PNG and TIFF data) as 16-bit, floats from [0, 1] (or taken as 0-255 when larger)."""
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
         arr = np.moveaxis(arr, 0, -1)
     if arr.ndim == 2:
@@ -212,21 +266,26 @@ def _to_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[-1] < 3:
         raise InputError(f"image {path} has shape {arr.shape}; expected an RGB image")
     arr = arr[..., :3]
-    if arr.dtype != np.uint8:
-        hi = float(arr.max()) or 1.0
-        arr = (arr.astype(np.float64) * (255.0 / hi)).round().astype(np.uint8)
-    return np.ascontiguousarray(arr)
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype.kind in "ui":
+        hi = 65535.0 if arr.dtype.itemsize > 2 else float(np.iinfo(arr.dtype).max)
+        scaled = arr.astype(np.float64) * (255.0 / hi)
+    elif arr.dtype.kind == "f":
+        scaled = arr.astype(np.float64) * (255.0 if np.nanmax(arr, initial=0) <= 1.0 else 1.0)
+    else:
+        raise InputError(f"image {path} has pixels of type {arr.dtype}; expected integer or float samples")
+    return np.ascontiguousarray(np.clip(np.nan_to_num(scaled).round(), 0, 255).astype(np.uint8))
 
 
 def _tiled_level0(tif):
-    """Level 0's key page if it is tiled, interleaved 8-bit RGB(A); else None.
+    """Level 0's key page if it is tiled, interleaved RGB(A) with unsigned integer samples; else None.
 
-    Other sample types are decoded whole: they are scaled to 8 bits by the image's maximum, which
-    one tile cannot know.
+    Float samples are decoded whole: whether they run to 1 or to 255 is a property of the image.
     """
     page = tif.series[0].levels[0].keyframe
     tiled = page.is_tiled and page.planarconfig == 1 and page.samplesperpixel >= 3
-    return page if tiled and np.dtype(page.dtype) == np.uint8 else None
+    return page if tiled and np.dtype(page.dtype).kind == "u" else None
 
 
 def _level_hw(level) -> tuple[int, int]:

@@ -91,9 +91,9 @@ class Manifest:
 
 def load_entry(entry: SlideEntry) -> Slide:
     """Read one manifest entry with its format's reader (readers validate what they return)."""
-    from .readers import READERS
+    from .readers import FORMATS
 
-    return READERS[entry.format](entry)
+    return FORMATS[entry.format].read(entry)
 
 
 def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
@@ -117,14 +117,16 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
         raise InputError(f"manifest {path} lists no slides")
     root = data_root(root)
     entries = [_entry(row, i + 2, path, root) for i, row in enumerate(table.to_dict("records"))]
-    seen: dict[str, int] = {}
+    seen: dict[str, SlideEntry] = {}
     for e in entries:
-        if e.slide in seen:
+        other = seen.get(e.slide.casefold())
+        if other is not None:
+            same = "appears twice" if other.slide == e.slide else f"and '{other.slide}' differ only in case"
             raise InputError(
-                f"manifest {path}: slide id '{e.slide}' appears twice (lines {seen[e.slide]} and "
-                f"{e.row}); slide ids must be unique"
+                f"manifest {path}: slide id '{e.slide}' {same} (lines {other.row} and {e.row}); slide ids "
+                "must be unique, also ignoring case (they name files, and macOS and Windows ignore case)"
             )
-        seen[e.slide] = e.row
+        seen[e.slide.casefold()] = e
     return Manifest(path=path.resolve(), entries=entries)
 
 
@@ -133,6 +135,10 @@ def _entry(row: dict[str, str], line: int, manifest: Path, root: Path) -> SlideE
     slide, patient, fmt = (row["slide"].strip(), row["patient"].strip(), row["format"].strip().lower())
     if not slide:
         raise InputError(f"{where}: empty slide id")
+    for what, value in (("slide id", slide), ("patient id", patient)):
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise InputError(f"{where}: {what} {value!r} contains a control character (tab, newline ...); "
+                             "use letters, digits and punctuation")
     if not patient:
         raise InputError(f"{where} (slide '{slide}'): empty patient id; every slide needs one for patient-level splits")
     if fmt not in FORMAT_COLUMNS:

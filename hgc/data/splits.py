@@ -70,7 +70,13 @@ def make_folds(patients: dict[str, str], protocol: str, split_file: str | Path |
 def _read_split_file(path: Path, patients: dict[str, str]) -> list[Fold]:
     if not path.is_file():
         raise InputError(f"split file {path} does not exist")
-    table = pd.read_csv(path, sep="\t", dtype=str).fillna("")
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    except pd.errors.EmptyDataError:
+        raise InputError(f"split file {path} is empty; expected a header slide, fold, role and one row per slide and fold") from None
+    except Exception as exc:  # noqa: BLE001 - pandas raises many types for a malformed table
+        raise InputError(f"cannot read split file {path} ({type(exc).__name__}: {exc}); expected a TSV with columns slide, fold, role") from None
+    table = table.apply(lambda c: c.str.strip())
     need = {"slide", "fold", "role"}
     if not need <= set(table.columns):
         raise InputError(f"split file {path} needs columns {sorted(need)}, has {list(table.columns)}")
@@ -80,6 +86,8 @@ def _read_split_file(path: Path, patients: dict[str, str]) -> list[Fold]:
     bad_role = sorted(set(table["role"]) - {"train", "test"})
     if bad_role:
         raise InputError(f"split file {path}: role must be 'train' or 'test', found {bad_role}")
+    if table.empty:
+        raise InputError(f"split file {path} has a header but no rows; expected one row per slide and fold")
     folds = []
     for name, rows in table.groupby("fold", sort=False):
         folds.append(Fold(str(name), list(rows.loc[rows.role == "train", "slide"]),

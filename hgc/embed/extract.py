@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .. import __version__
+from .._devices import resolve_device
 from ..errors import InputError
 from .patches import PatchBatches, PatchSpec, crop_boxes, patch_source, require_image
 from .registry import DEFAULT_ENCODER, Encoder, load_encoder
@@ -40,16 +41,6 @@ class SlideSource(Protocol):
     def slide_ids(self) -> list[str]: ...
 
     def load(self, slide_id: str) -> Slide: ...
-
-
-def resolve_device(device: str) -> torch.device:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} was requested but no CUDA GPU is usable by this torch build")
-    return torch.device(device)
 
 
 def default_workers(device: torch.device) -> int:

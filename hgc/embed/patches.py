@@ -186,7 +186,7 @@ def export_patches(slide: Slide, spec: PatchSpec, path: Path, batch_size: int = 
     """
     import h5py
 
-    from .store import atomic_h5
+    from .._outputs import atomic_h5
 
     boxes = crop_boxes(slide, spec)
     data = PatchBatches(patch_source(slide), boxes, spec.out_px, batch_size)

@@ -3,94 +3,121 @@
 An HDF5 file being written when its process is killed can be left unreadable, so the output file
 is never modified in place. Each finished slide goes to its own file in ``<out>.parts/``
 (written under a temporary name, flushed, fsynced, then renamed); at the end of a run the kept
-groups of the old output and the new parts are copied into ``<out>.tmp<pid>``, which replaces
-the output atomically. A killed run leaves the previous output intact plus the finished parts,
-which the next run reuses; half-written temporary files are deleted on the next start.
+groups of the old output and the new parts are copied into a temporary file beside the output,
+which replaces it atomically. A killed run leaves the previous output intact plus the finished
+parts, which the next run reuses; the next run also deletes the killed run's temporary files.
+
+Root attributes ``format`` / ``format_version`` identify the file; files of hgc 0.1 (without
+them) have the same layout and are read as version 1.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import numpy as np
 
+from .._outputs import atomic_h5, check_writable, command_line, is_temporary, output_lock, safe_name
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
+FORMAT = "hgc-embeddings"
+FORMAT_VERSION = 1
 #: Attributes that must all match for stored embeddings to be reused.
 KEY_ATTRS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_px", "resample", "input_sha256")
+_REBUILD = "rebuild it with `hgc embed` (delete it first)"
 
 
-def group_name(slide_id: str) -> str:
-    """HDF5 group name of a slide (``/`` would nest groups, so it is percent-encoded)."""
-    return quote(slide_id, safe="")
+def _check_format(f, path: Path) -> None:
+    """Refuse files that are not embedding files or come from a newer hgc."""
+    fmt = f.attrs.get("format")
+    if fmt is None:  # hgc 0.1 wrote no format attributes
+        return
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode()
+    if fmt != FORMAT:
+        raise InputError(f"{path} is not an hgc embedding file (its format is '{fmt}'; expected '{FORMAT}')")
+    version = f.attrs.get("format_version")
+    if not isinstance(version, (int, np.integer)) or not 1 <= int(version) <= FORMAT_VERSION:
+        raise InputError(
+            f"embedding file {path} has format version {version!r}; this hgc reads versions 1 to "
+            f"{FORMAT_VERSION}: upgrade hgc, or {_REBUILD}"
+        )
 
 
-def read_embeddings(path: str | Path, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """(barcodes (n,) str objects, embeddings (n, d) float32) of one slide."""
+@contextlib.contextmanager
+def _open(path: str | Path) -> Iterator["h5py.File"]:  # noqa: F821
+    """An embedding file opened for reading; damage of any kind becomes one InputError."""
     import h5py
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"embedding file not found: {path} (create it with `hgc embed`)")
-    with h5py.File(path, "r") as f:
-        name = group_name(slide_id)
-        if name not in f:
-            have = ", ".join(unquote(k) for k in f) or "none"
-            raise InputError(f"slide '{slide_id}' is not in embedding file {path} (slides there: {have})")
-        g = f[name]
-        if not g.attrs.get("complete", False):
-            raise InputError(f"embeddings of slide '{slide_id}' in {path} are incomplete; rerun `hgc embed`")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"cannot read embedding file {path} as HDF5 ({exc}); {_REBUILD}") from None
+    try:
+        _check_format(f, path)
+        yield f
+    except InputError:
+        raise
+    except (KeyError, ValueError, TypeError, OSError) as exc:
+        raise InputError(f"embedding file {path} is damaged or incomplete ({exc}); {_REBUILD}") from None
+    finally:
+        f.close()
+
+
+def _group(f, path: Path, slide_id: str):
+    """The complete group of ``slide_id``, with both datasets of matching length."""
+    name = safe_name(slide_id)
+    if name not in f:
+        have = ", ".join(unquote(k) for k in f) or "none"
+        raise InputError(f"slide '{slide_id}' is not in embedding file {path} (slides there: {have})")
+    g = f[name]
+    if not g.attrs.get("complete", False):
+        raise InputError(f"embeddings of slide '{slide_id}' in {path} are incomplete; rerun `hgc embed`")
+    missing = [d for d in ("embeddings", "barcodes") if d not in g]
+    if missing:
+        raise InputError(f"embedding file {path}: slide '{slide_id}' lacks {', '.join(missing)}; {_REBUILD}")
+    if g["embeddings"].ndim != 2 or g["embeddings"].shape[0] != g["barcodes"].shape[0]:
+        raise InputError(
+            f"embedding file {path}: slide '{slide_id}' holds {g['embeddings'].shape} embeddings for "
+            f"{g['barcodes'].shape[0]} barcodes; {_REBUILD}"
+        )
+    return g
+
+
+def read_embeddings(path: str | Path, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(barcodes (n,) str objects, embeddings (n, d) float32) of one slide."""
+    path = Path(path)
+    with _open(path) as f:
+        g = _group(f, path, slide_id)
         return g["barcodes"].asstr()[()].astype(object), g["embeddings"][()]
 
 
 def read_attrs(path: str | Path) -> dict[str, dict[str, object]]:
     """Attributes of every complete slide group in an embedding file, by slide id."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
+    with _open(path) as f:
         return {unquote(k): dict(g.attrs) for k, g in f.items() if g.attrs.get("complete", False)}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # directories cannot be fsynced on some platforms
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_h5(path: Path) -> Iterator["h5py.File"]:  # noqa: F821
-    """An HDF5 file that appears at ``path`` only once fully written and on disk."""
-    import h5py
-
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            yield f
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_group(f, slide_id: str, barcodes: np.ndarray, embeddings: np.ndarray, attrs: dict) -> None:
     import h5py
 
-    g = f.create_group(group_name(slide_id))
+    g = f.create_group(safe_name(slide_id))
     g.create_dataset("embeddings", data=np.ascontiguousarray(embeddings, dtype=np.float32))
     g.create_dataset("barcodes", data=np.asarray(barcodes).astype(str).astype(object), dtype=h5py.string_dtype())
     g.attrs.update({**attrs, "complete": True})
+
+
+def _mark_format(f) -> None:
+    f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
 
 
 def _mismatch(stored: dict, key: dict, n_barcodes: int, barcodes: np.ndarray | None) -> str | None:
@@ -113,51 +140,45 @@ def _mismatch(stored: dict, key: dict, n_barcodes: int, barcodes: np.ndarray | N
 class EmbeddingStore:
     """Reads, reuses and writes the per-slide groups of one output file during one run.
 
-    Holds an exclusive lock (POSIX) on the parts folder, so two runs cannot write one output.
+    Holds the output's lock (see :func:`hgc._outputs.output_lock`) for the whole run, so two runs
+    cannot write one output; a parts folder left empty by a failed run is removed on exit.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.parts = self.path.with_name(self.path.name + ".parts")
-        self._lock_fd: int | None = None
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "EmbeddingStore":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.parts.mkdir(exist_ok=True)
-        self._lock()
-        for stale in [*self.path.parent.glob(f"{self.path.name}.tmp*"), *self.parts.glob("*.tmp*")]:
-            log.info("removing %s left by an interrupted run", stale)
-            stale.unlink(missing_ok=True)
-        if self.path.exists():
-            try:
-                read_attrs(self.path)
-            except Exception as exc:
-                raise InputError(
-                    f"{self.path} exists but is not a readable embedding file ({exc}); move or "
-                    "delete it, or choose another --out"
-                ) from exc
+        check_writable(self.path)
+        self._stack.enter_context(output_lock(self.path, command_line()))
+        try:
+            if self.parts.is_dir():
+                for stale in [p for p in self.parts.iterdir() if is_temporary(p.name)]:
+                    log.info("removing %s left by an interrupted run", stale)
+                    stale.unlink(missing_ok=True)
+            if self.path.exists():
+                try:
+                    read_attrs(self.path)
+                except InputError as exc:
+                    raise InputError(
+                        f"{self.path} exists but is not a readable embedding file ({exc}); move or "
+                        "delete it, or choose another --out"
+                    ) from None
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    def _lock(self) -> None:
         try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks; one run per output is the rule
-            return
-        self._lock_fd = os.open(self.parts, os.O_RDONLY)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise InputError(f"another `hgc embed` is writing {self.path}; wait for it to finish") from None
+            if self.parts.is_dir() and not any(self.parts.iterdir()):
+                self.parts.rmdir()
+        finally:
+            self._stack.close()
 
     def _part(self, slide_id: str) -> Path:
-        return self.parts / f"{group_name(slide_id)}.h5"
+        return self.parts / f"{safe_name(slide_id)}.h5"
 
     def cached(self, slide_id: str, key: dict, barcodes: np.ndarray) -> str | None:
         """Where reusable embeddings of the slide are (``"output"``/``"part"``), else None.
@@ -171,7 +192,7 @@ class EmbeddingStore:
                 continue
             try:
                 with h5py.File(file, "r") as f:
-                    name = group_name(slide_id)
+                    name = safe_name(slide_id)
                     if name not in f:
                         continue
                     g = f[name]
@@ -188,17 +209,20 @@ class EmbeddingStore:
 
     def write(self, slide_id: str, barcodes: np.ndarray, embeddings: np.ndarray, attrs: dict) -> None:
         """Save one finished slide durably, as its own part file."""
+        self.parts.mkdir(exist_ok=True)
         with atomic_h5(self._part(slide_id)) as f:
+            _mark_format(f)
             _write_group(f, slide_id, barcodes, embeddings, attrs)
 
     def commit(self) -> None:
         """Merge the output's other groups and every part into a new output, atomically."""
         import h5py
 
-        parts = sorted(self.parts.glob("*.h5"))
+        parts = sorted(self.parts.glob("*.h5")) if self.parts.is_dir() else []
         if parts:
             fresh = {p.name[: -len(".h5")] for p in parts}
             with atomic_h5(self.path) as dst:
+                _mark_format(dst)
                 if self.path.exists():
                     with h5py.File(self.path, "r") as old:
                         for name in old:

@@ -1,4 +1,4 @@
-"""Accuracy metrics and the evaluation report (PCC-ALL/HEG/HVG, MSE, MAE per held-out slide)."""
+"""Accuracy metrics, prediction folders and the evaluation report (PCC-ALL/HEG/HVG, MSE, MAE per held-out slide)."""
 from .metrics import (
     METRIC_KEYS,
     N_TOP_GENES,
@@ -8,7 +8,8 @@ from .metrics import (
     slide_metrics,
     training_gene_sets,
 )
-from .report import Prediction, evaluate, read_prediction, write_prediction, write_report
+from .predictions import Prediction, open_predictions, read_prediction, write_prediction, writing_predictions
+from .report import evaluate, write_report
 
 __all__ = [
     "METRIC_KEYS",
@@ -16,6 +17,7 @@ __all__ = [
     "Prediction",
     "SlideMetrics",
     "evaluate",
+    "open_predictions",
     "pearson_per_gene",
     "pooled_pcc",
     "read_prediction",
@@ -23,4 +25,5 @@ __all__ = [
     "training_gene_sets",
     "write_prediction",
     "write_report",
+    "writing_predictions",
 ]

@@ -1,24 +1,22 @@
-"""Prediction files and the evaluation report built from them.
+"""The evaluation report of a prediction folder (:mod:`hgc.evaluate.predictions`).
 
-One ``.h5ad`` per held-out slide per method, at ``PRED_DIR/<method>/<slide>.h5ad``. Everything
-needed to score a file travels inside it (observed expression, the training-chosen HEG/HVG gene
-indices, the normalisation), so ``hgc evaluate`` needs nothing but the folder and every method --
-the model and each baseline -- is scored by the same code on the same genes.
+``hgc evaluate`` scores exactly the files the folder's completion record lists, every method by
+the same code on the same genes, and writes metrics.json / .csv / .md beside them.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from .._outputs import command_line, output_lock, write_text
 from ..errors import InputError
 from .metrics import METRIC_KEYS, N_TOP_GENES, SlideMetrics, pooled_pcc, slide_metrics, summarise
+from .predictions import open_predictions, read_prediction
 
 log = logging.getLogger(__name__)
 
@@ -31,110 +29,9 @@ CONSTANT_GENE_RULE = (
 )
 
 
-@dataclass
-class Prediction:
-    """One method's prediction for one slide, with what is needed to score it."""
-
-    method: str
-    slide: str
-    fold: str
-    patient: str
-    protocol: str
-    normalisation: dict[str, Any]  # the fitted normaliser's to_dict(); "name" names the space
-    genes: np.ndarray  # (G,) str
-    barcodes: np.ndarray  # (n,) str
-    coords: np.ndarray  # (n, 2) float64 pixel (x, y)
-    predicted: np.ndarray  # (n, G) float32, normalised space
-    observed: np.ndarray | None  # (n, G) float32, same space
-    heg: np.ndarray  # gene indices chosen on the fold's training slides
-    hvg: np.ndarray
-    image: str = ""  # the slide's H&E file, for `hgc plot`
-    image_scale: float = 1.0
-
-    @property
-    def space(self) -> str:
-        return space_name(self.normalisation)
-
-
-def space_name(normalisation: dict[str, Any]) -> str:
-    """The normalised-expression space's name, as reports print it."""
-    return str(normalisation.get("name", "unknown"))
-
-
-def prediction_path(pred_dir: str | Path, method: str, slide: str) -> Path:
-    return Path(pred_dir) / method / f"{slide}.h5ad"
-
-
-def write_prediction(pred_dir: str | Path, p: Prediction) -> Path:
-    """Write ``p`` as ``pred_dir/<method>/<slide>.h5ad`` (X = prediction, layers["observed"])."""
-    import anndata as ad
-    import pandas as pd
-
-    path = prediction_path(pred_dir, p.method, p.slide)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    adata = ad.AnnData(
-        X=np.asarray(p.predicted, dtype=np.float32),
-        obs=pd.DataFrame(index=pd.Index([str(b) for b in p.barcodes], name="barcode")),
-        var=pd.DataFrame(index=pd.Index([str(g) for g in p.genes], name="gene")),
-    )
-    if p.observed is not None:
-        adata.layers["observed"] = np.asarray(p.observed, dtype=np.float32)
-    adata.obsm["spatial"] = np.asarray(p.coords, dtype=np.float64)
-    adata.uns.update(
-        method=p.method,
-        slide=p.slide,
-        fold=p.fold,
-        patient=p.patient,
-        protocol=p.protocol,
-        space=p.space,
-        # JSON, because h5ad cannot store None or mixed lists a normaliser may carry.
-        normalisation=json.dumps(p.normalisation),
-        heg=np.asarray(p.heg, dtype=np.int64),
-        hvg=np.asarray(p.hvg, dtype=np.int64),
-    )
-    if p.image:
-        adata.uns.update(image=p.image, image_scale=float(p.image_scale))
-    adata.write_h5ad(path)
-    return path
-
-
-def read_prediction(path: str | Path) -> Prediction:
-    import anndata as ad
-
-    path = Path(path)
-    adata = ad.read_h5ad(path)
-    uns = adata.uns
-    missing = [k for k in ("method", "slide", "fold", "protocol", "normalisation", "heg", "hvg") if k not in uns]
-    if missing:
-        raise InputError(f"prediction file {path} lacks uns keys {missing}; was it written by `hgc predict`?")
-    observed = adata.layers["observed"] if "observed" in adata.layers else None
-    return Prediction(
-        method=str(uns["method"]),
-        slide=str(uns["slide"]),
-        fold=str(uns["fold"]),
-        patient=str(uns.get("patient", "")),
-        protocol=str(uns["protocol"]),
-        normalisation=json.loads(str(uns["normalisation"])),
-        genes=np.asarray(adata.var_names, dtype=object),
-        barcodes=np.asarray(adata.obs_names, dtype=object),
-        coords=np.asarray(adata.obsm["spatial"], dtype=np.float64),
-        predicted=_dense(adata.X),
-        observed=None if observed is None else _dense(observed),
-        heg=np.asarray(uns["heg"], dtype=np.int64),
-        hvg=np.asarray(uns["hvg"], dtype=np.int64),
-        image=str(uns.get("image", "")),
-        image_scale=float(uns.get("image_scale", 1.0)),
-    )
-
-
-def _dense(x: Any) -> np.ndarray:
-    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
-
-
-def _method_dirs(pred_dir: Path) -> list[Path]:
-    dirs = [d for d in pred_dir.iterdir() if d.is_dir() and any(d.glob("*.h5ad"))]
+def _ordered(methods) -> list[str]:
     rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return sorted(dirs, key=lambda d: (rank.get(d.name, len(rank)), d.name))
+    return sorted(methods, key=lambda m: (rank.get(m, len(rank)), m))
 
 
 def _single(values: set[str], what: str, pred_dir: Path) -> str:
@@ -144,34 +41,33 @@ def _single(values: set[str], what: str, pred_dir: Path) -> str:
 
 
 def evaluate(pred_dir: str | Path) -> dict[str, Any]:
-    """Score every method under ``pred_dir``; return the report dict (see :func:`write_report`)."""
+    """Score every method of the prediction folder ``pred_dir``; return the report dict (see :func:`write_report`)."""
     pred_dir = Path(pred_dir)
-    if not pred_dir.is_dir():
-        raise InputError(f"prediction folder {pred_dir} does not exist")
-    methods = _method_dirs(pred_dir)
-    if not methods:
-        raise InputError(f"no <method>/<slide>.h5ad prediction files under {pred_dir}")
+    predictions = open_predictions(pred_dir)
     spaces: set[str] = set()
     protocols: set[str] = set()
     report: dict[str, Any] = {"methods": {}}
-    for mdir in methods:
+    for method in _ordered(predictions.files):
         rows: list[SlideMetrics] = []
         observed, predicted = [], []
-        for path in sorted(mdir.glob("*.h5ad")):
+        for slide, path in sorted(predictions.files[method].items()):
             p = read_prediction(path)
             spaces.add(p.space)
             protocols.add(p.protocol)
             if p.observed is None:
                 log.warning("%s: no observed expression for slide %s, not scored", path, p.slide)
                 continue
-            rows.append(slide_metrics(p.observed, p.predicted, p.heg, p.hvg, slide=p.slide, fold=p.fold))
+            try:
+                rows.append(slide_metrics(p.observed, p.predicted, p.heg, p.hvg, slide=p.slide, fold=p.fold))
+            except InputError as exc:
+                raise InputError(f"prediction file {path}: {exc}") from None
             observed.append(p.observed)
             predicted.append(p.predicted)
         if not rows:
-            log.warning("method %s has no slide with observed expression; skipped", mdir.name)
+            log.warning("method %s has no slide with observed expression; skipped", method)
             continue
         mean, std = summarise(rows)
-        report["methods"][mdir.name] = {
+        report["methods"][method] = {
             "per_slide": [r.to_dict() for r in rows],
             "mean": mean,
             "std": std,
@@ -180,6 +76,10 @@ def evaluate(pred_dir: str | Path) -> dict[str, Any]:
         }
     if not report["methods"]:
         raise InputError(f"no prediction under {pred_dir} carries observed expression to score against")
+    counts = {m: r["n_slides"] for m, r in report["methods"].items()}
+    if len(set(counts.values())) > 1:
+        log.warning("methods were scored on different numbers of slides (%s): compare them on the slides "
+                    "they share (per_slide in metrics.json)", ", ".join(f"{m} {n}" for m, n in counts.items()))
     report["space"] = _single(spaces, "normalisation space", pred_dir)
     report["protocol"] = _single(protocols, "protocol", pred_dir)
     report["n_top_genes"] = N_TOP_GENES
@@ -225,17 +125,22 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def write_report(pred_dir: str | Path, report: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate (unless ``report`` is given) and write metrics.json, metrics.csv and metrics.md."""
+    """Evaluate (unless ``report`` is given) and write metrics.json, metrics.csv and metrics.md.
+
+    The three files are written atomically under the prediction folder's lock.
+    """
     pred_dir = Path(pred_dir)
-    report = evaluate(pred_dir) if report is None else report
-    (pred_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
-    fields = ["method"] + list(SlideMetrics.__dataclass_fields__)
-    with open(pred_dir / "metrics.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
+    with output_lock(pred_dir, command_line()):
+        report = evaluate(pred_dir) if report is None else report
+        fields = ["method"] + list(SlideMetrics.__dataclass_fields__)
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for name, m in report["methods"].items():
             for row in m["per_slide"]:
                 writer.writerow({"method": name, **row})
-    (pred_dir / "metrics.md").write_text(markdown_table(report))
+        write_text(pred_dir / "metrics.json", json.dumps(json_safe(report), indent=2) + "\n")
+        write_text(pred_dir / "metrics.csv", table.getvalue())
+        write_text(pred_dir / "metrics.md", markdown_table(report))
     log.info("wrote metrics.json, metrics.csv and metrics.md to %s", pred_dir)
     return report

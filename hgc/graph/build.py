@@ -36,7 +36,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..data.genes import panel_coverage, resolve_panel
+from ..data.genes import check_panel_overlap, panel_coverage, resolve_panel
 from ..data.normalize import make_normalizer
 from ..data.slide import SPOT_PITCH_UM, Slide
 from ..data.splits import PROTOCOLS, Fold, make_folds, validation_slides
@@ -85,10 +85,6 @@ class GraphConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "GraphConfig":
-        return cls(**json.loads(text))
 
 
 @dataclass
@@ -479,6 +475,7 @@ def _build_fold(fold, slides, data, near, patients, protocol, config, data_root,
     genes = list(panel.genes)
     normalizer = make_normalizer(config.normalize).fit(train, genes)
     members = [*fold.train, *fold.test]
+    check_panel_overlap(panel, [slides[s] for s in members])
     info = FoldInfo(
         name=fold.name, protocol=protocol, train=list(fold.train),
         val=validation_slides(fold, patients, config.n_val, config.seed), test=list(fold.test),
@@ -535,16 +532,14 @@ def build_from_manifest(
     from ..embed import read_attrs
     from .store import write_graphs
 
+    from .._outputs import check_writable
+
     config = config or GraphConfig()
+    check_writable(out)
     m = read_manifest(manifest, data_root)
     folds = make_folds(m.patients, protocol, split_file)
     used = list(dict.fromkeys(s for f in folds for s in (*f.train, *f.test)))
-    if not Path(embeddings).is_file():
-        raise InputError(f"embedding file not found: {embeddings} (create it with `hgc embed`)")
-    try:
-        stored = read_attrs(embeddings)
-    except OSError as exc:
-        raise InputError(f"cannot read embedding file {embeddings} as HDF5: {exc}") from exc
+    stored = read_attrs(embeddings)
     absent = [s for s in used if s not in stored]  # fail before reading any slide
     if absent:
         raise InputError(f"embedding file {embeddings} has no complete embeddings for slides {absent}; "

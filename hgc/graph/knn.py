@@ -15,9 +15,14 @@ Conventions every backend follows:
 
 - scores are distances for ``l1`` / ``l2`` (ascending; ``l2`` is the Euclidean distance, not its
   square) and cosine similarities for ``cosine`` (descending);
-- ties: among equal scores the lower reference index comes first. Faiss does not promise this,
-  so its results are re-sorted, and rows where a tie straddles the k-th place are recomputed
-  with the exact torch search;
+- **one ranking rule on every machine.** The fast float32 kernels (faiss, torch, matrix products
+  whose last bit depends on the BLAS kernel a CPU picks) only *propose* candidates. Every
+  candidate is re-scored in float64 directly from the coordinate differences (no matrix-product
+  form), the score is rounded to float32 (the value returned), and neighbours are ordered by
+  (returned score, reference index): equal scores -- identical vectors always -- go to the lower
+  reference index. A query whose fast candidates might miss a neighbour because of float32
+  rounding (its k-th score is too close to the last candidate's) is searched again with more
+  candidates, and at worst exactly over the whole pool;
 - ``k`` larger than the pool: all pool items, then padding with index ``-1`` and the worst
   possible score (``inf`` for distances, ``-inf`` for cosine), so sorted order still holds;
 - an empty pool, non-finite embeddings (rows named) or all-zero vectors under cosine are an
@@ -37,6 +42,18 @@ log = logging.getLogger(__name__)
 
 METRICS = ("l1", "l2", "cosine")
 BACKENDS = ("auto", "faiss", "faiss-ivf", "torch")
+
+
+#: float32 machine epsilon: the fast kernels' unit of rounding.
+_EPS32 = float(np.finfo(np.float32).eps)
+#: Relative width of two float32 roundings: the margin around the k-th score of a complete row.
+_REL_ROUND = 2.0 * _EPS32
+#: Candidates per query beyond k that the fast kernel proposes at first (x4 per retry).
+_EXTRA_CANDIDATES = 8
+#: Retries with more candidates stop here; rows still undecided are searched exactly.
+_MAX_CANDIDATES = 1024
+#: float64 elements per block of exact re-scoring (32 MiB).
+_RESCORE_BLOCK = 1 << 22
 
 
 def search(
@@ -71,14 +88,20 @@ def search(
         raise InputError(f"queries have {q.shape[1]} features but references have {r.shape[1]}")
     kk = min(k, r.shape[0])
     if q.shape[0] == 0:
-        idx, key = np.zeros((0, kk), np.int64), np.zeros((0, kk), np.float32)
+        idx, key = np.zeros((0, kk), np.int64), np.zeros((0, kk), np.float64)
     else:
         backend = resolve_backend(backend, device)
-        if backend == "torch":
-            idx, key = _torch_search(q, r, kk, metric, device, chunk_size, ref_chunk_size)
+        if backend == "faiss-ivf":  # approximate by design: its candidates are ranked, not completed
+            m = min(r.shape[0], max(4 * kk, 32))
+            cand, _ = _faiss_candidates(q, r, m, metric, device, True, nlist, nprobe)
+            idx, key = rank_candidates(q, r, cand, kk, metric)
         else:
-            idx, key = _faiss_search(q, r, kk, metric, device, backend == "faiss-ivf", nlist, nprobe,
-                                     chunk_size, ref_chunk_size)
+            def candidates(rows: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+                if backend == "torch":
+                    return _torch_candidates(q[rows], r, m, metric, device, chunk_size, ref_chunk_size)
+                return _faiss_candidates(q[rows], r, m, metric, device, False, nlist, nprobe)
+
+            idx, key = _exact_search(q, r, kk, metric, candidates)
     return _finish(idx, key, k, metric)
 
 
@@ -127,15 +150,18 @@ def _as_matrix(x: np.ndarray, what: str, metric: str) -> np.ndarray:
     return x
 
 
-def _finish(idx: np.ndarray, key: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Turn internal keys (smaller is better) into scores and pad to ``k`` columns."""
+def _scores(key: np.ndarray, metric: str) -> np.ndarray:
+    """Returned float32 scores of internal float64 keys (smaller key is better)."""
     if metric == "cosine":
-        scores = -key
-    elif metric == "l2":
-        scores = np.sqrt(np.maximum(key, 0))
-    else:
-        scores = key
-    scores = scores.astype(np.float32)
+        return (-key).astype(np.float32)
+    if metric == "l2":
+        return np.sqrt(np.maximum(key, 0)).astype(np.float32)
+    return key.astype(np.float32)
+
+
+def _finish(idx: np.ndarray, key: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Turn internal keys into scores and pad to ``k`` columns."""
+    scores = _scores(key, metric)
     pad_score = -np.inf if metric == "cosine" else np.inf
     scores[idx < 0] = pad_score
     if idx.shape[1] < k:
@@ -145,16 +171,115 @@ def _finish(idx: np.ndarray, key: np.ndarray, k: int, metric: str) -> tuple[np.n
     return idx.astype(np.int64), scores
 
 
-# --- torch: the exact reference -------------------------------------------------------------
+# --- the ranking rule: exact float64 re-scoring, float32 scores, ties to the lower index -------------
 
-def _torch_device(device: str):
-    import torch
+def exact_keys(q: np.ndarray, r: np.ndarray, cand: np.ndarray, metric: str) -> np.ndarray:
+    """float64 keys (smaller is better) of each query against its candidate rows of ``r``.
 
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device '{device}' requested but CUDA is not available")
-    return dev
+    L1 and squared L2 come from the coordinate differences and cosine from the elementwise
+    products, summed by NumPy in a fixed order, never from a matrix product: the result for a
+    (query, reference) pair does not depend on the other candidates, the BLAS library or the CPU.
+    ``cand`` entries of ``-1`` get ``inf``.
+    """
+    cand = np.asarray(cand, dtype=np.int64)
+    out = np.full(cand.shape, np.inf)
+    width = max(1, cand.shape[1] * q.shape[1])
+    step = max(1, _RESCORE_BLOCK // width)
+    for q0 in range(0, cand.shape[0], step):
+        c = cand[q0:q0 + step]
+        qq = q[q0:q0 + step, None, :].astype(np.float64)
+        rr = r[np.maximum(c, 0)].astype(np.float64)
+        if metric == "l1":
+            key = np.abs(qq - rr).sum(axis=2)
+        elif metric == "l2":
+            diff = qq - rr
+            key = (diff * diff).sum(axis=2)
+        else:
+            key = -(qq * rr).sum(axis=2)
+        out[q0:q0 + step] = np.where(c >= 0, key, np.inf)
+    return out
 
+
+def rank_candidates(q: np.ndarray, r: np.ndarray, cand: np.ndarray, k: int, metric: str,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` candidates of each query by the ranking rule: (indices, float64 keys).
+
+    Candidates are ordered by their returned (float32) score, then by reference index; ``-1``
+    entries (no candidate) sort last.
+    """
+    key = exact_keys(q, r, cand, metric)
+    score = _scores(key, metric).astype(np.float64)
+    order_key = -score if metric == "cosine" else score
+    order_key[cand < 0] = np.inf
+    index_key = np.where(cand >= 0, cand, np.iinfo(np.int64).max)
+    order = np.lexsort((index_key, order_key), axis=-1)[:, :k]
+    return np.take_along_axis(cand, order, 1).astype(np.int64), np.take_along_axis(key, order, 1)
+
+
+def _fast_error(q: np.ndarray, r: np.ndarray, fast_last: np.ndarray, metric: str) -> np.ndarray:
+    """A bound on the float32 kernels' rounding error of a key near ``fast_last``, per query.
+
+    Summing ``d`` terms in float32 errs by at most about ``d`` units of rounding of the terms'
+    total magnitude: the distance itself for L1, ``|q|^2 + |r|^2`` for squared L2 in its matrix
+    product form, the unit vectors' norms for cosine. The bound is doubled for safety.
+    """
+    d = q.shape[1] + 2
+    if metric == "l1":
+        magnitude = np.abs(fast_last)
+    elif metric == "l2":
+        magnitude = (q.astype(np.float64) ** 2).sum(1) + float((r.astype(np.float64) ** 2).sum(1).max())
+    else:
+        magnitude = np.full(len(q), 2.0)
+    return 2.0 * d * _EPS32 * magnitude
+
+
+def _complete(q, r, cand_fast_last, kth_key, metric) -> np.ndarray:
+    """Rows whose candidates provably hold every reference that could rank in the top k.
+
+    A reference the fast kernel did not propose has a fast key >= the last candidate's, so an
+    exact key of at least ``fast_last - error``; if that exceeds the k-th exact key by more than
+    the rounding of the returned score, it cannot tie with or beat the k-th neighbour.
+    """
+    err = _fast_error(q, r, cand_fast_last, metric)
+    margin = _REL_ROUND * np.maximum(np.abs(kth_key), 1.0 if metric == "cosine" else 0.0)
+    return cand_fast_last - err > kth_key + margin
+
+
+def _exact_search(q, r, k, metric, candidates) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` of every query by the ranking rule, from fast candidates completed where needed."""
+    n = r.shape[0]
+    idx = np.empty((len(q), k), np.int64)
+    key = np.empty((len(q), k), np.float64)
+    rows = np.arange(len(q))
+    m = min(n, k + max(_EXTRA_CANDIDATES, k))
+    while rows.size:
+        cand, fast_last = candidates(rows, m)
+        ci, ck = rank_candidates(q[rows], r, cand, k, metric)
+        done = np.ones(len(rows), bool) if m >= n else _complete(q[rows], r, fast_last, ck[:, -1], metric)
+        idx[rows[done]], key[rows[done]] = ci[done], ck[done]
+        rows = rows[~done]
+        if rows.size and 4 * m > _MAX_CANDIDATES and m < n:
+            log.debug("knn: %d queries with near ties at place %d; searching them exactly", rows.size, k)
+            idx[rows], key[rows] = _exhaustive(q[rows], r, k, metric)
+            break
+        if rows.size:
+            log.debug("knn: %d queries need more than %d candidates", rows.size, m)
+            m = min(n, 4 * m)
+    return idx, key
+
+
+def _exhaustive(q: np.ndarray, r: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ranking rule applied to every reference (for the few queries the fast kernel cannot decide)."""
+    n, d = r.shape
+    step = max(k, _RESCORE_BLOCK // max(1, d * len(q)))
+    best = np.full((len(q), 0), -1, np.int64)
+    for r0 in range(0, n, step):
+        block = np.broadcast_to(np.arange(r0, min(n, r0 + step)), (len(q), min(n, r0 + step) - r0))
+        best, key = rank_candidates(q, r, np.concatenate([best, block], axis=1), k, metric)
+    return best, key
+
+
+# --- torch: fast candidates on any device ------------------------------------------------------
 
 def _torch_key(q, r, r_sq, metric: str):
     """(q, r) matrix where smaller is better: L1, squared L2 (GEMM form, like faiss) or -cosine."""
@@ -167,62 +292,38 @@ def _torch_key(q, r, r_sq, metric: str):
     return -(q @ r.T)
 
 
-def _lexsort_topk(key, idx, k: int):
-    """First ``k`` of each row ordered by (key, index): the tie rule, via two stable sorts."""
+def _torch_candidates(q, r, m, metric, device, chunk_size, ref_chunk_size):
+    """The ``m`` smallest float32 keys of each query: (reference indices, the largest key kept)."""
     import torch
 
-    order = torch.argsort(idx, dim=1, stable=True)
-    key, idx = key.gather(1, order), idx.gather(1, order)
-    order = torch.argsort(key, dim=1, stable=True)[:, :k]
-    return key.gather(1, order), idx.gather(1, order)
+    from .._devices import resolve_device
 
-
-def _topk_ties_low(key, k: int):
-    """``topk`` of each row (smallest), where ties at the k-th place go to the lowest column."""
-    import torch
-
-    val, col = torch.topk(key, k, dim=1, largest=False, sorted=True)
-    kth = val[:, -1:]
-    rows = torch.nonzero((key == kth).sum(1) > (val == kth).sum(1)).ravel()
-    if rows.numel():  # a tie straddles place k: take the lowest columns among the tied values
-        sub, t = key[rows], kth[rows]
-        cols = torch.arange(key.shape[1], device=key.device).expand_as(sub)
-        big = torch.full_like(cols, key.shape[1])
-        tie_col = torch.topk(torch.where(sub == t, cols, big), k, dim=1, largest=False).values
-        inf = torch.full_like(val[rows], math.inf)
-        tie_key = torch.where(tie_col < key.shape[1], t.expand_as(inf), inf)
-        better = val[rows] < t
-        cand_key = torch.cat([torch.where(better, val[rows], inf), tie_key], dim=1)
-        cand_col = torch.cat([col[rows], tie_col.clamp_max(key.shape[1] - 1)], dim=1)
-        val[rows], col[rows] = _lexsort_topk(cand_key, cand_col, k)
-    return val, col
-
-
-def _torch_search(q, r, k, metric, device, chunk_size, ref_chunk_size):
-    import torch
-
-    dev = _torch_device(device)
-    with torch.no_grad():
-        refs = torch.from_numpy(r).to(dev)
-        r_sq = (refs * refs).sum(1) if metric == "l2" else None
-        out_key, out_idx = [], []
-        for q0 in range(0, q.shape[0], chunk_size):
-            qc = torch.from_numpy(q[q0:q0 + chunk_size]).to(dev)
-            best_key = best_idx = None
-            for r0 in range(0, refs.shape[0], ref_chunk_size):
-                rc = refs[r0:r0 + ref_chunk_size]
-                key = _torch_key(qc, rc, r_sq[r0:r0 + ref_chunk_size] if r_sq is not None else None, metric)
-                val, col = _topk_ties_low(key, min(k, rc.shape[0]))
-                col = col + r0
-                if best_key is None:
+    dev = resolve_device(device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 rounding is what the error bound assumes
+    try:
+        with torch.no_grad():
+            refs = torch.from_numpy(r).to(dev)
+            r_sq = (refs * refs).sum(1) if metric == "l2" else None
+            out_idx, out_last = [], []
+            for q0 in range(0, q.shape[0], chunk_size):
+                qc = torch.from_numpy(q[q0:q0 + chunk_size]).to(dev)
+                best_key = best_idx = None
+                for r0 in range(0, refs.shape[0], ref_chunk_size):
+                    rc = refs[r0:r0 + ref_chunk_size]
+                    key = _torch_key(qc, rc, r_sq[r0:r0 + ref_chunk_size] if r_sq is not None else None, metric)
+                    val, col = torch.topk(key, min(m, rc.shape[0]), dim=1, largest=False)
+                    col = col + r0
+                    if best_key is not None:
+                        val, col = torch.cat([best_key, val], 1), torch.cat([best_idx, col], 1)
+                        val, pick = torch.topk(val, min(m, val.shape[1]), dim=1, largest=False)
+                        col = col.gather(1, pick)
                     best_key, best_idx = val, col
-                else:  # earlier chunks hold lower indices: lexsort keeps the tie rule across chunks
-                    best_key, best_idx = _lexsort_topk(torch.cat([best_key, val], 1),
-                                                       torch.cat([best_idx, col], 1), k)
-            best_key, best_idx = _lexsort_topk(best_key, best_idx, k)  # topk's order among ties is arbitrary
-            out_key.append(best_key.cpu().numpy())
-            out_idx.append(best_idx.cpu().numpy())
-    return np.concatenate(out_idx).astype(np.int64), np.concatenate(out_key).astype(np.float32)
+                out_idx.append(best_idx.cpu().numpy())
+                out_last.append(best_key.max(dim=1).values.double().cpu().numpy())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return np.concatenate(out_idx).astype(np.int64), np.concatenate(out_last)
 
 
 # --- faiss ----------------------------------------------------------------------------------
@@ -233,7 +334,7 @@ def _faiss_index(faiss, r: np.ndarray, metric: str, ivf: bool, nlist: int | None
     if not ivf:
         return faiss.IndexFlat(d, mt)
     # faiss IVF scans only L2 / inner product (L1 aborts the process); l1 is served by L2
-    # candidates re-ranked exactly, see _faiss_search.
+    # candidates, which the ranking rule then scores exactly.
     mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     m = r.shape[0]
     nlist = nlist or max(1, min(int(4 * math.sqrt(m)), m // 39))
@@ -245,38 +346,15 @@ def _faiss_index(faiss, r: np.ndarray, metric: str, ivf: bool, nlist: int | None
     return index
 
 
-def _l1_rerank(q: np.ndarray, r: np.ndarray, cand: np.ndarray, k: int, chunk_size: int):
-    """Exact L1 among each query's candidate references (``-1`` = none), best ``k`` by the tie rule."""
-    key = np.full(cand.shape, np.inf, np.float32)
-    for q0 in range(0, q.shape[0], chunk_size):
-        c = cand[q0:q0 + chunk_size]
-        diff = np.abs(q[q0:q0 + chunk_size, None, :] - r[np.maximum(c, 0)])
-        key[q0:q0 + chunk_size] = np.where(c >= 0, diff.sum(axis=2), np.inf)
-    order = np.lexsort((np.where(cand >= 0, cand, np.iinfo(np.int64).max), key), axis=-1)[:, :k]
-    return np.take_along_axis(cand, order, 1), np.take_along_axis(key, order, 1)
-
-
-def _faiss_search(q, r, k, metric, device, ivf, nlist, nprobe, chunk_size, ref_chunk_size):
+def _faiss_candidates(q, r, m, metric, device, ivf, nlist, nprobe):
+    """faiss's ``m`` best references of each query: (indices, the largest float32 key kept)."""
     faiss = require("faiss", "similarity search with the faiss backend")
     index = _faiss_index(faiss, r, metric, ivf, nlist, nprobe)
     if str(device).startswith("cuda") and hasattr(faiss, "StandardGpuResources"):
         dev_id = int(str(device).partition(":")[2] or 0)
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), dev_id, index)
     index.add(r)
-    if ivf and metric == "l1":
-        _, cand = index.search(q, min(r.shape[0], max(4 * k, 32)))
-        return _l1_rerank(q, r, cand, k, chunk_size)
-    extra = 0 if ivf else int(k < r.shape[0])  # one more column reveals a tie at place k
-    dist, idx = index.search(q, k + extra)
-    key = (-dist if metric == "cosine" else dist).astype(np.float32)
-    key[idx < 0] = np.inf
-    if not ivf:
-        if extra:
-            ties = np.flatnonzero(key[:, k - 1] == key[:, k])
-            key, idx = key[:, :k], idx[:, :k]
-            if ties.size:
-                log.debug("faiss: %d queries tie at place %d; recomputing them exactly", ties.size, k)
-                idx[ties], key[ties] = _torch_search(q[ties], r, k, metric, "cpu", chunk_size, ref_chunk_size)
-        order = np.lexsort((idx, key), axis=-1)
-        idx, key = np.take_along_axis(idx, order, 1), np.take_along_axis(key, order, 1)
-    return idx.astype(np.int64), key
+    dist, idx = index.search(q, m)
+    key = (-dist if metric == "cosine" else dist).astype(np.float64)
+    key[idx < 0] = -np.inf
+    return idx.astype(np.int64), key.max(axis=1)

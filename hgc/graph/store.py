@@ -16,11 +16,15 @@ Layout (group names are percent-encoded slide / fold ids)::
 Each slide's embedding is stored once for all folds and each normalised expression once per fold;
 a graph stores only its edges and the name of its reference pool, so the test targets of a fold
 share one pool (and its ``close`` edges). The price is a concatenation when a graph is read.
-The file is written to a temporary name and renamed, so a failed build leaves no file.
+The file is written to a temporary name and renamed, so a failed build leaves no file. Readers
+check ``format`` and ``format_version`` and turn a damaged or foreign file into one line that says
+how to rebuild it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import unquote
@@ -28,48 +32,61 @@ from urllib.parse import unquote
 import numpy as np
 
 from .. import __version__
-from ..embed.store import atomic_h5, group_name
+from .._outputs import atomic_h5, command_line, output_lock, require_free_space, safe_name
+from .._records import record_from_dict
 from ..errors import InputError
 from .build import FoldGraphs, FoldInfo, GraphConfig, GraphSet, Pool, SlideData, TargetEdges
 from .record import RELATION_NAMES, SlideGraph
 
 FORMAT = "hgc-graphs"
 FORMAT_VERSION = 1
+_REBUILD = "rebuild it with `hgc build-graph`"
+
+
+def _nbytes(graphs: GraphSet) -> int:
+    """Bytes of the arrays a store of ``graphs`` holds (for the free-space check)."""
+    total = sum(s.x.nbytes + s.coords.nbytes + 16 * len(s.barcodes) for s in graphs.slides.values())
+    for fg in graphs.folds:
+        total += sum(y.nbytes for y in fg.expression.values())
+        total += sum(p.close.nbytes + p.close_weight.nbytes for p in fg.pools.values())
+        total += sum(t.near.nbytes + t.near_weight.nbytes + t.refer.nbytes + t.refer_weight.nbytes for t in fg.targets)
+    return total
 
 
 def write_graphs(graphs: GraphSet, out: str | Path) -> Path:
-    """Write ``graphs`` to ``out`` atomically; returns the path."""
+    """Write ``graphs`` to ``out`` atomically (under the output's lock); returns the path."""
     import h5py
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    require_free_space(out, _nbytes(graphs), "the graph store")
     strings = h5py.string_dtype()
-    with atomic_h5(out) as f:
+    with output_lock(out, command_line()), atomic_h5(out) as f:
         f.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "hgc_version": __version__,
             "protocol": graphs.protocol, "config": graphs.config.to_json(),
             "folds": json.dumps([fg.info.name for fg in graphs.folds]),
         })
         for s in graphs.slides.values():
-            g = f.create_group(f"slides/{group_name(s.id)}")
+            g = f.create_group(f"slides/{safe_name(s.id)}")
             g.create_dataset("x", data=s.x)
             g.create_dataset("barcodes", data=s.barcodes.astype(str).astype(object), dtype=strings)
             g.create_dataset("coords", data=s.coords)
             g.attrs.update({"id": s.id, "patient": s.patient, "image": s.image, "image_scale": s.image_scale})
         for fg in graphs.folds:
-            g = f.create_group(f"folds/{group_name(fg.info.name)}")
+            g = f.create_group(f"folds/{safe_name(fg.info.name)}")
             g.attrs["info"] = json.dumps(asdict(fg.info))
             g.attrs["targets"] = json.dumps([[t.target, t.role] for t in fg.targets])
             g.create_dataset("genes", data=np.asarray(fg.info.genes, dtype=object), dtype=strings)
             for s, y in fg.expression.items():
-                g.create_dataset(f"expression/{group_name(s)}", data=y)
+                g.create_dataset(f"expression/{safe_name(s)}", data=y)
             for key, pool in fg.pools.items():
                 p = g.create_group(f"pools/{key}")
                 p.attrs["slides"] = json.dumps(pool.slides)
                 p.create_dataset("close", data=pool.close)
                 p.create_dataset("close_weight", data=pool.close_weight)
             for t in fg.targets:
-                tg = g.create_group(f"graphs/{group_name(t.target)}")
+                tg = g.create_group(f"graphs/{safe_name(t.target)}")
                 tg.attrs.update({"target": t.target, "role": t.role, "pool": t.pool})
                 for name in ("near", "refer"):
                     tg.create_dataset(name, data=getattr(t, name))
@@ -77,7 +94,9 @@ def write_graphs(graphs: GraphSet, out: str | Path) -> Path:
     return out
 
 
-def _open(path: str | Path):
+@contextlib.contextmanager
+def _open(path: str | Path) -> Iterator["h5py.File"]:  # noqa: F821
+    """A graph store opened for reading: format and version checked, damage reported in one line."""
     import h5py
 
     path = Path(path)
@@ -86,11 +105,21 @@ def _open(path: str | Path):
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise InputError(f"cannot read graph file {path} as HDF5: {exc}") from exc
-    if f.attrs.get("format") != FORMAT:
+        raise InputError(f"cannot read graph file {path} as HDF5 ({exc}); {_REBUILD}") from None
+    try:
+        if f.attrs.get("format") != FORMAT:
+            raise InputError(f"{path} is not an hgc graph file (made by `hgc build-graph`)")
+        version = f.attrs.get("format_version")
+        if not isinstance(version, (int, np.integer)) or not 1 <= int(version) <= FORMAT_VERSION:
+            raise InputError(f"graph file {path} has format version {version!r}; this hgc reads version "
+                             f"{FORMAT_VERSION}: {_REBUILD} (or use the hgc version that wrote it)")
+        yield f
+    except InputError:
+        raise
+    except (KeyError, ValueError, TypeError, OSError) as exc:  # json errors are ValueErrors
+        raise InputError(f"graph file {path} is damaged or incomplete ({type(exc).__name__}: {exc}); {_REBUILD}") from None
+    finally:
         f.close()
-        raise InputError(f"{path} is not an hgc graph file (made by `hgc build-graph`)")
-    return f
 
 
 def _fold_names(f, path, fold: str | None) -> list[str]:
@@ -100,6 +129,15 @@ def _fold_names(f, path, fold: str | None) -> list[str]:
     if fold not in names:
         raise InputError(f"fold '{fold}' is not in graph file {path}; folds there: {names}")
     return [fold]
+
+
+def _fold_info(f, path, name: str) -> FoldInfo:
+    raw = json.loads(f[f"folds/{safe_name(name)}"].attrs["info"])
+    return record_from_dict(FoldInfo, raw, f"graph file {path}, fold '{name}'", _REBUILD)
+
+
+def _config(f, path) -> GraphConfig:
+    return record_from_dict(GraphConfig, json.loads(f.attrs["config"]), f"graph file {path}, its settings", _REBUILD)
 
 
 def read_graph_set(path: str | Path, fold: str | None = None) -> GraphSet:
@@ -114,18 +152,41 @@ def read_graph_set(path: str | Path, fold: str | None = None) -> GraphSet:
             )
         folds = []
         for name in _fold_names(f, path, fold):
-            g = f[f"folds/{group_name(name)}"]
-            info = FoldInfo(**json.loads(g.attrs["info"]))
+            g = f[f"folds/{safe_name(name)}"]
+            info = _fold_info(f, path, name)
             expression = {unquote(k): v[()] for k, v in g["expression"].items()}
             pools = {k: Pool(json.loads(p.attrs["slides"]), p["close"][()], p["close_weight"][()])
                      for k, p in g.get("pools", {}).items()}
             targets = []
             for target, role in json.loads(g.attrs["targets"]):
-                t = g[f"graphs/{group_name(target)}"]
+                t = g[f"graphs/{safe_name(target)}"]
                 targets.append(TargetEdges(target, role, t.attrs["pool"], t["near"][()], t["near_weight"][()],
                                            t["refer"][()], t["refer_weight"][()]))
             folds.append(FoldGraphs(info, expression, pools, targets))
-        return GraphSet(GraphConfig.from_json(f.attrs["config"]), str(f.attrs["protocol"]), slides, folds)
+        graphs = GraphSet(_config(f, path), str(f.attrs["protocol"]), slides, folds)
+    _check_consistent(graphs, path)
+    return graphs
+
+
+def _check_consistent(graphs: GraphSet, path) -> None:
+    """Every name a fold refers to exists and edges index existing nodes (a damaged store is refused)."""
+    for fg in graphs.folds:
+        where = f"graph file {path}, fold '{fg.info.name}'"
+        for t in fg.targets:
+            pool = fg.pools.get(t.pool)
+            slides = [t.target, *(pool.slides if pool else [])]
+            absent = [s for s in slides if s not in graphs.slides or s not in fg.expression]
+            if pool is None or absent:
+                raise InputError(f"{where}: the graph of '{t.target}' refers to missing "
+                                 f"{'pool ' + t.pool if pool is None else 'slides ' + str(absent)}; {_REBUILD}")
+            n_spot = len(graphs.slides[t.target].barcodes)
+            n_ref = sum(len(graphs.slides[s].barcodes) for s in pool.slides)
+            bounds = {"near": (n_spot, n_spot), "refer": (n_ref, n_spot), "close": (n_ref, n_ref)}
+            edges = {"near": t.near, "refer": t.refer, "close": pool.close}
+            for rel, e in edges.items():
+                src_n, dst_n = bounds[rel]
+                if e.ndim != 2 or e.shape[0] != 2 or (e.size and (e.min() < 0 or e[0].max() >= src_n or e[1].max() >= dst_n)):
+                    raise InputError(f"{where}: the '{rel}' edges of '{t.target}' do not fit its nodes; {_REBUILD}")
 
 
 def read_graphs(path: str | Path, fold: str | None = None, role: str | None = None) -> list[SlideGraph]:
@@ -138,12 +199,7 @@ def read_graphs(path: str | Path, fold: str | None = None, role: str | None = No
 def read_fold_info(path: str | Path) -> list[FoldInfo]:
     """Per-fold facts (splits, genes, fitted normaliser) without reading any graph arrays."""
     with _open(path) as f:
-        return [FoldInfo(**json.loads(f[f"folds/{group_name(n)}"].attrs["info"]))
-                for n in _fold_names(f, path, None)]
-
-
-#: The training code's name for :func:`read_fold_info`.
-read_folds = read_fold_info
+        return [_fold_info(f, path, n) for n in _fold_names(f, path, None)]
 
 
 def summarize(path: str | Path) -> list[dict]:
@@ -156,9 +212,9 @@ def summarize(path: str | Path) -> list[dict]:
         patient = {g.attrs["id"]: str(g.attrs["patient"]) for g in f["slides"].values()}
         rows = []
         for name in _fold_names(f, path, None):
-            g = f[f"folds/{group_name(name)}"]
+            g = f[f"folds/{safe_name(name)}"]
             for target, role in json.loads(g.attrs["targets"]):
-                t = g[f"graphs/{group_name(target)}"]
+                t = g[f"graphs/{safe_name(target)}"]
                 pool = g[f"pools/{t.attrs['pool']}"]
                 refs = json.loads(pool.attrs["slides"])
                 counts = {"near": t["near"].shape[1], "refer": t["refer"].shape[1], "close": pool["close"].shape[1]}

@@ -2,6 +2,7 @@
 from .baselines import BASELINES, KnnBaseline, MeanBaseline, RidgeBaseline, make_baseline
 from .fit import FitConfig, FoldData, check_leakage, fit, fit_folds, load_folds, load_model
 from .predict import METHODS, predict, predict_fold
+from .rundir import Run, open_run
 
 __all__ = [
     "BASELINES",
@@ -11,12 +12,14 @@ __all__ = [
     "KnnBaseline",
     "MeanBaseline",
     "RidgeBaseline",
+    "Run",
     "check_leakage",
     "fit",
     "fit_folds",
     "load_folds",
     "load_model",
     "make_baseline",
+    "open_run",
     "predict",
     "predict_fold",
 ]

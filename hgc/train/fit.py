@@ -7,39 +7,30 @@ What this module guarantees (each a defect of the published code, see the brief 
   is logged and saved;
 * no test slide -- and under ``patient-kfold`` no spot of a test patient -- appears among the
   training targets or any graph's references (:func:`check_leakage`, run before training);
-* a CPU run with a given ``seed`` repeats exactly (same weights, same metrics).
-
-Run directory layout (``out_dir``)::
-
-    config.json               FitConfig, model config, backend, versions
-    <fold>/model.safetensors  best checkpoint (state dict; no pickle)
-    <fold>/fold.json          genes, normaliser, protocol, train/validation/test slides, dims, best epoch
-    <fold>/history.csv        per epoch: losses, validation PCC-ALL and MSE
+* a CPU run with a given ``seed`` repeats exactly (same weights, same metrics);
+* the run folder (:mod:`hgc.train.rundir`) appears complete or not at all, and every option is
+  checked before training starts.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
+import math
 import platform
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .. import __version__
+from .._devices import check_device, resolve_device
+from .._outputs import atomic_dir, check_writable, command_line, output_lock, safe_name
 from ..errors import InputError
 from ..evaluate.metrics import nan_mean, pearson_per_gene
-from ..graph.record import SlideGraph
+from ..graph.record import RELATION_NAMES, SlideGraph
+from .rundir import is_run_folder, open_run, write_fold, write_record
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "model.safetensors"
-FOLD_INFO = "fold.json"
-HISTORY = "history.csv"
-RUN_CONFIG = "config.json"
 
 
 @dataclass
@@ -61,20 +52,38 @@ class FitConfig:
     model: dict[str, Any] = field(default_factory=dict)  # further ModelConfig overrides
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        from ..nn.backend import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise InputError(f"unknown graph backend '{self.backend}'; expected one of {list(BACKENDS)}")
+        self.device = check_device(self.device)
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            raise InputError(f"epochs must be a whole number >= 1, got {self.epochs!r}")
+        for name, low in (("lr", 0.0), ("weight_decay", None)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if low is not None else value >= 0)
+            if not ok:
+                raise InputError(f"{name.replace('_', ' ')} must be a finite number {'> 0' if low is not None else '>= 0'}, got {value!r}")
+        if self.patience is not None and not (isinstance(self.patience, int) and self.patience >= 1):
+            raise InputError(f"patience must be a whole number >= 1 (or None: never stop early), got {self.patience!r}")
+        if not (isinstance(self.n_val, int) and self.n_val >= 0):
+            raise InputError(f"n_val must be a whole number >= 0, got {self.n_val!r}")
+        if self.relations is not None:
+            self.relations = tuple(self.relations)
+            unknown = sorted(set(self.relations) - set(RELATION_NAMES))
+            if unknown or not self.relations:
+                raise InputError(f"relations {unknown or '(none)'} are not relations of hgc's graphs; "
+                                 f"choose from {', '.join(RELATION_NAMES)}")
+        if self.folds is not None:
+            self.folds = tuple(self.folds)
+        model_config(self)  # the model options (and contrast, masking) are checked by ModelConfig
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["relations"] = list(self.relations) if self.relations is not None else None
         d["folds"] = list(self.folds) if self.folds is not None else None
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FitConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        for k in ("relations", "folds"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
 
 
 @dataclass
@@ -188,13 +197,6 @@ def choose_validation(fold: FoldData, n: int, seed: int) -> list[str]:
     return list(val)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when usable, else cpu; an unusable CUDA request is an InputError."""
-    from ..embed.extract import resolve_device as resolve
-
-    return str(resolve(device))
-
-
 @contextlib.contextmanager
 def deterministic(seed: int) -> Iterator[None]:
     """Seed torch/numpy and switch torch to deterministic kernels for the block, then restore."""
@@ -249,20 +251,6 @@ def _validate(model, prepared: list, graphs: list[SlideGraph]) -> tuple[float, f
 
 def _state_dict_cpu(model) -> dict:
     return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(state, str(path), metadata={"format": "pt", "hgc_version": __version__})
-
-
-def load_checkpoint(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist; run `hgc fit` first")
-    return load_file(str(path))
 
 
 @dataclass
@@ -344,7 +332,7 @@ def _train_fold(fold: FoldData, config: FitConfig, out_dir: Path, backend, devic
         bar.close()
 
     best_pcc = float(best["pcc"]) if val_graphs and np.isfinite(best["pcc"]) else float("nan")
-    _write_fold(out_dir / fold.name, best["state"], history, {
+    write_fold(out_dir / safe_name(fold.name), best["state"], history, {
         "fold": fold.name, "protocol": fold.protocol, "genes": list(fold.genes), "normaliser": fold.normaliser,
         "train_slides": [g.target for g in train_graphs], "validation_slides": val,
         "test_slides": list(fold.test_slides), **dims, "model": mcfg.to_dict(),
@@ -354,59 +342,55 @@ def _train_fold(fold: FoldData, config: FitConfig, out_dir: Path, backend, devic
     return FoldResult(fold.name, val, int(best["epoch"]), best_pcc, len(history), best["val_pred"])
 
 
-def _write_fold(fdir: Path, state: dict, history: list[dict[str, float]], info: dict[str, Any]) -> None:
-    fdir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(state, fdir / CHECKPOINT)
-    (fdir / FOLD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    with open(fdir / HISTORY, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
-        writer.writeheader()
-        writer.writerows(history)
+def check_run_output(out_dir: str | Path) -> Path:
+    """``out_dir`` if a run may be written there: absent, empty, or an earlier hgc run (replaced)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file; a run is written to a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_run_folder(out_dir):
+        raise InputError(f"--out {out_dir} is a folder that is not an hgc run; choose a new or empty folder "
+                         "(hgc replaces an earlier run there, nothing else)")
+    return check_writable(out_dir)
 
 
 def fit_folds(folds: Sequence[FoldData], out_dir: str | Path, config: FitConfig) -> list[FoldResult]:
-    """Train one model per fold into ``out_dir`` (see the module docstring for the layout).
+    """Train one model per fold into the run folder ``out_dir`` (see :mod:`hgc.train.rundir`).
 
-    A fold without any training graph is skipped with a warning (and left out of the result);
-    the baselines still predict its test slides.
+    Everything is checked first; the run is built in a temporary folder that replaces ``out_dir``
+    only once every fold is written, so an interrupted fit leaves the previous run (or nothing).
+    A fold without any training graph gets no model (the record says why; the baselines still
+    predict its test slides) and is left out of the result.
     """
     import torch
 
     from ..nn import get_backend
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in folds]
+    clash = sorted({n for n in names if [safe_name(m) for m in names].count(safe_name(n)) > 1})
+    if clash:
+        raise InputError(f"fold names {clash} repeat; every fold needs its own name")
     backend = get_backend(config.backend)
-    device = resolve_device(config.device)
-    (out_dir / RUN_CONFIG).write_text(json.dumps({
-        "fit": config.to_dict(),
-        "backend": backend.name,
-        "device": device,
-        "folds": [f.name for f in folds],
-        "hgc_version": __version__,
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-    }, indent=2) + "\n")
-    results = []
-    for i, fold in enumerate(folds):
-        r = _train_fold(fold, config, out_dir, backend, device, seed=config.seed + i)
-        if r is not None:
+    device = str(resolve_device(config.device))
+    out_dir = check_run_output(out_dir)
+    results, skipped = [], {}
+    with output_lock(out_dir, command_line()), atomic_dir(out_dir) as tmp:
+        for i, fold in enumerate(folds):
+            r = _train_fold(fold, config, tmp, backend, device, seed=config.seed + i)
+            if r is None:
+                skipped[fold.name] = "no training graph: no training slide has references from another one"
+                continue
             log.info("fold %s: best epoch %d, validation PCC %.4f", r.fold, r.best_epoch, r.best_val_pcc)
             results.append(r)
+        write_record(tmp, [r.fold for r in results], skipped, fit=config.to_dict(), backend=backend.name,
+                     device=device, torch_version=torch.__version__, python=platform.python_version())
     return results
 
 
 def fit(graphs_path: str | Path, out_dir: str | Path, config: FitConfig | None = None) -> list[FoldResult]:
     """Train SpaHGC on every fold of the graph store ``graphs_path``; write the run to ``out_dir``."""
     config = config or FitConfig()
+    check_run_output(out_dir)
     return fit_folds(load_folds(graphs_path, config.folds), out_dir, config)
-
-
-def read_fold_info(run_dir: str | Path, fold: str) -> dict[str, Any]:
-    path = Path(run_dir) / fold / FOLD_INFO
-    if not path.is_file():
-        raise InputError(f"run {run_dir} has no trained model for fold '{fold}' ({path} missing)")
-    return json.loads(path.read_text())
 
 
 def load_model(run_dir: str | Path, fold: str, backend: str | None = None, device: str = "cpu"):
@@ -417,13 +401,14 @@ def load_model(run_dir: str | Path, fold: str, backend: str | None = None, devic
     """
     from ..nn import ModelConfig, get_backend
 
-    run_dir = Path(run_dir)
-    info = read_fold_info(run_dir, fold)
-    if backend is None:
-        run = json.loads((run_dir / RUN_CONFIG).read_text())
-        backend = run.get("fit", {}).get("backend", "auto")
-    be = get_backend(backend)
+    run = open_run(run_dir)
+    info = run.fold_info(fold)
+    be = get_backend(backend or run.backend)
     mcfg = ModelConfig.from_dict(info["model"])
     model = build_model(mcfg, info["spot_dim"], info["ref_dim"], info["n_genes"], be)
-    model.load_state_dict(load_checkpoint(run_dir / fold / CHECKPOINT))
+    try:
+        model.load_state_dict(run.checkpoint(fold))
+    except RuntimeError as exc:  # tensors of another shape or name than fold.json describes
+        raise InputError(f"run {run_dir}, fold '{fold}': the checkpoint does not match its fold.json "
+                         f"({str(exc).splitlines()[0]}); train it again with `hgc fit`") from None
     return model.to(device).eval(), be, info

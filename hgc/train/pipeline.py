@@ -1,33 +1,45 @@
 """The whole run, manifest to metrics: embed -> build graphs -> fit -> predict -> evaluate.
 
-Each step writes into ``out_dir`` and records a fingerprint of its inputs and settings beside its
-output (``<output>.stamp.json``). A rerun skips a step whose output exists with a matching
-fingerprint, so changing, say, ``--epochs`` retrains and re-predicts but reuses the embeddings
-and graphs. Layout::
+Each step writes into ``out_dir`` and records, beside its output (``<output>.stamp.json``), the
+settings it ran with and the content of every file it read: the manifest, every slide file the
+manifest points to, the encoder's weights, the gene panel file, the split file, and the outputs of
+earlier steps. A rerun skips a step only when all of these are unchanged, so editing a counts file
+in place, pointing ``$HGC_DATA`` elsewhere or retraining the model reruns exactly the steps that
+depend on it, and changing, say, ``--epochs`` reuses the embeddings and graphs. Files are
+re-hashed (sha256) only when their size, modification or change time differs from the stamp's
+record; a trained model is compared by its tensors, not its file's bytes. Layout::
 
     out_dir/embeddings.h5     hgc.embed (itself resumable per slide)
     out_dir/graphs.h5         hgc.graph store, all folds
-    out_dir/model/            hgc fit run directory
+    out_dir/model/            hgc fit run folder
     out_dir/predictions/      <method>/<slide>.h5ad, metrics.{json,csv,md}
+
+Everything that can be checked without the expensive steps (folds, options, the gene panel, and,
+before any step runs, every slide's files and the panel's overlap with them) is checked first,
+and the run folder is locked for the whole run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import shutil
+import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from .._outputs import check_writable, command_line, output_lock, write_text
+from ..errors import InputError
 from .fit import FitConfig, fit
-from .predict import METHODS, predict
+from .predict import METHODS, check_methods, predict
 
 log = logging.getLogger(__name__)
 
+_HASHED: dict[tuple[str, tuple[int, int, int]], str] = {}  # (path, stat trigger) -> sha256, this process
+
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (streamed), the content fingerprint of a step's input."""
+    """sha256 of a file's bytes (streamed)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -35,43 +47,77 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tree_digest(folder: Path, pattern: str) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob(pattern)):
-        h.update(p.relative_to(folder).as_posix().encode())
-        h.update(file_digest(p).encode())
-    return h.hexdigest()
+def _trigger(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+def file_record(path: Path, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """{path, size, mtime_ns, ctime_ns, sha256} of ``path``; the hash is reused from ``previous``
+    (a record of an earlier run) when size and both times are unchanged, else recomputed."""
+    path = Path(path)
+    trigger = _trigger(path)
+    record = {"path": str(path), "size": trigger[0], "mtime_ns": trigger[1], "ctime_ns": trigger[2]}
+    key = (str(path), trigger)
+    if previous and previous.get("path") == str(path) and \
+            (previous.get("size"), previous.get("mtime_ns"), previous.get("ctime_ns")) == trigger:
+        _HASHED[key] = str(previous["sha256"])
+    if key not in _HASHED:
+        _HASHED[key] = file_digest(path)
+    return {**record, "sha256": _HASHED[key]}
 
 
 def _stamp(output: Path) -> Path:
     return output.with_name(output.name + ".stamp.json")
 
 
-def cached_step(name: str, output: Path, settings: dict[str, Any], run: Callable[[], Any], clear: bool = True) -> bool:
-    """Run ``run`` unless ``output`` exists with the same settings fingerprint; True if it ran.
+def _read_stamp(output: Path) -> dict[str, Any]:
+    try:
+        stamp = json.loads(_stamp(output).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
 
-    With ``clear``, a stale output (other settings, or an interrupted step without a stamp) is
-    removed first, so e.g. predictions of a method no longer asked for cannot linger; steps that
-    resume their own work (embedding) keep it.
-    """
-    fp = _fingerprint(settings)
-    stamp = _stamp(output)
-    if output.exists() and stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fp:
-        log.info("%s: up to date (%s), skipped", name, output)
-        return False
-    stamp.unlink(missing_ok=True)
-    if clear and output.is_dir():
-        shutil.rmtree(output)
-    elif clear and output.exists():
-        output.unlink()
-    log.info("%s: running -> %s", name, output)
-    run()
-    stamp.write_text(json.dumps({"step": name, "fingerprint": fp, "settings": settings}, indent=2, default=str) + "\n")
-    return True
+
+class Step:
+    """One pipeline step: its output, settings and input files, and whether it is up to date."""
+
+    def __init__(self, name: str, output: Path, settings: dict[str, Any], inputs: Mapping[str, Path]) -> None:
+        self.name, self.output, self.settings = name, output, settings
+        old = _read_stamp(output).get("inputs", {})
+        self.inputs = {label: file_record(path, old.get(label)) for label, path in inputs.items()}
+        content = {label: r["sha256"] for label, r in self.inputs.items()}
+        self.fingerprint = hashlib.sha256(
+            json.dumps({"settings": settings, "inputs": content}, sort_keys=True, default=str).encode()
+        ).hexdigest()
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.output.exists() and _read_stamp(self.output).get("fingerprint") == self.fingerprint
+
+    def run(self, work: Callable[[], Any]) -> bool:
+        """Do ``work`` unless the step is up to date; True if it ran. The stamp goes last."""
+        if self.up_to_date:
+            log.info("%s: up to date (%s), skipped", self.name, self.output)
+            return False
+        _stamp(self.output).unlink(missing_ok=True)
+        log.info("%s: running -> %s", self.name, self.output)
+        work()
+        write_text(_stamp(self.output), json.dumps({"step": self.name, "fingerprint": self.fingerprint,
+                                                    "settings": self.settings, "inputs": self.inputs},
+                                                   indent=2, default=str) + "\n")
+        return True
+
+
+def manifest_inputs(manifest) -> dict[str, Path]:
+    """The manifest file and every file its slides are read from, labelled by path."""
+    from ..data.readers import FORMATS
+
+    files = {"manifest": manifest.path}
+    for entry in manifest.entries:
+        for path in FORMATS[entry.format].input_files(entry):
+            files[f"slide {entry.slide}: {path}"] = path
+    return files
 
 
 def run_pipeline(
@@ -92,40 +138,62 @@ def run_pipeline(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every step (skipping up-to-date ones) and return the evaluation report dict."""
-    from ..embed import embed_manifest
+    from .._devices import check_device
+    from ..data.genes import check_panel_overlap, panel_file, resolve_panel
+    from ..data.manifest import data_root as resolve_root
+    from ..data.manifest import read_manifest
+    from ..data.splits import make_folds
+    from ..embed import embed_manifest, load_encoder
     from ..evaluate.report import write_report
     from ..graph.build import GraphConfig, build_from_manifest
+    from ..train.rundir import open_run
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = Path(manifest)
+    # Cheap checks first: nothing is embedded for a run that would fail later on a typo.
+    out = check_writable(Path(out_dir))
+    methods = check_methods(methods)
+    device = check_device(device)
     fit_config = replace(fit_config or FitConfig(), device=device, progress=progress)
-
-    emb = out / "embeddings.h5"
-    # Embedding resumes per slide by itself (encoder, weights and patch settings checked inside):
-    # a stale or partial file is updated in place, never removed.
-    cached_step("embed", emb, {"manifest": file_digest(manifest), "encoder": encoder,
-                               "data_root": str(data_root) if data_root else None},
-                lambda: embed_manifest(manifest, encoder, emb, device=device, batch_size=batch_size,
-                                       progress=progress, data_root=data_root), clear=False)
-
-    graphs = out / "graphs.h5"
     gcfg = GraphConfig(genes=genes, normalize=normalize, **(graph_options or {}))
-    cached_step("graphs", graphs, {
-        "manifest": file_digest(manifest), "embeddings": file_digest(emb), "protocol": protocol,
-        "graph_config": gcfg.to_json(), "split_file": file_digest(Path(split_file)) if split_file else None,
-        "data_root": str(data_root) if data_root else None,
-    }, lambda: build_from_manifest(manifest, emb, protocol, graphs, gcfg, split_file, data_root))
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    m = read_manifest(manifest, data_root)
+    folds = make_folds(m.patients, protocol, split_file)
+    root = resolve_root(data_root)
+    panel = panel_file(genes, data_root)
+    enc = load_encoder(encoder)
 
-    model = out / "model"
-    train_settings = {k: v for k, v in fit_config.to_dict().items() if k != "progress"}
-    if "hgc" in methods:
-        cached_step("fit", model, {"graphs": file_digest(graphs), "fit": train_settings},
-                    lambda: fit(graphs, model, fit_config))
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, command_line()):
+        data = manifest_inputs(m)
+        emb = out / "embeddings.h5"
+        embed_step = Step("embed", emb, {"encoder": encoder, "data_root": str(root)},
+                          {**data, "encoder weights": enc.weights_path})
+        graphs = out / "graphs.h5"
+        extra = {"gene panel": panel} if panel else {}
+        if split_file:
+            extra["split file"] = Path(split_file)
 
-    preds = out / "predictions"
-    cached_step("predict", preds, {
-        "graphs": file_digest(graphs), "methods": list(methods),
-        "model": _tree_digest(model, "*.safetensors") if "hgc" in methods else None,
-    }, lambda: predict(model if "hgc" in methods else None, graphs, preds, methods, device=device))
-    return write_report(preds)
+        def graph_step() -> Step:
+            return Step("graphs", graphs, {"protocol": protocol, "graph_config": gcfg.to_json(), "data_root": str(root)},
+                        {**data, **extra, "embeddings.h5": emb})
+
+        if not (embed_step.up_to_date and graph_step().up_to_date):
+            used = list(dict.fromkeys(s for f in folds for s in (*f.train, *f.test)))
+            slides = [m.load(s) for s in used]  # every slide's files are checked before embedding
+            if panel is not None:
+                check_panel_overlap(resolve_panel(genes, data_root), slides)
+            del slides
+        embed_step.run(lambda: embed_manifest(m, encoder, emb, device=device, batch_size=batch_size,
+                                              progress=progress, data_root=data_root))
+        graph_step().run(lambda: build_from_manifest(manifest, emb, protocol, graphs, gcfg, split_file, data_root))
+
+        model = out / "model"
+        train_settings = {k: v for k, v in fit_config.to_dict().items() if k != "progress"}
+        if "hgc" in methods:
+            Step("fit", model, {"fit": train_settings}, {"graphs.h5": graphs}).run(lambda: fit(graphs, model, fit_config))
+
+        preds = out / "predictions"
+        model_digest = open_run(model).tensor_digest() if "hgc" in methods else None
+        Step("predict", preds, {"methods": list(methods), "model": model_digest}, {"graphs.h5": graphs}).run(
+            lambda: predict(model if "hgc" in methods else None, graphs, preds, methods, device=device))
+        return write_report(preds)

@@ -1,8 +1,8 @@
 """Predictions for every test slide of every fold, by the trained model and by the baselines.
 
-Each method writes ``out_dir/<method>/<slide>.h5ad`` through the same writer
-(:func:`hgc.evaluate.report.write_prediction`), with the HEG/HVG gene indices chosen on the fold's
-training slides, so ``hgc evaluate`` scores all methods alike.
+Each method's predictions carry the HEG/HVG gene indices chosen on the fold's training slides, so
+``hgc evaluate`` scores all methods alike; the prediction folder is written whole
+(:func:`hgc.evaluate.predictions.writing_predictions`).
 """
 from __future__ import annotations
 
@@ -12,82 +12,90 @@ from typing import Sequence
 
 import numpy as np
 
+from .._devices import resolve_device
 from ..errors import InputError
 from ..evaluate.metrics import training_gene_sets
-from ..evaluate.report import Prediction, write_prediction
+from ..evaluate.predictions import Prediction, check_prediction_output, writing_predictions
 from .baselines import BASELINES, make_baseline, training_set
-from .fit import (
-    CHECKPOINT,
-    FoldData,
-    check_leakage,
-    load_folds,
-    load_model,
-    predict_graph,
-    read_fold_info,
-    resolve_device,
-)
+from .fit import FoldData, check_leakage, load_folds, load_model, predict_graph
+from .rundir import Run, open_run
 
 log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("hgc",) + tuple(BASELINES)
 
 
-def _check_methods(methods: Sequence[str]) -> list[str]:
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """``methods`` without repeats; unknown or no methods are an InputError."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise InputError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if not methods:
+        raise InputError(f"no method to predict with; choose from {list(METHODS)}")
     return list(dict.fromkeys(methods))
 
 
-def _model_predictions(run_dir: Path, fold: FoldData, backend: str | None, device: str) -> dict[str, np.ndarray]:
-    info = read_fold_info(run_dir, fold.name)  # checked before the weights are loaded
+def _model_predictions(run: Run, fold: FoldData, backend: str | None, device: str) -> dict[str, np.ndarray]:
+    info = run.fold_info(fold.name)  # checked before the weights are loaded
     if list(info["genes"]) != list(fold.genes):
         raise InputError(
-            f"run {run_dir} fold '{fold.name}' was trained on other genes than the graph store has "
+            f"run {run.path} fold '{fold.name}' was trained on other genes than the graph store has "
             f"({len(info['genes'])} vs {len(fold.genes)}); predict with the store it was fitted on"
         )
     if sorted(info["test_slides"]) != sorted(fold.test_slides):
-        raise InputError(f"run {run_dir} fold '{fold.name}' has test slides {info['test_slides']}, the store {fold.test_slides}")
-    model, be, _ = load_model(run_dir, fold.name, backend=backend, device=device)
+        raise InputError(f"run {run.path} fold '{fold.name}' has test slides {info['test_slides']}, the store {fold.test_slides}")
+    model, be, _ = load_model(run.path, fold.name, backend=backend, device=device)
     return {g.target: predict_graph(model, be.prepare(g, device)) for g in fold.test_graphs}
 
 
 def predict_fold(
     fold: FoldData,
-    out_dir: str | Path,
     methods: Sequence[str] = METHODS,
-    run_dir: str | Path | None = None,
+    run: Run | None = None,
     backend: str | None = None,
     device: str = "cpu",
-) -> list[Path]:
-    """Write every method's prediction for the fold's test slides; return the files written."""
+) -> list[Prediction]:
+    """Every method's prediction for the fold's test slides (``hgc`` needs the ``run``)."""
     check_leakage(fold)
     train = training_set(fold.test_graphs)  # the test graphs' references: all training spots
     heg, hvg = training_gene_sets(train.y)
     preds: dict[str, dict[str, np.ndarray]] = {}
-    for method in methods:
+    for method in check_methods(methods):
         if method == "hgc":
-            if run_dir is None:
-                raise InputError("method 'hgc' needs the run directory of `hgc fit`")
-            if not (Path(run_dir) / fold.name / CHECKPOINT).is_file():
-                log.warning("fold %s: run %s has no model for it (no training graph?); no hgc prediction for %s",
-                            fold.name, run_dir, fold.test_slides)
+            if run is None:
+                raise InputError("method 'hgc' needs the run folder of `hgc fit`")
+            if fold.name in run.skipped:
+                log.warning("fold %s: run %s has no model for it (%s); no hgc prediction for %s",
+                            fold.name, run.path, run.skipped[fold.name], fold.test_slides)
                 continue
-            preds[method] = _model_predictions(Path(run_dir), fold, backend, device)
+            preds[method] = _model_predictions(run, fold, backend, device)
         else:
             b = make_baseline(method).fit(train)
             preds[method] = {g.target: b.predict(g) for g in fold.test_graphs}
-    written = []
-    for method, by_slide in preds.items():
-        for g in fold.test_graphs:
-            written.append(write_prediction(out_dir, Prediction(
-                method=method, slide=g.target, fold=fold.name, patient=g.patient, protocol=fold.protocol,
-                normalisation=fold.normaliser, genes=np.asarray(fold.genes, dtype=object),
-                barcodes=g.spot_barcodes, coords=g.spot_coords, predicted=by_slide[g.target],
-                observed=g.spot_y, heg=heg, hvg=hvg, image=g.image, image_scale=g.image_scale,
-            )))
-    log.info("fold %s: wrote %d prediction files", fold.name, len(written))
-    return written
+    return [
+        Prediction(
+            method=method, slide=g.target, fold=fold.name, patient=g.patient, protocol=fold.protocol,
+            normalisation=fold.normaliser, genes=np.asarray(fold.genes, dtype=object),
+            barcodes=g.spot_barcodes, coords=g.spot_coords, predicted=by_slide[g.target],
+            observed=g.spot_y, heg=heg, hvg=hvg, image=g.image, image_scale=g.image_scale,
+        )
+        for method, by_slide in preds.items() for g in fold.test_graphs
+    ]
+
+
+def _folds_of(run: Run | None, store_folds: list[str], graphs_path: Path) -> list[str]:
+    """The store's folds to predict: all of them, or those the run was fitted on."""
+    if run is None:
+        return store_folds
+    known = [*run.folds, *run.skipped]
+    foreign = [f for f in known if f not in store_folds]
+    if foreign:
+        raise InputError(f"run {run.path} was fitted on folds {foreign} that graph store {graphs_path} lacks; "
+                         "predict with the store it was fitted on")
+    chosen = [f for f in store_folds if f in known]
+    if len(chosen) < len(store_folds):
+        log.info("run %s covers folds %s of the store; predicting those", run.path, chosen)
+    return chosen
 
 
 def predict(
@@ -98,13 +106,38 @@ def predict(
     backend: str | None = None,
     device: str = "auto",
 ) -> list[Path]:
-    """Predict every fold's test slides with the trained model (``hgc``) and the baselines."""
-    methods = _check_methods(methods)
-    device = resolve_device(device)
-    folds = load_folds(graphs_path)
-    if "hgc" in methods and (run_dir is None or not Path(run_dir).is_dir()):
-        raise InputError(f"method 'hgc' needs the run directory written by `hgc fit`; {run_dir} does not exist")
+    """Predict the test slides of every fold (those of the run, with ``hgc``) into ``out_dir``.
+
+    Every input is checked before the first file is written; ``out_dir`` is replaced whole once
+    every prediction is made (see :mod:`hgc.evaluate.predictions`).
+    """
+    from .._outputs import require_free_space
+    from ..graph.store import read_fold_info, summarize
+    from ..nn.backend import BACKENDS
+
+    methods = check_methods(methods)
+    if backend is not None and backend not in BACKENDS:
+        raise InputError(f"unknown graph backend '{backend}'; expected one of {list(BACKENDS)}")
+    device = str(resolve_device(device))
+    graphs_path = Path(graphs_path)
+    run = None
+    if "hgc" in methods:
+        if run_dir is None:
+            raise InputError("method 'hgc' needs the run folder written by `hgc fit`")
+        run = open_run(run_dir)
+    infos = {f.name: f for f in read_fold_info(graphs_path)}
+    folds = _folds_of(run, list(infos), graphs_path)
+    check_prediction_output(out_dir)
+    spots = sum(r["n_spot"] * len(infos[r["fold"]].genes) for r in summarize(graphs_path)
+                if r["role"] == "test" and r["fold"] in folds)
+    require_free_space(out_dir, spots * 8 * len(methods), "the predictions")
+    protocol = next(iter(infos.values())).protocol if infos else ""
     written = []
-    for fold in folds:
-        written += predict_fold(fold, out_dir, methods, run_dir, backend, device)
-    return written
+    with writing_predictions(out_dir, protocol=protocol, methods=methods, graphs=str(graphs_path.resolve()),
+                             run=str(Path(run_dir).resolve()) if run else None, folds=folds) as out:
+        for name in folds:
+            (fold,) = load_folds(graphs_path, [name])
+            preds = predict_fold(fold, methods, run, backend, device)
+            written += [out.add(p) for p in preds]
+            log.info("fold %s: %d predictions", name, len(preds))
+    return [Path(out_dir) / p.relative_to(p.parents[1]) for p in written]

@@ -1,16 +1,31 @@
-"""Readers from each on-disk format to :class:`hgc.data.Slide`."""
+"""Readers from each on-disk format to :class:`hgc.data.Slide`.
+
+Each format module owns its files: ``from_entry`` reads a manifest entry, ``input_files`` lists
+the files that read depends on (so caches can be keyed on their content).
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..manifest import SlideEntry
 from ..slide import Slide
 from . import h5ad, hest, st, visium
 
-#: format name (manifest ``format`` column) -> reader of one manifest entry
-READERS: dict[str, Callable[[SlideEntry], Slide]] = {
-    "st": st.from_entry,
-    "visium": visium.from_entry,
-    "hest": hest.from_entry,
-    "h5ad": h5ad.from_entry,
+
+@dataclass(frozen=True)
+class SlideFormat:
+    """A manifest ``format``: how to read an entry, and which files that reads."""
+
+    read: Callable[[SlideEntry], Slide]
+    input_files: Callable[[SlideEntry], list[Path]]
+
+
+#: format name (manifest ``format`` column) -> its reader
+FORMATS: dict[str, SlideFormat] = {
+    "st": SlideFormat(st.from_entry, st.input_files),
+    "visium": SlideFormat(visium.from_entry, visium.input_files),
+    "hest": SlideFormat(hest.from_entry, hest.input_files),
+    "h5ad": SlideFormat(h5ad.from_entry, h5ad.input_files),
 }

@@ -1,15 +1,17 @@
 """Small helpers every slide reader needs, so each format states only what is specific to it."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from ...errors import InputError
+from ...errors import HgcError, InputError
 
 if TYPE_CHECKING:
     from ..slide import Slide
@@ -23,6 +25,50 @@ def require_file(path: Path, slide: str, what: str) -> Path:
     if not path.is_file():
         raise InputError(f"slide '{slide}': {what} not found: {path} (expected a file there)")
     return path
+
+
+@contextlib.contextmanager
+def reading(path: Path | str, slide: str, what: str) -> Iterator[None]:
+    """Turn any failure while parsing ``path`` into one InputError naming the slide and the file.
+
+    Parsers (pandas, scipy, h5py, gzip) raise dozens of exception types for damaged, truncated or
+    mistyped files (``EOFError`` for a cut ``.gz``, ``UnicodeDecodeError``, ``zlib.error`` ...);
+    the user only needs to know which file is unreadable and why.
+    """
+    try:
+        yield
+    except HgcError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a property of the file
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise InputError(f"slide '{slide}': cannot read {what} {path} ({type(exc).__name__}: {text})") from None
+
+
+def numeric_columns(table: pd.DataFrame, columns: Sequence[str], path: Path | str, slide: str,
+                    row_name: str = "row") -> pd.DataFrame:
+    """``columns`` of ``table`` as float64, or an error naming the first non-numeric cell.
+
+    Empty cells count as missing (NaN) here; callers decide whether a missing value is allowed.
+    ``row_name`` says what a row is in the message ("spot", "barcode"); the table's index labels it.
+    """
+    out = pd.DataFrame(index=table.index)
+    for col in columns:
+        raw = table[col]
+        values = pd.to_numeric(raw, errors="coerce")
+        bad = values.isna() & raw.notna() & (raw.astype(str).str.strip() != "")
+        if bad.any():
+            i = int(np.argmax(bad.to_numpy()))
+            raise InputError(
+                f"slide '{slide}': {path} has a non-numeric {col} '{raw.iloc[i]}' at {row_name} "
+                f"{table.index[i]} ({int(bad.sum())} such value(s)); expected plain numbers such as 12.5"
+            )
+        out[col] = values.astype(np.float64)
+    return out
+
+
+def existing(paths: Sequence[Path | None]) -> list[Path]:
+    """The given paths that are files (for the list of a slide's input files)."""
+    return [Path(p) for p in paths if p is not None and Path(p).is_file()]
 
 
 def make_unique(names: np.ndarray, slide: str, source: Path | str) -> np.ndarray:

@@ -15,7 +15,7 @@ from ...errors import InputError
 from ..checks import as_raw_counts, check_slide
 from ..manifest import SlideEntry
 from ..slide import Slide
-from ._common import attach_annotations, make_unique, require_file
+from ._common import attach_annotations, existing, make_unique, reading, require_file
 from .visium import VISIUM_SPOT_DIAMETER_UM
 
 if TYPE_CHECKING:
@@ -58,8 +58,13 @@ def read_h5ad(
     )
 
 
+def input_files(entry: SlideEntry) -> list[Path]:
+    """The files an AnnData slide is read from (for content-keyed caches)."""
+    return existing([entry.paths["path"], entry.paths.get("image"), entry.annotations])
+
+
 def from_entry(entry: SlideEntry) -> Slide:
-    """Adapter for ``READERS['h5ad']``: manifest columns ``path`` and optional ``image``."""
+    """Adapter for ``FORMATS['h5ad'].read``: manifest columns ``path`` and optional ``image``."""
     return read_h5ad(
         entry.paths["path"],
         slide=entry.slide,
@@ -101,12 +106,21 @@ def slide_from_anndata(
     validation, unique gene symbols, coordinate scaling, a microns-per-pixel fallback, annotations
     and :func:`check_slide`."""
     name = slide or str(adata.uns.get("hgc", {}).get("slide") or path.stem)
+    if adata.X is None:
+        raise InputError(f"slide '{name}': {path} has no expression matrix X; expected raw counts in X (spots x genes)")
+    spatial = adata.obsm.get("spatial")
+    if spatial is not None:
+        values = np.asarray(spatial)
+        if values.dtype.kind not in "biuf" or values.ndim != 2 or values.shape[1] < 2:
+            raise InputError(f"slide '{name}': obsm['spatial'] of {path} is not a numeric (spots x 2) array of "
+                             f"pixel coordinates (found {values.dtype} {values.shape})")
     try:
-        result = Slide.from_anndata(
-            adata, slide=name, patient=patient, image=image, microns_per_pixel=microns_per_pixel
-        )
+        with reading(path, name, "AnnData"):
+            result = Slide.from_anndata(
+                adata, slide=name, patient=patient, image=image, microns_per_pixel=microns_per_pixel
+            )
     except InputError as exc:
-        raise InputError(f"{exc} (in {path})") from exc
+        raise InputError(f"{exc} (in {path})" if str(path) not in str(exc) else str(exc)) from None
     result.counts = as_raw_counts(result.counts, result.id, path)
     result.genes = make_unique(result.genes, result.id, path)
     if coord_scale:

@@ -13,7 +13,7 @@ from pathlib import Path
 from ...errors import InputError
 from ..manifest import SlideEntry
 from ..slide import Slide
-from ._common import require_file
+from ._common import existing, require_file
 from .h5ad import load_anndata, slide_from_anndata
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,15 @@ def read_hest(
     return result
 
 
+def input_files(entry: SlideEntry) -> list[Path]:
+    """The files a HEST-1k sample is read from (for content-keyed caches)."""
+    root, sample = Path(entry.paths["path"]), entry.extra["id"]
+    return existing([root / "st" / f"{sample}.h5ad", root / "wsis" / f"{sample}.tif",
+                     root / "metadata" / f"{sample}.json", entry.annotations])
+
+
 def from_entry(entry: SlideEntry) -> Slide:
-    """Adapter for ``READERS['hest']``: column ``path`` (the HEST root) and field ``id``."""
+    """Adapter for ``FORMATS['hest'].read``: column ``path`` (the HEST root) and field ``id``."""
     return read_hest(
         entry.paths["path"],
         entry.extra["id"],

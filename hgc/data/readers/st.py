@@ -19,6 +19,7 @@ from ..image import SlideImage
 from ..manifest import SlideEntry
 from ..slide import SPOT_PITCH_UM, Slide
 from ..checks import as_raw_counts, check_slide
+from ._common import existing, numeric_columns, reading
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,7 @@ def read_st(
     table = _read_counts(counts, slide)
     spot_table = _read_spots(spots, slide)
     count_ids = _array_ids(table.index.to_numpy(), counts, slide)
-    spot_ids = _array_ids(
-        (spot_table["x"].astype(str) + "x" + spot_table["y"].astype(str)).to_numpy(), spots, slide
-    )
+    spot_ids = _array_ids((spot_table["x"] + "x" + spot_table["y"]).to_numpy(), spots, slide)
     spot_table = spot_table.assign(_id=spot_ids)
     dup = spot_table["_id"].duplicated(keep=False)
     if dup.any():
@@ -68,7 +67,7 @@ def read_st(
     spot_rows = spot_table.loc[common]
     scale = coord_scale or 1.0
     coords = spot_rows[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * scale
-    array_coords = np.rint(spot_rows[["x", "y"]].to_numpy(dtype=np.float64)).astype(np.int64)
+    array_coords = np.rint(spot_table.loc[common, ["ax", "ay"]].to_numpy(dtype=np.float64)).astype(np.int64)
     barcodes = np.asarray(common, dtype=object)
     mpp, source = (microns_per_pixel, "manifest") if microns_per_pixel else (
         _mpp_from_pitch(array_coords, coords, slide), "spot-pitch"
@@ -93,6 +92,11 @@ def read_st(
     return slide_obj
 
 
+def input_files(entry: SlideEntry) -> list[Path]:
+    """The files a legacy-ST slide is read from (for content-keyed caches)."""
+    return existing([entry.paths["counts"], entry.paths["spots"], entry.paths["image"], entry.annotations])
+
+
 def from_entry(entry: SlideEntry) -> Slide:
     return read_st(
         entry.paths["counts"],
@@ -109,10 +113,8 @@ def from_entry(entry: SlideEntry) -> Slide:
 def _read_counts(path: Path, slide: str) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(f"slide '{slide}': counts file not found: {path}")
-    try:
+    with reading(path, slide, "counts table"):
         table = pd.read_csv(path, sep="\t", index_col=0)
-    except Exception as exc:
-        raise InputError(f"slide '{slide}': cannot read counts table {path}: {exc}") from exc
     if table.shape[0] == 0 or table.shape[1] == 0:
         raise InputError(f"slide '{slide}': counts table {path} has no spots or no genes")
     index_is_ids = _SPOT_ID.match(str(table.index[0])) is not None
@@ -121,24 +123,31 @@ def _read_counts(path: Path, slide: str) -> pd.DataFrame:
     if table.index.duplicated().any():
         dups = table.index[table.index.duplicated()].unique()[:5]
         raise InputError(f"slide '{slide}': counts table {path} has duplicate spot ids: {', '.join(map(str, dups))}")
+    text = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
+    if text:  # a value like "12,5" or "n/a" makes pandas read its whole column as text
+        table[text] = numeric_columns(table, text, path, slide, row_name="spot")
     return table
 
 
 def _read_spots(path: Path, slide: str) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(f"slide '{slide}': spot table not found: {path}")
-    try:
-        table = pd.read_csv(path, sep="\t")
-    except Exception as exc:
-        raise InputError(f"slide '{slide}': cannot read spot table {path}: {exc}") from exc
+    with reading(path, slide, "spot table"):
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     missing = [c for c in ("x", "y", "pixel_x", "pixel_y") if c not in table.columns]
     if missing:
         raise InputError(
             f"slide '{slide}': spot table {path} lacks column(s) {', '.join(missing)}; "
             "expected columns x, y, pixel_x, pixel_y (and optionally selected)"
         )
-    if "selected" in table.columns:
-        table = table[table["selected"].astype(float) > 0]
+    table.index = pd.Index((table["x"].str.strip() + "x" + table["y"].str.strip()).to_numpy(), name="spot")
+    columns = ["x", "y", "pixel_x", "pixel_y"] + (["selected"] if "selected" in table.columns else [])
+    values = numeric_columns(table, columns, path, slide, row_name="spot")
+    if "selected" in values:
+        values = values[values["selected"] > 0]
+    # x / y as written (e.g. "12.04" in cSCC tables) make the ids; ax / ay hold them as numbers
+    table = values.rename(columns={"x": "ax", "y": "ay"}).assign(
+        x=table.loc[values.index, "x"].str.strip(), y=table.loc[values.index, "y"].str.strip())
     if table.empty:
         raise InputError(f"slide '{slide}': spot table {path} has no spots under tissue (selected = 1)")
     return table
@@ -178,7 +187,8 @@ def _read_annotations(path: Path, slide: Slide) -> pd.DataFrame:
     """Per-spot labels joined on array position (her2st ``*-cluster-annotation.tsv.gz`` layout)."""
     if not path.is_file():
         raise InputError(f"slide '{slide.id}': annotation file not found: {path}")
-    table = pd.read_csv(path, sep="\t")
+    with reading(path, slide.id, "annotation table"):
+        table = pd.read_csv(path, sep="\t")
     if not {"x", "y"} <= set(table.columns):
         raise InputError(f"slide '{slide.id}': annotation table {path} needs columns x and y")
     ids = _array_ids((table["x"].astype(str) + "x" + table["y"].astype(str)).to_numpy(), path, slide.id)

@@ -20,7 +20,7 @@ from ..checks import as_raw_counts, check_slide
 from ..image import SlideImage
 from ..manifest import SlideEntry
 from ..slide import Slide
-from ._common import attach_annotations, make_unique, require_file
+from ._common import attach_annotations, existing, make_unique, numeric_columns, reading, require_file
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,20 @@ def read_visium(
     return result
 
 
+def input_files(entry: SlideEntry) -> list[Path]:
+    """The files a Visium slide may be read from (for content-keyed caches): every matrix,
+    positions, scale-factor and image file Space Ranger leaves in ``outs/``, plus the manifest's."""
+    outs = Path(entry.paths["path"])
+    spatial = outs / "spatial"
+    mtx = outs / "filtered_feature_bc_matrix"
+    names = ["tissue_positions.csv", "tissue_positions_list.csv", "scalefactors_json.json",
+             "tissue_hires_image.png", "tissue_lowres_image.png"]
+    return existing([outs / "filtered_feature_bc_matrix.h5", *(sorted(mtx.iterdir()) if mtx.is_dir() else []),
+                     *(spatial / n for n in names), entry.paths.get("image"), entry.annotations])
+
+
 def from_entry(entry: SlideEntry) -> Slide:
-    """Adapter for ``READERS['visium']``: manifest columns ``path`` (outs/) and optional ``image``."""
+    """Adapter for ``FORMATS['visium'].read``: manifest columns ``path`` (outs/) and optional ``image``."""
     return read_visium(
         entry.paths["path"],
         slide=entry.slide,
@@ -202,8 +214,8 @@ def _read_10x_h5(path: Path, slide: str):
             f"slide '{slide}': {path} is not a 10x feature-barcode matrix (missing {exc}; "
             "expected datasets matrix/data, indices, indptr, shape, barcodes, features/name)"
         ) from exc
-    except (OSError, ValueError) as exc:
-        raise InputError(f"slide '{slide}': cannot read 10x HDF5 matrix {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - h5py/scipy raise many types for a damaged matrix
+        raise InputError(f"slide '{slide}': cannot read 10x HDF5 matrix {path}: {type(exc).__name__}: {exc}") from None
     return barcodes, names, types, counts
 
 
@@ -225,12 +237,12 @@ def _read_10x_mtx(folder: Path, slide: str):
     matrix_file = _find(folder, ("matrix.mtx",), slide)
     features_file = _find(folder, ("features.tsv", "genes.tsv"), slide)
     barcodes_file = _find(folder, ("barcodes.tsv",), slide)
-    try:
+    with reading(matrix_file, slide, "Matrix Market counts"):
         counts = sp.csr_matrix(mmread(str(matrix_file)).T)
+    with reading(features_file, slide, "feature list"):
         features = pd.read_csv(features_file, sep="\t", header=None, dtype=str)
+    with reading(barcodes_file, slide, "barcode list"):
         barcodes = pd.read_csv(barcodes_file, sep="\t", header=None, dtype=str)[0]
-    except (OSError, ValueError) as exc:
-        raise InputError(f"slide '{slide}': cannot read Matrix Market folder {folder}: {exc}") from exc
     if counts.shape != (len(barcodes), len(features)) or features.shape[1] < 2:
         raise InputError(
             f"slide '{slide}': {matrix_file} is {counts.shape[1]} genes x {counts.shape[0]} barcodes "
@@ -252,12 +264,10 @@ def _read_positions(spatial: Path, slide: str) -> tuple[pd.DataFrame, Path]:
             f"slide '{slide}': Visium spot positions not found in {spatial} (expected "
             "tissue_positions.csv or tissue_positions_list.csv)"
         )
-    with open(path, encoding="utf-8") as fh:
-        has_header = fh.readline().split(",")[0].strip().lower() == "barcode"
-    try:
-        df = pd.read_csv(path, header=0 if has_header else None)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"slide '{slide}': cannot read Visium positions {path}: {exc}") from exc
+    with reading(path, slide, "Visium spot positions"):
+        with open(path, encoding="utf-8") as fh:
+            has_header = fh.readline().split(",")[0].strip().lower() == "barcode"
+        df = pd.read_csv(path, header=0 if has_header else None, dtype=str, keep_default_na=False)
     if not has_header:
         if df.shape[1] != len(POSITION_COLUMNS):
             raise InputError(
@@ -271,7 +281,20 @@ def _read_positions(spatial: Path, slide: str) -> tuple[pd.DataFrame, Path]:
             f"slide '{slide}': {path} lacks columns {', '.join(missing)} "
             f"(expected {', '.join(POSITION_COLUMNS)})"
         )
-    return df.astype({"barcode": str}).set_index("barcode"), path
+    df = df.set_index(df["barcode"].str.strip())
+    values = numeric_columns(df, POSITION_COLUMNS[1:], path, slide, row_name="barcode")
+    flags = values["in_tissue"]
+    bad = ~flags.isin([0, 1])
+    if bad.any():
+        i = int(np.argmax(bad.to_numpy()))
+        raise InputError(f"slide '{slide}': {path} has in_tissue {df['in_tissue'].iloc[i]!r} at barcode "
+                         f"{df.index[i]}; expected 1 (spot under tissue) or 0")
+    missing = values.isna().any(axis=1)
+    if missing.any():
+        i = int(np.argmax(missing.to_numpy()))
+        raise InputError(f"slide '{slide}': {path} has an empty position at barcode {df.index[i]}; "
+                         "expected array_row, array_col and pixel coordinates for every spot")
+    return values, path
 
 
 def _read_scalefactors(path: Path, slide: str) -> dict:

@@ -1,0 +1,336 @@
+"""Writing outputs safely: complete or absent, one writer at a time, failures as one clear line.
+
+Every hgc writer goes through this module:
+
+- :func:`safe_name` turns an identifier (slide, fold, patient) into one file-name component, so
+  an id never acts as a path (``a/b`` or ``..`` stay inside the output folder, reversibly);
+- :func:`output_lock` holds an exclusive lock beside an output (``.<name>.lock``) for the whole
+  command, names the holder when a second writer arrives, and removes the temporary files an
+  earlier, killed writer of that output left behind;
+- :func:`atomic_file` / :func:`atomic_dir` write under a temporary name beside the target and rename
+  it into place only once complete (files are fsynced first), so a kill, a full disk or an error
+  leaves the previous output or nothing, never a half-written one;
+- :func:`check_writable` and :func:`require_free_space` run before the work starts;
+- :func:`os_error_message` words a write failure (full disk, read-only folder, no permission) as a
+  sentence naming the path; the CLI prints it as one line.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: errno values that mean "this path cannot be written here", with the words for each.
+WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file exceeds the size this system allows (disk or quota limit)",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+_H5_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def safe_name(identifier: str) -> str:
+    """``identifier`` as a single, reversible file-name component (``urllib.parse.unquote`` undoes it).
+
+    Letters, digits and ``_.-~`` are kept, everything else (``/``, spaces, ``%``...) is
+    percent-encoded, and a leading ``.`` too, so ``.``, ``..`` and hidden names cannot occur.
+    Ordinary ids (``B4``, ``TENX95``, ``patient-C``) are unchanged.
+    """
+    name = quote(str(identifier), safe="")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    if not name:
+        raise InputError("an empty identifier cannot name a file")
+    return name
+
+
+def os_error_message(exc: OSError, path: str | Path | None = None) -> str | None:
+    """One sentence for a write failure hgc can explain (full disk, read-only, permissions), else None.
+
+    h5py reports HDF5 write failures as an OSError whose text holds ``errno = N``; that number
+    is used when ``exc.errno`` is unset.
+    """
+    code = exc.errno
+    if code is None:
+        found = _H5_ERRNO.search(str(exc))
+        code = int(found.group(1)) if found else None
+    if code not in WRITE_ERRORS:
+        return None
+    where = exc.filename or path or "the output"
+    return f"cannot write {where}: {WRITE_ERRORS[code]} ({os.strerror(code)}); free some space or choose another output folder"
+
+
+def _write_error(exc: OSError, path: Path) -> InputError:
+    return InputError(os_error_message(exc, path) or f"cannot write {path}: {exc}")
+
+
+def _reraise_write_error(exc: OSError, path: Path) -> None:
+    """Raise a known write failure as one-line InputError; leave other errors as they are."""
+    message = os_error_message(exc, path)
+    if message:
+        raise InputError(message) from exc
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail now, with one line, if ``path`` (a file or folder to create) cannot be written.
+
+    Creates the missing parent folders and a probe file in the parent, so read-only file
+    systems, missing permissions and completely full disks are found before any work is done.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        raise InputError(f"{path} exists and is neither a file nor a folder")
+    parent = path.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{safe_name(path.name)}.probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with open(probe, "wb") as fh:
+            fh.write(b"hgc")
+        probe.unlink()
+    except OSError as exc:
+        raise _write_error(exc, parent) from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"cannot write {path}: permission denied")
+    return path
+
+
+def require_free_space(path: str | Path, nbytes: int, what: str) -> None:
+    """Refuse to start writing ``nbytes`` (plus 10%) at ``path`` if the file system has less free."""
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    need = int(nbytes * 1.1) + (1 << 20)
+    if free < need:
+        raise InputError(
+            f"not enough disk space for {what} at {path}: about {need / 2**20:.0f} MiB needed, "
+            f"{free / 2**20:.0f} MiB free; free some space or choose another output folder"
+        )
+
+
+# --- temporary names, and cleaning what a killed writer left --------------------------------------
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f"{_temp_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_TEMPORARY = re.compile(r"(\..+\.tmp-\d+-[0-9a-f]{8}|.+\.tmp\d+)$")  # ours, and hgc <= 0.1's
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of hgc's temporary names (of any output)."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files and folders earlier writers of ``path`` left (call under its lock).
+
+    Also removes the ``<name>.tmp<pid>`` files of hgc versions before the lock existed.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    legacy = re.compile(re.escape(path.name) + r"\.tmp\d+")
+    stale = [p for p in path.parent.iterdir()
+             if (p.name.startswith(_temp_prefix(path)) and is_temporary(p.name)) or legacy.fullmatch(p.name)]
+    for p in stale:
+        log.info("removing %s, left by an interrupted hgc run", p)
+        _remove(p)
+    return stale
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # directories cannot be fsynced on some platforms
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            _fsync(p)
+    _fsync(folder)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write; it replaces ``path`` only if the block completes.
+
+    The temporary file sits beside ``path`` (same file system, so the rename is atomic) and is
+    fsynced before the rename; on any failure it is deleted and ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except OSError as exc:
+        _reraise_write_error(exc, path)
+        raise
+    finally:
+        _remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | Path) -> Iterator["h5py.File"]:  # noqa: F821
+    """An HDF5 file open for writing that appears at ``path`` only once complete (:func:`atomic_file`)."""
+    import h5py
+
+    with atomic_file(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            yield f
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (see :func:`atomic_file`)."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary folder to fill; it replaces the folder ``path`` only if the block completes.
+
+    The old folder (if any) is first renamed aside, then the new one renamed into place, then
+    the old one deleted: at every moment ``path`` is the complete old output, the complete new
+    one, or (for an instant, if killed between the two renames) absent.
+    """
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise _write_error(exc, tmp) from None
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if path.exists():
+            old = _temp_name(path)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+        if old is not None:
+            _remove(old)
+    except OSError as exc:
+        _reraise_write_error(exc, path)
+        raise
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+# --- one writer at a time ---------------------------------------------------------------------------
+
+_HELD: dict[str, tuple[int, int]] = {}  # lock file -> (fd, depth): re-entrant within one process
+
+
+def _lock_path(path: Path) -> Path:
+    return path.absolute().with_name(f".{path.name}.lock")
+
+
+def _holder(lock: Path) -> str:
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8"))
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"]))
+        return f"`{info['command']}` (process {info['pid']} on {info['host']}, started {started})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another hgc process"
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path, command: str) -> Iterator[None]:
+    """Hold the exclusive lock of output ``path`` for the block (re-entrant in one process).
+
+    The lock is an advisory ``flock`` on ``.<name>.lock`` beside ``path``, released by the
+    operating system even if the process is killed. On entry the temporary files of earlier,
+    interrupted writers of ``path`` are deleted: while the lock is held no one else can be
+    writing them. On systems without ``fcntl`` (Windows) there is no lock.
+    """
+    path = Path(path)
+    lock = _lock_path(path)
+    key = str(lock)
+    if key in _HELD:
+        fd, depth = _HELD[key]
+        _HELD[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _HELD[key]
+            _HELD[key] = (fd, depth - 1)
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _write_error(exc, lock) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(
+            f"{path} is being written by {_holder(lock)}; wait for it to finish, or choose another output"
+        ) from None
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        _HELD[key] = (fd, 1)
+        remove_stale_temporaries(path)
+        yield
+    finally:
+        _HELD.pop(key, None)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def command_line() -> str:
+    """The running command, for lock holders and records (``hgc fit ...`` or the script name)."""
+    argv = [Path(sys.argv[0]).name if sys.argv else "python", *sys.argv[1:]]
+    return " ".join(argv)[:200]

@@ -1,0 +1,169 @@
+"""The run folder ``hgc fit`` writes: its layout, its completion record, and reading it back.
+
+Layout::
+
+    config.json                    the completion record (written last): format, version, the
+                                   FitConfig, backend, device, folds trained and folds skipped
+    <fold>/model.safetensors       best checkpoint (tensors only: loaded without unpickling)
+    <fold>/fold.json               genes, normaliser, protocol, train/validation/test slides, dims, best epoch
+    <fold>/history.csv             per epoch: losses, validation PCC-ALL and MSE
+
+Fold folders are named with :func:`hgc._outputs.safe_name`. A run is built in a temporary folder
+and renamed into place complete (:func:`hgc._outputs.atomic_dir`), so a folder with this
+``config.json`` is a whole run of one training; readers refuse anything else with one line.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from .._outputs import safe_name, write_text
+from ..errors import InputError
+
+FORMAT = "hgc-run"
+FORMAT_VERSION = 1
+CHECKPOINT = "model.safetensors"
+FOLD_INFO = "fold.json"
+HISTORY = "history.csv"
+RUN_RECORD = "config.json"
+_REFIT = "train it again with `hgc fit`"
+#: Keys every fold.json carries (what predicting with the fold's model needs).
+FOLD_KEYS = ("fold", "protocol", "genes", "normaliser", "train_slides", "validation_slides", "test_slides",
+             "spot_dim", "ref_dim", "n_genes", "model", "best_epoch", "epochs_run", "seed")
+
+
+@dataclass
+class Run:
+    """A complete run folder, as its completion record describes it."""
+
+    path: Path
+    record: dict[str, Any]
+    folds: list[str]  # folds with a model
+    skipped: dict[str, str] = field(default_factory=dict)  # fold -> why it has no model
+
+    @property
+    def backend(self) -> str:
+        return str(self.record.get("backend", "auto"))
+
+    def fold_dir(self, fold: str) -> Path:
+        return self.path / safe_name(fold)
+
+    def fold_info(self, fold: str) -> dict[str, Any]:
+        """``fold.json`` of a trained fold, with every key checked."""
+        if fold not in self.folds:
+            why = f" ({self.skipped[fold]})" if fold in self.skipped else ""
+            raise InputError(f"run {self.path} has no model for fold '{fold}'{why}; its models: {self.folds}")
+        path = self.fold_dir(fold) / FOLD_INFO
+        info = _read_json(path, f"fold '{fold}' of run {self.path}")
+        missing = [k for k in FOLD_KEYS if k not in info]
+        if missing or info.get("fold") != fold:
+            raise InputError(f"{path} is damaged or from another hgc version (missing {missing or ['fold']}); {_REFIT}")
+        return info
+
+    def checkpoint(self, fold: str) -> dict:
+        """The fold's best weights (tensors), loaded without unpickling."""
+        self.fold_info(fold)
+        return load_checkpoint(self.fold_dir(fold) / CHECKPOINT)
+
+    def tensor_digest(self) -> str:
+        """sha256 of every fold's tensors (names, dtypes, shapes, values) and fold.json.
+
+        Checkpoint files of identical trainings differ in their metadata's byte order, so a cache
+        keyed on the model compares what the model *is*, not the file.
+        """
+        h = hashlib.sha256()
+        for fold in self.folds:
+            h.update(fold.encode() + b"\0")
+            h.update(json.dumps(self.fold_info(fold), sort_keys=True).encode())
+            state = self.checkpoint(fold)
+            for name in sorted(state):
+                t = state[name].contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.cpu().numpy().tobytes())
+        return h.hexdigest()
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"{what}: {path} is missing; {_REFIT}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{what}: cannot read {path} ({exc}); {_REFIT}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what}: {path} does not hold a JSON object; {_REFIT}")
+    return data
+
+
+def open_run(path: str | Path) -> Run:
+    """The run at ``path``; a missing, interrupted, damaged or foreign folder is one InputError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"run folder {path} does not exist (write one with `hgc fit`)")
+    record_file = path / RUN_RECORD
+    if not record_file.is_file():
+        raise InputError(f"{path} is not a complete hgc run (no {RUN_RECORD}: was `hgc fit` interrupted?); {_REFIT}")
+    record = _read_json(record_file, f"run {path}")
+    if record.get("format") != FORMAT:
+        if "fit" in record:
+            raise InputError(f"run {path} was written by hgc 0.1, which kept no completion record; {_REFIT}")
+        raise InputError(f"{path} is not an hgc run folder ({record_file} is not an hgc run record)")
+    version = record.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise InputError(f"run {path} has format version {version!r}; this hgc reads version {FORMAT_VERSION}: "
+                         f"upgrade hgc, or {_REFIT}")
+    folds, skipped = record.get("folds"), record.get("skipped", {})
+    if not isinstance(folds, list) or not isinstance(skipped, dict):
+        raise InputError(f"run {path}: {record_file} is damaged (folds or skipped malformed); {_REFIT}")
+    return Run(path, record, [str(f) for f in folds], {str(k): str(v) for k, v in skipped.items()})
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` holds an hgc run (any version), which a new fit may replace."""
+    try:
+        record = json.loads((path / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and (record.get("format") == FORMAT or "fit" in record)
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata={"format": "pt", "hgc_version": __version__})
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Tensors of a safetensors checkpoint; a missing or damaged file is one InputError."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist; {_REFIT}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise InputError(f"checkpoint {path} is damaged or truncated ({type(exc).__name__}: {exc}); {_REFIT}") from None
+
+
+def write_fold(folder: Path, state: dict, history: Sequence[dict[str, float]], info: dict[str, Any]) -> None:
+    """One fold's checkpoint, history and fold.json (inside a run being built)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(state, folder / CHECKPOINT)
+    with open(folder / HISTORY, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
+        writer.writeheader()
+        writer.writerows(history)
+    (folder / FOLD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_record(folder: Path, folds: Sequence[str], skipped: dict[str, str], **facts: Any) -> None:
+    """The completion record, written last into a run being built."""
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "hgc_version": __version__,
+              **facts, "folds": list(folds), "skipped": dict(skipped)}
+    write_text(folder / RUN_RECORD, json.dumps(record, indent=2) + "\n")
