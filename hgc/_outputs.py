@@ -44,6 +44,7 @@ WRITE_ERRORS = {
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
 }
+_SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _H5_ERRNO = re.compile(r"errno = (\d+)")
 
 
@@ -62,20 +63,21 @@ def safe_name(identifier: str) -> str:
     return name
 
 
-def os_error_message(exc: OSError, path: str | Path | None = None) -> str | None:
+def os_error_message(exc: Exception, path: str | Path | None = None) -> str | None:
     """One sentence for a write failure hgc can explain (full disk, read-only, permissions), else None.
 
-    h5py reports HDF5 write failures as an OSError whose text holds ``errno = N``; that number
-    is used when ``exc.errno`` is unset.
+    h5py reports HDF5 write failures as an OSError (or RuntimeError) whose text holds
+    ``errno = N``; that number is used when ``exc.errno`` is unset.
     """
-    code = exc.errno
+    code = getattr(exc, "errno", None)
     if code is None:
         found = _H5_ERRNO.search(str(exc))
         code = int(found.group(1)) if found else None
     if code not in WRITE_ERRORS:
         return None
-    where = exc.filename or path or "the output"
-    return f"cannot write {where}: {WRITE_ERRORS[code]} ({os.strerror(code)}); free some space or choose another output folder"
+    where = path or getattr(exc, "filename", None) or "the output"
+    advice = "free some space or choose another output folder" if code in _SPACE_ERRORS else "choose a folder you may write to"
+    return f"cannot write {where}: {WRITE_ERRORS[code]}; {advice}"
 
 
 def _write_error(exc: OSError, path: Path) -> InputError:
@@ -99,31 +101,59 @@ def check_writable(path: str | Path) -> Path:
     if path.exists() and not (path.is_dir() or path.is_file()):
         raise InputError(f"{path} exists and is neither a file nor a folder")
     parent = path.absolute().parent
+    probe = parent / f".{safe_name(path.name)}.probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".{safe_name(path.name)}.probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with open(probe, "wb") as fh:
             fh.write(b"hgc")
-        probe.unlink()
+            fh.flush()
+            os.fsync(fh.fileno())
     except OSError as exc:
         raise _write_error(exc, parent) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"cannot write {path}: permission denied")
     return path
 
 
-def require_free_space(path: str | Path, nbytes: int, what: str) -> None:
-    """Refuse to start writing ``nbytes`` (plus 10%) at ``path`` if the file system has less free."""
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+def require_free_space(path: str | Path, nbytes: int, what: str, one_file: bool = True) -> None:
+    """Refuse to start writing ``nbytes`` at ``path`` if the file system has less free (with a
+    10% + 64 KiB margin), or, for ``one_file``, if this process may not write a file that large
+    (``ulimit -f``, common on clusters)."""
     folder = Path(path).absolute().parent
     while not folder.exists():
         folder = folder.parent
     free = shutil.disk_usage(folder).free
-    need = int(nbytes * 1.1) + (1 << 20)
+    need = int(nbytes * 1.1) + (1 << 16)
     if free < need:
         raise InputError(
-            f"not enough disk space for {what} at {path}: about {need / 2**20:.0f} MiB needed, "
-            f"{free / 2**20:.0f} MiB free; free some space or choose another output folder"
+            f"cannot write {what} ({path}): it needs about {_size(need)} and the disk has "
+            f"{_size(free)} free; free some space or choose another output folder"
         )
+    limit = _file_size_limit() if one_file else None
+    if limit is not None and limit < need:
+        raise InputError(
+            f"cannot write {what} ({path}): it needs about {_size(need)}, but this process may "
+            f"write files of at most {_size(limit)} (ulimit -f); raise the limit"
+        )
+
+
+def _file_size_limit() -> int | None:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 # --- temporary names, and cleaning what a killed writer left --------------------------------------
@@ -209,13 +239,26 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         _remove(tmp)
 
 
+#: HDF5 files up to this size are assembled in memory and written in one piece (see :func:`atomic_h5`).
+IN_MEMORY_H5_BYTES = 1 << 30
+
+
 @contextlib.contextmanager
-def atomic_h5(path: str | Path) -> Iterator["h5py.File"]:  # noqa: F821
-    """An HDF5 file open for writing that appears at ``path`` only once complete (:func:`atomic_file`)."""
+def atomic_h5(path: str | Path, nbytes: int) -> Iterator["h5py.File"]:  # noqa: F821
+    """An HDF5 file open for writing that appears at ``path`` only once complete (:func:`atomic_file`).
+
+    ``nbytes`` estimates its size: the disk (and ``ulimit -f``) must have room for it first. Files
+    up to :data:`IN_MEMORY_H5_BYTES` are built in memory (HDF5's ``core`` driver) and written at
+    close: when the disk fills during a direct write, HDF5's cleanup can crash the process, while a
+    failed write of the finished image is an ordinary error.
+    """
     import h5py
 
+    path = Path(path)
+    require_free_space(path, nbytes, f"the file {path.name}")
+    in_memory = {"driver": "core", "backing_store": True} if nbytes <= IN_MEMORY_H5_BYTES else {}
     with atomic_file(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", **in_memory) as f:
             yield f
 
 

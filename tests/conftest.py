@@ -67,3 +67,25 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
     lines = ["\t".join(columns)] + ["\t".join(str(r.get(c, "")) for c in columns) for r in rows]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def assert_one_line_error(result, *needles: str, exit_code: int = 1) -> str:
+    """A CLI result that failed the way users should see it: the exit code, no traceback, and one
+    ``Error: ...`` line holding every needle. Returns that line."""
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def tiny_st_project(folder: Path, ids=(("S1", "P1"), ("S2", "P1"), ("S3", "P2")), grid: int = 3) -> Path:
+    """Legacy-ST slides (grid x grid spots) and their manifest in ``folder``: the smallest real pipeline input."""
+    rows = []
+    for i, (slide, patient) in enumerate(ids):
+        files = write_st_slide(folder / f"slide{i}", name=f"slide{i}", grid=grid, pitch_px=60,
+                               image_size=(60 * grid + 60, 60 * grid + 60), seed=i)
+        rows.append({"slide": slide, "patient": patient, "format": "st", "microns_per_pixel": "0.8", **files})
+    return write_manifest(folder / "m.tsv", rows)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from click.testing import CliRunner
 
 from conftest import write_manifest, write_st_slide
@@ -150,3 +151,127 @@ def test_cscc_layout_with_float_spot_positions(tmp_path):
     assert slide.n_spots == 16 and slide.patient == "P2"
     assert sorted(map(tuple, slide.array_coords)) == [(x, y) for x in range(1, 5) for y in range(1, 5)]
     np.testing.assert_allclose(slide.coords[0], slide.array_coords[0] * 40.0)
+
+
+# --- tables with values that are not numbers, positions that are not there -------------------------
+
+def _edit_cell(path: Path, row: int, column: str, value: str) -> None:
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    cells = lines[row].split("\t")
+    cells[header.index(column)] = value
+    lines[row] = "\t".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("value, what", [("12,5", "non-numeric ERBB2 '12,5' at spot 3x1"),
+                                         ("n/a", "missing or infinite count(s) (first at spot 3x1, gene ERBB2")])
+def test_non_numeric_count_is_named(tmp_path, value, what):
+    paths = write_st_slide(tmp_path / "S1")
+    _edit_cell(paths["counts"], 3, "ERBB2", value)
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "'S1'", "S1.tsv", what)
+
+
+@pytest.mark.parametrize("column, value", [("pixel_x", "2546.5px"), ("y", "two")])
+def test_non_numeric_spot_position_is_named(tmp_path, column, value):
+    paths = write_st_slide(tmp_path / "S1")
+    _edit_cell(paths["spots"], 2, column, value)
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "'S1'", "S1_selection.tsv", f"'{value}'", column)
+
+
+def test_missing_pixel_position_names_file_and_spot(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    _edit_cell(paths["spots"], 6, "pixel_y", "")
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "'S1'", "S1_selection.tsv", "spot 2x2",
+                   "no valid pixel position")
+
+
+def test_anndata_without_expression(tmp_path):
+    import anndata as ad
+    import pandas as pd
+
+    a = ad.AnnData(obs=pd.DataFrame(index=["s1", "s2"]), var=pd.DataFrame(index=["ERBB2"]))
+    a.obsm["spatial"] = np.zeros((2, 2))
+    a.write_h5ad(tmp_path / "x.h5ad")
+    row = {"slide": "X", "patient": "P", "format": "h5ad", "path": str(tmp_path / "x.h5ad"), "microns_per_pixel": "1"}
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [row]), "'X'", "x.h5ad", "no expression matrix X")
+
+
+def _visium_copy(tmp_path, shared_data) -> Path:
+    import shutil
+
+    outs = tmp_path / "outs"
+    shutil.copytree(shared_data / "visium" / "spaceranger3_mouse_cytassist", outs)
+    return outs
+
+
+def test_truncated_visium_matrix(tmp_path, shared_data):
+    outs = _visium_copy(tmp_path, shared_data)
+    mtx = outs / "filtered_feature_bc_matrix" / "matrix.mtx.gz"
+    mtx.write_bytes(mtx.read_bytes()[: mtx.stat().st_size // 2])
+    row = {"slide": "V", "patient": "P", "format": "visium", "path": str(outs)}
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [row]), "'V'", "matrix.mtx.gz", "cannot read")
+
+
+def test_visium_in_tissue_must_be_0_or_1(tmp_path, shared_data):
+    outs = _visium_copy(tmp_path, shared_data)
+    positions = next((outs / "spatial").glob("tissue_positions*.csv"))
+    lines = positions.read_text().splitlines()
+    cells = lines[5].split(",")
+    cells[1] = "yes"
+    lines[5] = ",".join(cells)
+    positions.write_text("\n".join(lines) + "\n")
+    row = {"slide": "V", "patient": "P", "format": "visium", "path": str(outs)}
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [row]), "'V'", positions.name, "in_tissue 'yes'",
+                   cells[0], "expected 1 (spot under tissue) or 0")
+
+
+# --- images decoded into the pixels they hold, or refused ------------------------------------------
+
+def test_16_bit_grayscale_png_is_scaled_not_white(tmp_path):
+    from hgc.data.image import SlideImage
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    pixels = SlideImage(tmp_path / "deep.png").pixels()
+    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels[..., 0], np.round(ramp / 257.0).astype(np.uint8))
+    assert pixels.min() == 0 and pixels.max() == 255
+
+
+@pytest.mark.parametrize("damage", ["cut short, end marker kept", "corrupted middle"])
+def test_damaged_jpeg_data_is_an_error_not_grey_rows(tmp_path, damage):
+    from hgc.data.image import SlideImage
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(tmp_path / "he.jpg", quality=90)
+    data = bytearray((tmp_path / "he.jpg").read_bytes())
+    if damage.startswith("cut"):
+        data = data[: len(data) // 2] + b"\xff\xd9"
+    else:
+        data[len(data) // 3 : len(data) // 3 + 64] = b"\xab" * 64
+    (tmp_path / "he.jpg").write_bytes(bytes(data))
+    image = SlideImage(tmp_path / "he.jpg")
+    assert image.size == (256, 256)  # the header is intact
+    with pytest.raises(InputError, match=r"he\.jpg is damaged: the JPEG decoder reports 'Corrupt JPEG data"):
+        image.pixels()
+
+
+def test_jpeg_decodes_as_pillow_does(tmp_path):
+    from hgc.data.image import SlideImage
+
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)).save(tmp_path / "ok.jpg", quality=85)
+    with Image.open(tmp_path / "ok.jpg") as im:
+        expected = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(SlideImage(tmp_path / "ok.jpg").pixels(), expected)
+
+
+def test_exif_rotated_image_is_refused_with_the_right_advice(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    with Image.open(paths["image"]) as im:
+        exif = im.getexif()
+        exif[0x0112] = 6  # "rotate 90° clockwise to display"
+        im.save(paths["image"], exif=exif)
+    message = "carries an EXIF orientation tag (rotated 90° clockwise for display)"
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "S1.jpg", message, "exiftool")

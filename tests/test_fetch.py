@@ -199,3 +199,17 @@ def test_unreachable_mirror_cli(server, requests, tmp_path: Path) -> None:
 def test_unknown_dataset(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unknown dataset 'cscc'; expected one of her2st, hist2st-panels"):
         fetch_dataset("cscc", tmp_path)
+
+
+@pytest.mark.parametrize("style", ["file-url", "folder"])
+def test_fetch_from_a_local_mirror(tmp_path, shared_data, style):
+    """A mirror on disk works like one on a server (as file:// URL or plain folder), verified the same way."""
+    mirror = (shared_data / "gene_panels" / "upstream").resolve()
+    base = mirror.as_uri() if style == "file-url" else str(mirror)
+    r = CliRunner().invoke(main, ["data", "fetch", "hist2st-panels", "--dest", str(tmp_path), "--base-url", base])
+    assert r.exit_code == 0, r.output
+    for upstream, (text_name, sha256) in HIST2ST_PANELS.items():
+        assert file_sha256(tmp_path / "gene_panels" / "upstream" / upstream) == sha256
+        assert (tmp_path / "gene_panels" / text_name).read_text() == (shared_data / "gene_panels" / text_name).read_text()
+    r = CliRunner().invoke(main, ["data", "fetch", "her2st", "--dest", str(tmp_path / "x"), "--base-url", str(tmp_path)])
+    assert r.exit_code == 1 and "the mirror has no file" in r.output and "Traceback" not in r.output

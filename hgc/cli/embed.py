@@ -71,11 +71,11 @@ def patches_command(manifest, out_dir, px, patch_um, patch_native_px, data_root)
 
     from ..data.manifest import read_manifest
     from ..embed import PatchSpec, export_patches
-    from .._outputs import safe_name
+    from .._outputs import check_writable, safe_name
 
     m = read_manifest(manifest, data_root)
     spec = PatchSpec(out_px=px, um=patch_um, native_px=patch_native_px)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    check_writable(Path(out_dir) / "probe")
     for slide_id in progress(m.slide_ids, desc="slides", unit="slide"):
         export_patches(m.load(slide_id), spec, Path(out_dir) / f"{safe_name(slide_id)}.h5")
     click.echo(f"patches: {out_dir} ({len(m.slide_ids)} slides)")

@@ -191,7 +191,7 @@ def export_patches(slide: Slide, spec: PatchSpec, path: Path, batch_size: int = 
     boxes = crop_boxes(slide, spec)
     data = PatchBatches(patch_source(slide), boxes, spec.out_px, batch_size)
     n, px = slide.n_spots, spec.out_px
-    with atomic_h5(path) as f:
+    with atomic_h5(path, n * px * px * 3 + 64 * n) as f:
         img = f.create_dataset("img", (n, px, px, 3), dtype=np.uint8, chunks=(1, px, px, 3))
         for i in range(len(data)):
             img[i * batch_size : i * batch_size + batch_size] = data[i].permute(0, 2, 3, 1).numpy()

@@ -210,7 +210,8 @@ class EmbeddingStore:
     def write(self, slide_id: str, barcodes: np.ndarray, embeddings: np.ndarray, attrs: dict) -> None:
         """Save one finished slide durably, as its own part file."""
         self.parts.mkdir(exist_ok=True)
-        with atomic_h5(self._part(slide_id)) as f:
+        nbytes = int(np.asarray(embeddings).size) * 4 + 64 * len(barcodes)
+        with atomic_h5(self._part(slide_id), nbytes) as f:
             _mark_format(f)
             _write_group(f, slide_id, barcodes, embeddings, attrs)
 
@@ -221,7 +222,8 @@ class EmbeddingStore:
         parts = sorted(self.parts.glob("*.h5")) if self.parts.is_dir() else []
         if parts:
             fresh = {p.name[: -len(".h5")] for p in parts}
-            with atomic_h5(self.path) as dst:
+            nbytes = sum(p.stat().st_size for p in parts) + (self.path.stat().st_size if self.path.exists() else 0)
+            with atomic_h5(self.path, nbytes) as dst:
                 _mark_format(dst)
                 if self.path.exists():
                     with h5py.File(self.path, "r") as old:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .._outputs import atomic_dir, check_writable, command_line, output_lock, safe_name, write_text
+from .._outputs import atomic_dir, check_writable, command_line, output_lock, require_free_space, safe_name, write_text
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,10 @@ class PredictionSetWriter:
         by_slide = self.files.setdefault(p.method, {})
         if p.slide in by_slide:
             raise InputError(f"two predictions of method '{p.method}' for slide '{p.slide}' (folds overlap?)")
-        path = write_prediction(prediction_path(self.folder, p.method, p.slide), p)
+        path = prediction_path(self.folder, p.method, p.slide)
+        values = np.asarray(p.predicted).size * (1 if p.observed is None else 2)
+        require_free_space(path, 4 * values + 16 * (len(p.barcodes) + len(p.genes)), f"the prediction of {p.slide}")
+        write_prediction(path, p)
         by_slide[p.slide] = path.relative_to(self.folder).as_posix()
         return path
 

@@ -32,7 +32,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from .. import __version__
-from .._outputs import atomic_h5, command_line, output_lock, require_free_space, safe_name
+from .._outputs import atomic_h5, command_line, output_lock, safe_name
 from .._records import record_from_dict
 from ..errors import InputError
 from .build import FoldGraphs, FoldInfo, GraphConfig, GraphSet, Pool, SlideData, TargetEdges
@@ -59,9 +59,8 @@ def write_graphs(graphs: GraphSet, out: str | Path) -> Path:
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    require_free_space(out, _nbytes(graphs), "the graph store")
     strings = h5py.string_dtype()
-    with output_lock(out, command_line()), atomic_h5(out) as f:
+    with output_lock(out, command_line()), atomic_h5(out, _nbytes(graphs)) as f:
         f.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "hgc_version": __version__,
             "protocol": graphs.protocol, "config": graphs.config.to_json(),

@@ -33,6 +33,10 @@ from .rundir import is_run_folder, open_run, write_fold, write_record
 log = logging.getLogger(__name__)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class FitConfig:
     """Training settings; every field is a ``hgc fit`` option and is saved in ``config.json``."""
@@ -60,11 +64,10 @@ class FitConfig:
         self.device = check_device(self.device)
         if not (isinstance(self.epochs, int) and self.epochs >= 1):
             raise InputError(f"epochs must be a whole number >= 1, got {self.epochs!r}")
-        for name, low in (("lr", 0.0), ("weight_decay", None)):
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if low is not None else value >= 0)
-            if not ok:
-                raise InputError(f"{name.replace('_', ' ')} must be a finite number {'> 0' if low is not None else '>= 0'}, got {value!r}")
+        if not (_is_number(self.lr) and self.lr > 0):
+            raise InputError(f"lr (the learning rate) must be a finite number > 0, got {self.lr!r}")
+        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
+            raise InputError(f"weight decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.patience is not None and not (isinstance(self.patience, int) and self.patience >= 1):
             raise InputError(f"patience must be a whole number >= 1 (or None: never stop early), got {self.patience!r}")
         if not (isinstance(self.n_val, int) and self.n_val >= 0):

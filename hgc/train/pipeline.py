@@ -162,8 +162,8 @@ def run_pipeline(
     panel = panel_file(genes, data_root)
     enc = load_encoder(encoder)
 
-    out.mkdir(parents=True, exist_ok=True)
     with output_lock(out, command_line()):
+        out.mkdir(parents=True, exist_ok=True)
         data = manifest_inputs(m)
         emb = out / "embeddings.h5"
         embed_step = Step("embed", emb, {"encoder": encoder, "data_root": str(root)},

@@ -130,7 +130,7 @@ def predict(
     check_prediction_output(out_dir)
     spots = sum(r["n_spot"] * len(infos[r["fold"]].genes) for r in summarize(graphs_path)
                 if r["role"] == "test" and r["fold"] in folds)
-    require_free_space(out_dir, spots * 8 * len(methods), "the predictions")
+    require_free_space(out_dir, spots * 8 * len(methods), "the predictions", one_file=False)
     protocol = next(iter(infos.values())).protocol if infos else ""
     written = []
     with writing_predictions(out_dir, protocol=protocol, methods=methods, graphs=str(graphs_path.resolve()),

@@ -134,9 +134,10 @@ def is_run_folder(path: Path) -> bool:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    from safetensors.torch import save_file
+    """Serialise in memory, then write with Python's file I/O (whose failures carry an errno)."""
+    from safetensors.torch import save
 
-    save_file(state, str(path), metadata={"format": "pt", "hgc_version": __version__})
+    path.write_bytes(save(state, metadata={"format": "pt", "hgc_version": __version__}))
 
 
 def load_checkpoint(path: Path) -> dict:

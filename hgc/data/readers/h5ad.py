@@ -121,7 +121,7 @@ def slide_from_anndata(
             )
     except InputError as exc:
         raise InputError(f"{exc} (in {path})" if str(path) not in str(exc) else str(exc)) from None
-    result.counts = as_raw_counts(result.counts, result.id, path)
+    result.counts = as_raw_counts(result.counts, result.id, path, spots=result.barcodes, genes=result.genes)
     result.genes = make_unique(result.genes, result.id, path)
     if coord_scale:
         result.coords = result.coords * float(coord_scale)

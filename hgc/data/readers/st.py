@@ -63,7 +63,7 @@ def read_st(
         log.warning("slide %s: %d spot(s) of %s have no row in %s and are left out", slide, n_dropped, counts.name, spots.name)
     row_of = pd.Series(np.arange(len(count_ids)), index=count_ids)
     rows = row_of.loc[common].to_numpy()
-    matrix = as_raw_counts(table.to_numpy()[rows], slide, counts)
+    matrix = as_raw_counts(table.to_numpy()[rows], slide, counts, spots=np.asarray(common), genes=table.columns)
     spot_rows = spot_table.loc[common]
     scale = coord_scale or 1.0
     coords = spot_rows[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * scale

@@ -173,7 +173,7 @@ def read_10x_matrix(
                 slide, int((~is_gene).sum()), ", ".join(sorted(set(types[~is_gene]))),
             )
         names, counts = names[is_gene], counts[:, is_gene]
-    return barcodes, names, as_raw_counts(counts, slide, source), source
+    return barcodes, names, as_raw_counts(counts, slide, source, spots=barcodes, genes=names), source
 
 
 def _as_str(values) -> np.ndarray:
@@ -282,13 +282,12 @@ def _read_positions(spatial: Path, slide: str) -> tuple[pd.DataFrame, Path]:
             f"(expected {', '.join(POSITION_COLUMNS)})"
         )
     df = df.set_index(df["barcode"].str.strip())
-    values = numeric_columns(df, POSITION_COLUMNS[1:], path, slide, row_name="barcode")
-    flags = values["in_tissue"]
-    bad = ~flags.isin([0, 1])
+    bad = ~df["in_tissue"].str.strip().isin(["0", "1"])
     if bad.any():
         i = int(np.argmax(bad.to_numpy()))
         raise InputError(f"slide '{slide}': {path} has in_tissue {df['in_tissue'].iloc[i]!r} at barcode "
                          f"{df.index[i]}; expected 1 (spot under tissue) or 0")
+    values = numeric_columns(df, POSITION_COLUMNS[1:], path, slide, row_name="barcode")
     missing = values.isna().any(axis=1)
     if missing.any():
         i = int(np.argmax(missing.to_numpy()))
