@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -116,6 +116,20 @@ def check_writable(path: str | Path) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"cannot write {path}: permission denied")
     return path
+
+
+def check_replaceable_folder(path: str | Path, ours: Callable[[Path], bool], what: str) -> Path:
+    """``path`` if a new ``what`` (e.g. "hgc run") may replace it: absent, empty, or ``ours(path)``.
+
+    A folder that holds anything else is refused, so replacing an output never deletes a user's files.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {path} is a file; an {what} is written to a folder")
+    if path.is_dir() and any(path.iterdir()) and not ours(path):
+        raise InputError(f"--out {path} is a folder that does not hold an {what}; choose a new or empty folder "
+                         f"(hgc replaces an earlier {what} there, nothing else)")
+    return check_writable(path)
 
 
 def _size(nbytes: float) -> str:

@@ -89,3 +89,18 @@ def tiny_st_project(folder: Path, ids=(("S1", "P1"), ("S2", "P1"), ("S3", "P2"))
                                image_size=(60 * grid + 60, 60 * grid + 60), seed=i)
         rows.append({"slide": slide, "patient": patient, "format": "st", "microns_per_pixel": "0.8", **files})
     return write_manifest(folder / "m.tsv", rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(manifest, run folder) of a finished `hgc run` on three tiny slides (slide-loso, effnet-lite0,
+    one epoch): embeddings, graphs, model and predictions. Tests copy whatever they change."""
+    from hgc.train.fit import FitConfig
+    from hgc.train.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    manifest = tiny_st_project(root / "data")
+    fit = FitConfig(backend="pyg", device="cpu", epochs=1, patience=None, progress=False, model={"hidden": 8, "layers": 1})
+    run_pipeline(manifest, "slide-loso", "top-mean:5", "effnet-lite0", root / "run", fit_config=fit, device="cpu",
+                 progress=False)
+    return manifest, root / "run"

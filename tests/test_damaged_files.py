@@ -10,22 +10,10 @@ import h5py
 import pytest
 from click.testing import CliRunner
 
-from conftest import assert_one_line_error, tiny_st_project
+from conftest import assert_one_line_error
 from hgc.cli import main
-from hgc.train.fit import FitConfig
-from hgc.train.pipeline import run_pipeline
 
 FAST = ["--epochs", "1", "--hidden", "8", "--layers", "1", "--backend", "pyg", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("damaged")
-    manifest = tiny_st_project(root / "data")
-    fit = FitConfig(backend="pyg", device="cpu", epochs=1, patience=None, progress=False, model={"hidden": 8, "layers": 1})
-    run_pipeline(manifest, "slide-loso", "top-mean:5", "effnet-lite0", root / "run", fit_config=fit, device="cpu",
-                 progress=False)
-    return manifest, root / "run"
 
 
 def _first_fold(f) -> str:
@@ -64,8 +52,8 @@ GRAPH_CASES = {
 
 
 @pytest.mark.parametrize("kind", list(GRAPH_CASES))
-def test_graph_stores(tmp_path, project, kind):
-    _, run = project
+def test_graph_stores(tmp_path, tiny_run, kind):
+    _, run = tiny_run
     graphs = tmp_path / "graphs.h5"
     shutil.copy(run / "graphs.h5", graphs)
     with h5py.File(graphs, "a") as f:
@@ -76,16 +64,16 @@ def test_graph_stores(tmp_path, project, kind):
     assert not (tmp_path / "model").exists()
 
 
-def test_truncated_graph_store(tmp_path, project):
-    _, run = project
+def test_truncated_graph_store(tmp_path, tiny_run):
+    _, run = tiny_run
     graphs = tmp_path / "graphs.h5"
     graphs.write_bytes((run / "graphs.h5").read_bytes()[:4000])
     assert_one_line_error(CliRunner().invoke(main, ["graph", "inspect", str(graphs)]), str(graphs), "build-graph")
 
 
 @pytest.mark.parametrize("kind", ["version", "missing dataset", "truncated", "not hdf5"])
-def test_embedding_files(tmp_path, project, kind):
-    manifest, run = project
+def test_embedding_files(tmp_path, tiny_run, kind):
+    manifest, run = tiny_run
     emb = tmp_path / "emb.h5"
     if kind in ("truncated", "not hdf5"):
         emb.write_bytes((run / "embeddings.h5").read_bytes()[:3000] if kind == "truncated" else b"just text")
@@ -133,8 +121,8 @@ def _run_edit(kind: str, model: Path) -> str:
 
 @pytest.mark.parametrize("kind", ["truncated checkpoint", "malformed fold.json", "fold.json of another version",
                                   "run of hgc 0.1", "interrupted run", "newer run"])
-def test_run_folders(tmp_path, project, kind):
-    _, run = project
+def test_run_folders(tmp_path, tiny_run, kind):
+    _, run = tiny_run
     model = tmp_path / "model"
     shutil.copytree(run / "model", model)
     needle = _run_edit(kind, model)
@@ -144,8 +132,8 @@ def test_run_folders(tmp_path, project, kind):
 
 
 @pytest.mark.parametrize("kind", ["truncated file", "file missing", "record damaged", "not a prediction"])
-def test_prediction_folders(tmp_path, project, kind):
-    _, run = project
+def test_prediction_folders(tmp_path, tiny_run, kind):
+    _, run = tiny_run
     pred = tmp_path / "pred"
     shutil.copytree(run / "predictions", pred)
     first = next((pred / "knn").glob("*.h5ad"))

@@ -19,8 +19,6 @@ from conftest import REPO, assert_one_line_error, tiny_st_project
 from hgc._outputs import atomic_dir, output_lock, safe_name
 from hgc.cli import main
 from hgc.errors import InputError
-from hgc.train.fit import FitConfig
-from hgc.train.pipeline import run_pipeline
 
 FAST = ["--epochs", "1", "--hidden", "8", "--layers", "1", "--backend", "pyg", "--device", "cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
@@ -46,17 +44,6 @@ def _one_line(proc, *needles):
 
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A finished `hgc run` on three tiny slides: embeddings, graphs, model, predictions."""
-    root = tmp_path_factory.mktemp("project")
-    manifest = tiny_st_project(root / "data")
-    fit = FitConfig(backend="pyg", device="cpu", epochs=1, patience=None, progress=False, model={"hidden": 8, "layers": 1})
-    run_pipeline(manifest, "slide-loso", "top-mean:5", "effnet-lite0", root / "run", fit_config=fit, device="cpu",
-                 progress=False)
-    return manifest, root / "run"
 
 
 def test_safe_names_are_one_reversible_component():
@@ -109,8 +96,8 @@ def _kill_fit(graphs: Path, out: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def test_killed_fit_leaves_the_previous_run_or_nothing(tmp_path, project):
-    _, run = project
+def test_killed_fit_leaves_the_previous_run_or_nothing(tmp_path, tiny_run):
+    _, run = tiny_run
     graphs = run / "graphs.h5"
     _kill_fit(graphs, tmp_path / "fresh")  # a first fit killed: no run at all, predict refuses
     assert not (tmp_path / "fresh").exists()
@@ -129,8 +116,8 @@ def test_killed_fit_leaves_the_previous_run_or_nothing(tmp_path, project):
     assert not list(tmp_path.glob(".model.tmp-*"))  # ...is removed by the next fit of that folder
 
 
-def test_predict_replaces_stale_files_and_evaluate_reads_only_its_record(tmp_path, project):
-    _, run = project
+def test_predict_replaces_stale_files_and_evaluate_reads_only_its_record(tmp_path, tiny_run):
+    _, run = tiny_run
     pred = tmp_path / "pred"
     shutil.copytree(run / "predictions", pred)
     (pred / "oldmethod").mkdir()
@@ -145,13 +132,13 @@ def test_predict_replaces_stale_files_and_evaluate_reads_only_its_record(tmp_pat
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     assert_one_line_error(_cli("predict", run / "model", "--graphs", run / "graphs.h5", "--out", mine),
-                          "does not hold hgc predictions")
-    assert_one_line_error(_cli("fit", run / "graphs.h5", "--out", mine, *FAST), "is not an hgc run")
+                          "does not hold an hgc prediction folder")
+    assert_one_line_error(_cli("fit", run / "graphs.h5", "--out", mine, *FAST), "does not hold an hgc run")
     assert _tree(mine) == {"notes.txt": b"keep me"}
 
 
-def test_options_are_checked_before_anything_is_written(tmp_path, project):
-    _, run = project
+def test_options_are_checked_before_anything_is_written(tmp_path, tiny_run):
+    _, run = tiny_run
     assert_one_line_error(_cli("fit", run / "graphs.h5", "--out", tmp_path / "m", "--relations", "near,nearby", *FAST),
                           "nearby")
     assert_one_line_error(_cli("fit", run / "graphs.h5", "--out", tmp_path / "m", "--lr", "nan", *FAST), "lr")
@@ -161,8 +148,8 @@ def test_options_are_checked_before_anything_is_written(tmp_path, project):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_second_writer_is_refused_and_told_who_holds_the_output(tmp_path, project):
-    manifest, run = project
+def test_a_second_writer_is_refused_and_told_who_holds_the_output(tmp_path, tiny_run):
+    manifest, run = tiny_run
     target = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom hgc._outputs import output_lock\n"
@@ -182,8 +169,8 @@ def test_a_second_writer_is_refused_and_told_who_holds_the_output(tmp_path, proj
         pass
 
 
-def test_temporary_files_of_a_killed_writer_are_removed_by_the_next(tmp_path, project):
-    manifest, run = project
+def test_temporary_files_of_a_killed_writer_are_removed_by_the_next(tmp_path, tiny_run):
+    manifest, run = tiny_run
     out = tmp_path / "graphs.h5"
     stale = [tmp_path / ".graphs.h5.tmp-4242-0123abcd", tmp_path / "graphs.h5.tmp4242"]  # now and hgc 0.1's names
     for p in stale:
@@ -215,8 +202,8 @@ def _without_root_override() -> tuple[str, ...]:
     return (setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}")
 
 
-def test_read_only_output_folders_are_one_line_before_any_work(tmp_path, project):
-    manifest, run = project
+def test_read_only_output_folders_are_one_line_before_any_work(tmp_path, tiny_run):
+    manifest, run = tiny_run
     locked = tmp_path / "locked"
     locked.mkdir()
     os.chmod(locked, 0o555)
@@ -240,8 +227,8 @@ def _file_limit(nbytes: int):
     return apply
 
 
-def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, project):
-    manifest, run = project
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_run):
+    manifest, run = tiny_run
     for name, command in (
         ("g.h5", ["build-graph", manifest, "--embeddings", run / "embeddings.h5", "--protocol", "slide-loso",
                   "--genes", "top-mean:5", "--out", tmp_path / "full" / "g.h5"]),  # refused before writing

@@ -117,7 +117,7 @@ def test_cheap_checks_refuse_a_run_before_embedding(tmp_path, case):
         (tmp_path / "mouse.txt").write_text("Actb\nGapdh\n")
         genes, needle = str(tmp_path / "mouse.txt"), "shares no gene with slide"
     elif case == "learning rate":
-        extra, needle = ["--lr", "nan"], "lr must be a finite number"
+        extra, needle = ["--lr", "nan"], "must be a finite number > 0, got nan"
     else:
         (tmp_path / "split.tsv").write_text("")
         protocol, extra, needle = "split-file", ["--split-file", str(tmp_path / "split.tsv")], "is empty"

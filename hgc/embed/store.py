@@ -43,9 +43,10 @@ def _check_format(f, path: Path) -> None:
     if fmt != FORMAT:
         raise InputError(f"{path} is not an hgc embedding file (its format is '{fmt}'; expected '{FORMAT}')")
     version = f.attrs.get("format_version")
-    if not isinstance(version, (int, np.integer)) or not 1 <= int(version) <= FORMAT_VERSION:
+    version = version.item() if isinstance(version, np.generic) else version
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise InputError(
-            f"embedding file {path} has format version {version!r}; this hgc reads versions 1 to "
+            f"embedding file {path} has format version {version!r}; this hgc reads version "
             f"{FORMAT_VERSION}: upgrade hgc, or {_REBUILD}"
         )
 

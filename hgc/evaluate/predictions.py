@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .._outputs import atomic_dir, check_writable, command_line, output_lock, require_free_space, safe_name, write_text
+from .._outputs import atomic_dir, check_replaceable_folder, command_line, output_lock, require_free_space, safe_name, write_text
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -183,13 +183,7 @@ def is_prediction_folder(path: Path) -> bool:
 
 def check_prediction_output(pred_dir: str | Path) -> Path:
     """``pred_dir`` if predictions may be written there: absent, empty or an earlier prediction folder."""
-    pred_dir = Path(pred_dir)
-    if pred_dir.exists() and not pred_dir.is_dir():
-        raise InputError(f"--out {pred_dir} is a file; predictions are written to a folder")
-    if pred_dir.is_dir() and any(pred_dir.iterdir()) and not is_prediction_folder(pred_dir):
-        raise InputError(f"--out {pred_dir} is a folder that does not hold hgc predictions; choose a new or "
-                         "empty folder (hgc replaces earlier predictions there, nothing else)")
-    return check_writable(pred_dir)
+    return check_replaceable_folder(pred_dir, is_prediction_folder, "hgc prediction folder")
 
 
 @contextlib.contextmanager

@@ -109,7 +109,8 @@ def _open(path: str | Path) -> Iterator["h5py.File"]:  # noqa: F821
         if f.attrs.get("format") != FORMAT:
             raise InputError(f"{path} is not an hgc graph file (made by `hgc build-graph`)")
         version = f.attrs.get("format_version")
-        if not isinstance(version, (int, np.integer)) or not 1 <= int(version) <= FORMAT_VERSION:
+        version = version.item() if isinstance(version, np.generic) else version
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
             raise InputError(f"graph file {path} has format version {version!r}; this hgc reads version "
                              f"{FORMAT_VERSION}: {_REBUILD} (or use the hgc version that wrote it)")
         yield f

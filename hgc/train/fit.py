@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .._devices import check_device, resolve_device
-from .._outputs import atomic_dir, check_writable, command_line, output_lock, safe_name
+from .._outputs import atomic_dir, check_replaceable_folder, command_line, output_lock, safe_name
 from ..errors import InputError
 from ..evaluate.metrics import nan_mean, pearson_per_gene
 from ..graph.record import RELATION_NAMES, SlideGraph
@@ -347,13 +347,7 @@ def _train_fold(fold: FoldData, config: FitConfig, out_dir: Path, backend, devic
 
 def check_run_output(out_dir: str | Path) -> Path:
     """``out_dir`` if a run may be written there: absent, empty, or an earlier hgc run (replaced)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir} is a file; a run is written to a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_run_folder(out_dir):
-        raise InputError(f"--out {out_dir} is a folder that is not an hgc run; choose a new or empty folder "
-                         "(hgc replaces an earlier run there, nothing else)")
-    return check_writable(out_dir)
+    return check_replaceable_folder(out_dir, is_run_folder, "hgc run")
 
 
 def fit_folds(folds: Sequence[FoldData], out_dir: str | Path, config: FitConfig) -> list[FoldResult]:
