@@ -4,9 +4,9 @@ Every hgc writer goes through this module:
 
 - :func:`safe_name` turns an identifier (slide, fold, patient) into one file-name component, so
   an id never acts as a path (``a/b`` or ``..`` stay inside the output folder, reversibly);
-- :func:`output_lock` holds an exclusive lock beside an output (``.<name>.lock``) for the whole
-  command, names the holder when a second writer arrives, and removes the temporary files an
-  earlier, killed writer of that output left behind;
+- :func:`output_lock` holds a lock beside an output (``.<name>.lock``) for the whole command
+  (exclusive to write, shared to read), names the holder when a writer is refused, and removes
+  the temporary files an earlier, killed writer of that output left behind;
 - :func:`atomic_file` / :func:`atomic_dir` write under a temporary name beside the target and rename
   it into place only once complete (files are fsynced first), so a kill, a full disk or an error
   leaves the previous output or nothing, never a half-written one;
@@ -43,9 +43,20 @@ WRITE_ERRORS = {
     errno.EROFS: "the file system is read-only",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
+    errno.ENAMETOOLONG: "the file name is too long for this file system",
 }
 _SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _H5_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def output_path(path: str | Path) -> Path:
+    """The real, absolute path an output will have: symbolic links resolved (so the temporary file,
+    the lock and the free-space check are on the target's file system, and two spellings of one
+    output share one lock), ``.`` and ``..`` removed. The file system root is refused."""
+    real = Path(os.path.realpath(Path(path).expanduser()))
+    if not real.name:
+        raise InputError(f"cannot write an output at {real}: choose a file or folder below it")
+    return real
 
 
 def safe_name(identifier: str) -> str:
@@ -63,8 +74,10 @@ def safe_name(identifier: str) -> str:
     return name
 
 
-def os_error_message(exc: Exception, path: str | Path | None = None) -> str | None:
-    """One sentence for a write failure hgc can explain (full disk, read-only, permissions), else None.
+def os_error_message(exc: Exception, path: str | Path | None = None, writing: bool = True) -> str | None:
+    """One sentence for a file-system failure hgc can explain (full disk, read-only, permissions,
+    name too long), else None. ``writing=False`` when it is not known to come from a write: then a
+    permission error says "cannot access", not "cannot write".
 
     h5py reports HDF5 write failures as an OSError (or RuntimeError) whose text holds
     ``errno = N``; that number is used when ``exc.errno`` is unset.
@@ -76,16 +89,28 @@ def os_error_message(exc: Exception, path: str | Path | None = None) -> str | No
     if code not in WRITE_ERRORS:
         return None
     where = path or getattr(exc, "filename", None) or "the output"
-    advice = "free some space or choose another output folder" if code in _SPACE_ERRORS else "choose a folder you may write to"
-    return f"cannot write {where}: {WRITE_ERRORS[code]}; {advice}"
+    if code in _SPACE_ERRORS:
+        return f"cannot write {where}: {WRITE_ERRORS[code]}; free some space or choose another output folder"
+    if code == errno.ENAMETOOLONG:
+        return f"cannot create {where}: {WRITE_ERRORS[code]} (slide and fold ids become file names; shorten them)"
+    if writing or code == errno.EROFS:
+        return f"cannot write {where}: {WRITE_ERRORS[code]}; choose a folder you may write to"
+    return f"cannot access {where}: {WRITE_ERRORS[code]}; check the permissions of the file and its folders"
 
 
 def _write_error(exc: OSError, path: Path) -> InputError:
     return InputError(os_error_message(exc, path) or f"cannot write {path}: {exc}")
 
 
-def _reraise_write_error(exc: OSError, path: Path) -> None:
-    """Raise a known write failure as one-line InputError; leave other errors as they are."""
+def _reraise_write_error(exc: Exception, path: Path) -> None:
+    """Raise a failure to write ``path`` (or its temporary) as a one-line InputError; leave others.
+
+    An error that names another file (e.g. an input read inside the block) is not a write error
+    of this output and passes unchanged.
+    """
+    named = getattr(exc, "filename", None)
+    if named is not None and not str(os.path.abspath(named)).startswith(str(path.parent)):
+        return
     message = os_error_message(exc, path)
     if message:
         raise InputError(message) from exc
@@ -97,10 +122,10 @@ def check_writable(path: str | Path) -> Path:
     Creates the missing parent folders and a probe file in the parent, so read-only file
     systems, missing permissions and completely full disks are found before any work is done.
     """
-    path = Path(path).expanduser()
+    path = output_path(path)
     if path.exists() and not (path.is_dir() or path.is_file()):
         raise InputError(f"{path} exists and is neither a file nor a folder")
-    parent = path.absolute().parent
+    parent = path.parent
     probe = parent / f".{safe_name(path.name)}.probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -121,14 +146,15 @@ def check_writable(path: str | Path) -> Path:
 def check_replaceable_folder(path: str | Path, ours: Callable[[Path], bool], what: str) -> Path:
     """``path`` if a new ``what`` (e.g. "hgc run") may replace it: absent, empty, or ``ours(path)``.
 
-    A folder that holds anything else is refused, so replacing an output never deletes a user's files.
+    A folder that holds anything else is refused; files a user added to one of hgc's folders are
+    carried over when it is replaced (see :func:`atomic_dir`).
     """
-    path = Path(path)
+    path = output_path(path)
     if path.exists() and not path.is_dir():
-        raise InputError(f"--out {path} is a file; an {what} is written to a folder")
+        raise InputError(f"{path} is a file; an {what} is written to a folder")
     if path.is_dir() and any(path.iterdir()) and not ours(path):
-        raise InputError(f"--out {path} is a folder that does not hold an {what}; choose a new or empty folder "
-                         f"(hgc replaces an earlier {what} there, nothing else)")
+        raise InputError(f"{path} is a folder that does not hold an {what}; choose a new or empty folder "
+                         f"(hgc replaces an earlier {what} there, and keeps files it did not write)")
     return check_writable(path)
 
 
@@ -143,7 +169,7 @@ def require_free_space(path: str | Path, nbytes: int, what: str, one_file: bool 
     """Refuse to start writing ``nbytes`` at ``path`` if the file system has less free (with a
     10% + 64 KiB margin), or, for ``one_file``, if this process may not write a file that large
     (``ulimit -f``, common on clusters)."""
-    folder = Path(path).absolute().parent
+    folder = output_path(path).parent
     while not folder.exists():
         folder = folder.parent
     free = shutil.disk_usage(folder).free
@@ -239,7 +265,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     The temporary file sits beside ``path`` (same file system, so the rename is atomic) and is
     fsynced before the rename; on any failure it is deleted and ``path`` is untouched.
     """
-    path = Path(path)
+    path = output_path(path)
     tmp = _temp_name(path)
     try:
         yield tmp
@@ -268,12 +294,16 @@ def atomic_h5(path: str | Path, nbytes: int) -> Iterator["h5py.File"]:  # noqa: 
     """
     import h5py
 
-    path = Path(path)
+    path = output_path(path)
     require_free_space(path, nbytes, f"the file {path.name}")
     in_memory = {"driver": "core", "backing_store": True} if nbytes <= IN_MEMORY_H5_BYTES else {}
     with atomic_file(path) as tmp:
-        with h5py.File(tmp, "w", **in_memory) as f:
-            yield f
+        try:
+            with h5py.File(tmp, "w", **in_memory) as f:
+                yield f
+        except RuntimeError as exc:  # HDF5 reports a failed write at close as RuntimeError
+            _reraise_write_error(exc, path)
+            raise
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -285,14 +315,16 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, keep: Callable[[Path], list[Path]] | None = None) -> Iterator[Path]:
     """A temporary folder to fill; it replaces the folder ``path`` only if the block completes.
 
-    The old folder (if any) is first renamed aside, then the new one renamed into place, then
+    ``keep(old_folder)`` names entries of the folder being replaced that hgc did not write (a
+    user's figure, notes): they are copied into the new folder first, so replacing an output
+    never loses them. The old folder is then renamed aside, the new one renamed into place, and
     the old one deleted: at every moment ``path`` is the complete old output, the complete new
     one, or (for an instant, if killed between the two renames) absent.
     """
-    path = Path(path)
+    path = output_path(path)
     tmp = _temp_name(path)
     try:
         tmp.mkdir(parents=True)
@@ -300,6 +332,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise _write_error(exc, tmp) from None
     try:
         yield tmp
+        if keep is not None and path.is_dir():
+            for entry in keep(path):
+                if (tmp / entry.name).exists():
+                    log.warning("%s: not keeping %s, the new output has an entry of that name", path, entry)
+                elif entry.is_dir():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                else:
+                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
         _fsync_tree(tmp)
         old = None
         if path.exists():
@@ -323,28 +363,31 @@ _HELD: dict[str, tuple[int, int]] = {}  # lock file -> (fd, depth): re-entrant w
 
 
 def _lock_path(path: Path) -> Path:
-    return path.absolute().with_name(f".{path.name}.lock")
+    return path.with_name(f".{path.name}.lock")
 
 
-def _holder(lock: Path) -> str:
+def _holder(lock: Path) -> tuple[str, str]:
+    """(what the holder does: "written"/"read", who it is) from the lock file's record."""
     try:
         info = json.loads(lock.read_text(encoding="utf-8"))
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"]))
-        return f"`{info['command']}` (process {info['pid']} on {info['host']}, started {started})"
+        return info.get("mode", "written"), f"`{info['command']}` (process {info['pid']} on {info['host']}, started {started})"
     except (OSError, ValueError, KeyError, TypeError):
-        return "another hgc process"
+        return "written", "another hgc process"
 
 
 @contextlib.contextmanager
-def output_lock(path: str | Path, command: str) -> Iterator[None]:
-    """Hold the exclusive lock of output ``path`` for the block (re-entrant in one process).
+def output_lock(path: str | Path, command: str, shared: bool = False) -> Iterator[None]:
+    """Hold the lock of output ``path`` for the block: exclusive to write it, ``shared`` to read it.
 
     The lock is an advisory ``flock`` on ``.<name>.lock`` beside ``path``, released by the
-    operating system even if the process is killed. On entry the temporary files of earlier,
-    interrupted writers of ``path`` are deleted: while the lock is held no one else can be
-    writing them. On systems without ``fcntl`` (Windows) there is no lock.
+    operating system even if the process is killed; it is re-entrant within one process. Readers
+    (``hgc predict`` reading a run) share it, so they see one version of the output while a writer
+    waits; a writer is refused while anyone holds it, with one line naming the holder. On entry a
+    writer deletes the temporary files of earlier, interrupted writers of ``path``: while the lock
+    is held no one else can be writing them. On systems without ``fcntl`` (Windows) there is no lock.
     """
-    path = Path(path)
+    path = output_path(path)
     lock = _lock_path(path)
     key = str(lock)
     if key in _HELD:
@@ -367,23 +410,25 @@ def output_lock(path: str | Path, command: str) -> Iterator[None]:
     except OSError as exc:
         raise _write_error(exc, lock) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise InputError(
-            f"{path} is being written by {_holder(lock)}; wait for it to finish, or choose another output"
-        ) from None
+        doing, who = _holder(lock)
+        raise InputError(f"{path} is being {doing} by {who}; wait for it to finish, or choose another output") from None
     try:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": time.time()}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": time.time(),
+                "mode": "read" if shared else "written"}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         _HELD[key] = (fd, 1)
-        remove_stale_temporaries(path)
+        if not shared:
+            remove_stale_temporaries(path)
         yield
     finally:
         _HELD.pop(key, None)
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+        if not shared:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
         os.close(fd)
 
 

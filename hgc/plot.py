@@ -138,7 +138,7 @@ def plot_prediction(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ._outputs import atomic_file, check_writable
+    from ._outputs import atomic_file, check_writable, command_line, output_lock
     from .evaluate.metrics import pearson_per_gene
 
     out = Path(out)
@@ -181,7 +181,7 @@ def plot_prediction(
             ax.set_title(f"{gene} {label}" + (f"\nPCC = {r_text}" if c == len(panels) - 1 else ""), fontsize=9)
             fig.colorbar(sc, ax=ax, shrink=0.7)
     fig.suptitle(f"slide {data.slide}", fontsize=10)
-    with atomic_file(out) as tmp:
+    with output_lock(out, command_line()), atomic_file(out) as tmp:
         fig.savefig(tmp, dpi=dpi, format=out.suffix.lstrip(".").lower())
     log.info("wrote %s (%d genes, slide %s, method %s)", out, len(cols), data.slide, data.method)
     return out

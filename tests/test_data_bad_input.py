@@ -275,3 +275,10 @@ def test_exif_rotated_image_is_refused_with_the_right_advice(tmp_path):
         im.save(paths["image"], exif=exif)
     message = "carries an EXIF orientation tag (rotated 90° clockwise for display)"
     _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "S1.jpg", message, "exiftool")
+
+
+def test_spot_listed_twice_in_the_spot_table(tmp_path):
+    paths = write_st_slide(tmp_path / "S1")
+    lines = paths["spots"].read_text().splitlines()
+    paths["spots"].write_text("\n".join(lines + [lines[1]]) + "\n")
+    _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "'S1'", "S1_selection.tsv", "1x1", "more than once")

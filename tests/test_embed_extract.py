@@ -122,6 +122,36 @@ def test_changed_settings_recompute_and_say_why(tiny, tmp_path, caplog):
     assert read_attrs(out)["S2"]["weights_file"] == "tuned.pth"
 
 
+def test_an_image_edited_in_the_middle_is_embedded_again(tmp_path, caplog):
+    """The cache key covers the whole image, not only its size and first/last bytes: painting out a
+    pen mark in an uncompressed TIFF (same size, same head and tail) re-embeds that slide only."""
+    import tifffile
+
+    from conftest import write_manifest, write_st_slide
+    from embed_helpers import tiny_weights
+
+    rows = []
+    for i, name in enumerate(("S1", "S2")):
+        files = write_st_slide(tmp_path / name, name=name, grid=3, pitch_px=300, image_size=(8, 8), seed=i)
+        files["image"] = tmp_path / name / f"{name}.tif"
+        tifffile.imwrite(files["image"], np.random.default_rng(i).integers(0, 255, (1200, 1200, 3), dtype=np.uint8))
+        rows.append({"slide": name, "patient": "P", "format": "st", "microns_per_pixel": "1.0", **files})
+    manifest, weights, out = write_manifest(tmp_path / "m.tsv", rows), tiny_weights(tmp_path), tmp_path / "e.h5"
+    embed_manifest(manifest, TINY, out, weights=weights, workers=0, progress=False)
+    before = read_embeddings(out, "S1")[1]
+    image = tmp_path / "S1" / "S1.tif"
+    pixels = tifffile.imread(image)
+    pixels[500:700, 500:700] = 255
+    head, size = image.read_bytes()[:1 << 20], image.stat().st_size
+    tifffile.imwrite(image, pixels)
+    assert image.stat().st_size == size and image.read_bytes()[:1 << 20] == head  # only the middle changed
+    with caplog.at_level(logging.INFO, logger="hgc"):
+        embed_manifest(manifest, TINY, out, weights=weights, workers=0, progress=False)
+    assert "slide 'S1': recomputing embeddings: input_sha256 differs" in caplog.text
+    assert "slide 'S2': embeddings up to date" in caplog.text
+    assert not np.array_equal(read_embeddings(out, "S1")[1], before)
+
+
 def test_read_embeddings_names_what_is_missing(tiny, tmp_path):
     manifest, weights = tiny
     out = tmp_path / "e.h5"

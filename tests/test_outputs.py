@@ -137,6 +137,38 @@ def test_predict_replaces_stale_files_and_evaluate_reads_only_its_record(tmp_pat
     assert _tree(mine) == {"notes.txt": b"keep me"}
 
 
+def test_files_a_user_added_survive_a_replacement(tmp_path, tiny_run):
+    _, run = tiny_run
+    pred, model = tmp_path / "pred", tmp_path / "model"
+    shutil.copytree(run / "predictions", pred)
+    shutil.copytree(run / "model", model)
+    (pred / "figures").mkdir()
+    (pred / "figures" / "B4.png").write_bytes(b"a figure")
+    (model / "notes.txt").write_text("lr sweep 3")
+    assert _cli("fit", run / "graphs.h5", "--out", model, *FAST).exit_code == 0
+    assert _cli("predict", model, "--graphs", run / "graphs.h5", "--out", pred, "--methods", "ridge").exit_code == 0
+    assert (model / "notes.txt").read_text() == "lr sweep 3" and json.loads((model / "config.json").read_text())["folds"]
+    assert (pred / "figures" / "B4.png").read_bytes() == b"a figure"
+    assert sorted(p.name for p in pred.iterdir() if p.is_dir()) == ["figures", "ridge"]
+
+
+def test_outputs_named_through_dots_and_links(tmp_path, tiny_run, monkeypatch):
+    """`--out .` names the current folder; a symbolic link is written through, to its target."""
+    _, run = tiny_run
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert _cli("predict", run / "model", "--graphs", run / "graphs.h5", "--out", ".", "--methods", "mean").exit_code == 0
+    assert (here / "predictions.json").is_file()
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    r = _cli("predict", run / "model", "--graphs", run / "graphs.h5", "--out", tmp_path / "link", "--methods", "mean")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "link").is_symlink() and (target / "predictions.json").is_file()
+    assert (tmp_path / ".target.lock").exists() and not (tmp_path / ".link.lock").exists()  # one lock per output
+
+
 def test_options_are_checked_before_anything_is_written(tmp_path, tiny_run):
     _, run = tiny_run
     assert_one_line_error(_cli("fit", run / "graphs.h5", "--out", tmp_path / "m", "--relations", "near,nearby", *FAST),
@@ -167,6 +199,51 @@ def test_a_second_writer_is_refused_and_told_who_holds_the_output(tmp_path, tiny
         holder.wait(timeout=60)
     with output_lock(target, "test"):  # the lock died with its holder
         pass
+
+
+def test_readers_and_writers_of_one_run_exclude_each_other(tmp_path, tiny_run):
+    """`hgc predict` reads a run under a shared lock: a fit into that folder meanwhile is refused, so
+    one prediction set never mixes two trainings."""
+    _, run = tiny_run
+    model = tmp_path / "model"
+    shutil.copytree(run / "model", model)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom hgc._outputs import output_lock\n"
+         "with output_lock(sys.argv[1], 'hgc predict model', shared=True):\n    print('reading', flush=True)\n"
+         "    time.sleep(600)", str(model)], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        assert_one_line_error(_cli("fit", run / "graphs.h5", "--out", model, *FAST),
+                              "is being read by `hgc predict model`", f"process {reader.pid}")
+        r = _cli("predict", model, "--graphs", run / "graphs.h5", "--out", tmp_path / "p")  # readers share
+        assert r.exit_code == 0, r.output
+    finally:
+        reader.kill()
+        reader.wait(timeout=60)
+
+
+def test_write_failures_of_a_finished_hdf5_image_are_one_line(tmp_path):
+    """The in-memory HDF5 file is written at close; if that fails (the size estimate was low, the
+    disk filled meanwhile), the error is the usual one line and no temporary file is left."""
+    code = ("import resource, signal, sys\nimport numpy as np\nfrom hgc._outputs import atomic_h5\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "with atomic_h5(sys.argv[1], 1000) as f:\n    f.create_dataset('x', data=np.zeros(1 << 19))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.h5")], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 1 and "hgc.errors.InputError: cannot write" in proc.stderr and "size this system allows" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failures_are_worded_for_what_failed():
+    from hgc._outputs import os_error_message
+
+    unreadable = PermissionError(13, "Permission denied", "/data/her2st/A1.tsv")
+    assert os_error_message(unreadable, writing=False).startswith("cannot access /data/her2st/A1.tsv: permission denied")
+    assert os_error_message(unreadable, "/runs/x").startswith("cannot write /runs/x: permission denied")
+    full = OSError(28, "No space left on device")
+    assert os_error_message(full, writing=False) == ("cannot write the output: the disk is full; free some space or "
+                                                     "choose another output folder")
+    assert "shorten them" in os_error_message(OSError(36, "File name too long", "/runs/x" + "y" * 300))
+    assert os_error_message(OSError(2, "No such file or directory", "/x")) is None
 
 
 def test_temporary_files_of_a_killed_writer_are_removed_by_the_next(tmp_path, tiny_run):

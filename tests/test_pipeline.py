@@ -92,6 +92,14 @@ def test_steps_rerun_when_what_they_read_changes(tmp_path, caplog, monkeypatch):
         _run(manifest, out, "slide-loso")
     assert _steps(caplog)["embed"] == "running" and _steps(caplog)["graphs"] == "running"
 
+    # An output rewritten by another command is not vouched for: the step that owns it runs again.
+    assert CliRunner().invoke(main, ["predict", str(out / "model"), "--graphs", str(out / "graphs.h5"),
+                                     "--out", str(out / "predictions"), "--methods", "mean"]).exit_code == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hgc"):
+        report = _run(manifest, out, "slide-loso")
+    assert _steps(caplog)["predict"] == "running" and list(report["methods"]) == ["hgc", "ridge", "knn", "mean"]
+
     # The same training again writes other checkpoint bytes but the same tensors: predict is reused.
     (out / "model.stamp.json").unlink()
     caplog.clear()
@@ -101,7 +109,7 @@ def test_steps_rerun_when_what_they_read_changes(tmp_path, caplog, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["one patient", "typo in panel", "panel without data genes", "learning rate",
-                                  "empty split file"])
+                                  "empty split file", "foreign model folder"])
 def test_cheap_checks_refuse_a_run_before_embedding(tmp_path, case):
     manifest = tiny_st_project(tmp_path / "data")
     rows = [line.split("\t") for line in manifest.read_text().splitlines()]
@@ -118,9 +126,13 @@ def test_cheap_checks_refuse_a_run_before_embedding(tmp_path, case):
         genes, needle = str(tmp_path / "mouse.txt"), "shares no gene with slide"
     elif case == "learning rate":
         extra, needle = ["--lr", "nan"], "must be a finite number > 0, got nan"
-    else:
+    elif case == "empty split file":
         (tmp_path / "split.tsv").write_text("")
         protocol, extra, needle = "split-file", ["--split-file", str(tmp_path / "split.tsv")], "is empty"
+    else:  # the run folder's model/ holds something else: refused now, not after embedding and graphs
+        (tmp_path / "run" / "model").mkdir(parents=True)
+        (tmp_path / "run" / "model" / "notes.txt").write_text("mine")
+        needle = "model is a folder that does not hold an hgc run"
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["run", str(manifest), "--protocol", protocol, "--genes", genes,
                                        "--encoder", "effnet-lite0", "--out", str(out), "--device", "cpu", *extra])

@@ -16,16 +16,16 @@ from ..errors import HgcError
 
 
 class _Group(click.Group):
-    """Problems a user can fix become one line and exit status 1: hgc's own errors, and failures to
-    write (full disk, read-only folder, no permission) wherever they happen."""
+    """Problems a user can fix become one line and exit status 1: hgc's own errors, and file-system
+    failures (full disk, read-only folder, no permission, name too long) wherever they happen."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except HgcError as exc:
             raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            message = os_error_message(exc)
+        except OSError as exc:  # not from one of hgc's writers (those raise InputError): word it neutrally
+            message = os_error_message(exc, writing=False)
             if message is None:
                 raise
             raise click.ClickException(message) from None

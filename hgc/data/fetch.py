@@ -142,10 +142,7 @@ def fetch_her2st(dest: str | Path, base_url: str | None = None) -> Path:
         ],
         columns=list(MANIFEST_COLUMNS),
     )
-    manifest = folder / "manifest.tsv"
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    table.to_csv(tmp, sep="\t", index=False)
-    os.replace(tmp, manifest)
+    manifest = write_text(folder / "manifest.tsv", table.to_csv(sep="\t", index=False))
     log.info("her2st: %d sections in %s", len(table), manifest)
     return manifest
 

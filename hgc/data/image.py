@@ -120,6 +120,8 @@ class SlideImage:
         if self.path.suffix.lower() in _TIFF_SUFFIXES and _is_tifffile_preferred(self.path):
             with self._open_tiff() as tif:
                 hw = _level_hw(tif.series[0].levels[0])
+                tag = tif.pages[0].tags.get("Orientation")
+            _check_orientation(self.path, int(tag.value) if tag is not None else 1)
             return int(hw[1]), int(hw[0])
         try:
             with Image.open(self.path) as im:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ import numpy as np
 
 from .. import __version__
 from .._devices import resolve_device
+from .._fingerprint import file_record
 from ..errors import InputError
 from .patches import PatchBatches, PatchSpec, crop_boxes, patch_source, require_image
 from .registry import DEFAULT_ENCODER, Encoder, load_encoder
@@ -51,23 +53,14 @@ def default_workers(device: torch.device) -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-def input_fingerprint(slide: Slide) -> str:
-    """sha256 of what the patches depend on: spots, positions, resolution and the image file.
-
-    The image is identified by its size and first/last MiB, not fully hashed: hashing a
-    multi-gigabyte slide at every run would cost more than the check saves.
-    """
+def input_fingerprint(slide: Slide, image_sha256: str) -> str:
+    """sha256 of what the patches depend on: spots, positions, resolution and the image's content."""
     image = require_image(slide)
     h = hashlib.sha256()
     h.update("\0".join(np.asarray(slide.barcodes).astype(str)).encode())
     h.update(np.ascontiguousarray(slide.coords, dtype=np.float64).tobytes())
     h.update(repr((float(slide.microns_per_pixel), float(image.scale))).encode())
-    size = image.path.stat().st_size
-    h.update(str(size).encode())
-    with open(image.path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
+    h.update(image_sha256.encode())
     return h.hexdigest()
 
 
@@ -179,11 +172,14 @@ def embed_manifest(
     out = Path(out)
 
     def cache_key(slide: Slide) -> dict[str, object]:
+        # the image is hashed whole, but only again when its size or times changed since it was embedded
+        image = file_record(require_image(slide).path, store.image_record(slide.id))
         return {
             "encoder": enc.spec.name,
             "weights_sha256": enc.weights_sha256,
             **patch.attrs(slide),
-            "input_sha256": input_fingerprint(slide),
+            "input_sha256": input_fingerprint(slide, image["sha256"]),
+            "image_record": json.dumps(image, sort_keys=True),
         }
 
     with EmbeddingStore(out) as store:

@@ -186,12 +186,12 @@ def export_patches(slide: Slide, spec: PatchSpec, path: Path, batch_size: int = 
     """
     import h5py
 
-    from .._outputs import atomic_h5
+    from .._outputs import atomic_h5, command_line, output_lock
 
     boxes = crop_boxes(slide, spec)
     data = PatchBatches(patch_source(slide), boxes, spec.out_px, batch_size)
     n, px = slide.n_spots, spec.out_px
-    with atomic_h5(path, n * px * px * 3 + 64 * n) as f:
+    with output_lock(path, command_line()), atomic_h5(path, n * px * px * 3 + 64 * n) as f:
         img = f.create_dataset("img", (n, px, px, 3), dtype=np.uint8, chunks=(1, px, px, 3))
         for i in range(len(data)):
             img[i * batch_size : i * batch_size + batch_size] = data[i].permute(0, 2, 3, 1).numpy()

@@ -13,6 +13,7 @@ them) have the same layout and are read as version 1.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -151,6 +152,8 @@ class EmbeddingStore:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "EmbeddingStore":
+        if self.path.is_dir():
+            raise InputError(f"{self.path} is a folder; --out names the embedding file to write (e.g. {self.path / 'embeddings.h5'})")
         check_writable(self.path)
         self._stack.enter_context(output_lock(self.path, command_line()))
         try:
@@ -206,6 +209,23 @@ class EmbeddingStore:
                 return where
             log.warning("slide '%s': recomputing embeddings: %s", slide_id, why)
             return None
+        return None
+
+    def image_record(self, slide_id: str) -> dict | None:
+        """The image record (path, size, times, sha256) kept with a slide's stored embeddings, if any."""
+        import h5py
+
+        for file in (self._part(slide_id), self.path):
+            try:
+                with h5py.File(file, "r") as f:
+                    text = f[safe_name(slide_id)].attrs.get("image_record")
+            except (OSError, KeyError):
+                continue
+            if text is not None:
+                try:
+                    return json.loads(text)
+                except ValueError:
+                    return None
         return None
 
     def write(self, slide_id: str, barcodes: np.ndarray, embeddings: np.ndarray, attrs: dict) -> None:

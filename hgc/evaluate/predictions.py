@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from .._outputs import atomic_dir, check_replaceable_folder, command_line, output_lock, require_free_space, safe_name, write_text
+from .._outputs import (
+    atomic_dir,
+    check_replaceable_folder,
+    command_line,
+    is_temporary,
+    output_lock,
+    require_free_space,
+    safe_name,
+    write_text,
+)
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -181,6 +191,18 @@ def is_prediction_folder(path: Path) -> bool:
     )
 
 
+def user_entries(folder: Path) -> list[Path]:
+    """Entries of a prediction folder that hgc did not write (a figure, notes): kept when it is replaced."""
+    try:
+        methods = json.loads((folder / RECORD).read_text(encoding="utf-8")).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        methods = {}
+    ours = {RECORD, *REPORT_FILES, *(safe_name(str(m)) for m in methods)}
+    return [e for e in folder.iterdir()
+            if e.name not in ours and not is_temporary(e.name)
+            and not (e.is_dir() and all(f.suffix == ".h5ad" for f in e.iterdir()))]  # hgc 0.1's method folders
+
+
 def check_prediction_output(pred_dir: str | Path) -> Path:
     """``pred_dir`` if predictions may be written there: absent, empty or an earlier prediction folder."""
     return check_replaceable_folder(pred_dir, is_prediction_folder, "hgc prediction folder")
@@ -193,12 +215,13 @@ def writing_predictions(pred_dir: str | Path, **facts: Any) -> Iterator[Predicti
     ``facts`` (JSON-ready: protocol, run, graph store, ...) go into the completion record.
     """
     pred_dir = check_prediction_output(pred_dir)
-    with output_lock(pred_dir, command_line()), atomic_dir(pred_dir) as tmp:
+    with output_lock(pred_dir, command_line()), atomic_dir(pred_dir, keep=user_entries) as tmp:
         writer = PredictionSetWriter(tmp)
         yield writer
         if not writer.files:
             raise InputError(f"no prediction was made, so nothing is written to {pred_dir}")
-        record = {"format": FORMAT, "format_version": FORMAT_VERSION, **facts, "files": writer.files}
+        record = {"format": FORMAT, "format_version": FORMAT_VERSION, "write_id": uuid.uuid4().hex, **facts,
+                  "files": writer.files}
         write_text(tmp / RECORD, json.dumps(record, indent=2) + "\n")
 
 

@@ -233,6 +233,15 @@ def _fast_error(q: np.ndarray, r: np.ndarray, fast_last: np.ndarray, metric: str
     return 2.0 * d * _EPS32 * magnitude
 
 
+def _margin(kth_key: np.ndarray, metric: str) -> np.ndarray:
+    """How far above the k-th exact key a reference could still round to the k-th returned score.
+
+    Squared L2 keys need twice the relative width: the returned score is their square root.
+    """
+    width = (2 if metric == "l2" else 1) * _REL_ROUND
+    return width * np.maximum(np.abs(kth_key), 1.0 if metric == "cosine" else 0.0)
+
+
 def _complete(q, r, cand_fast_last, kth_key, metric) -> np.ndarray:
     """Rows whose candidates provably hold every reference that could rank in the top k.
 
@@ -241,8 +250,7 @@ def _complete(q, r, cand_fast_last, kth_key, metric) -> np.ndarray:
     the rounding of the returned score, it cannot tie with or beat the k-th neighbour.
     """
     err = _fast_error(q, r, cand_fast_last, metric)
-    margin = _REL_ROUND * np.maximum(np.abs(kth_key), 1.0 if metric == "cosine" else 0.0)
-    return cand_fast_last - err > kth_key + margin
+    return cand_fast_last - err > kth_key + _margin(kth_key, metric)
 
 
 def _exact_search(q, r, k, metric, candidates) -> tuple[np.ndarray, np.ndarray]:
@@ -260,7 +268,8 @@ def _exact_search(q, r, k, metric, candidates) -> tuple[np.ndarray, np.ndarray]:
         rows = rows[~done]
         if rows.size and 4 * m > _MAX_CANDIDATES and m < n:
             log.debug("knn: %d queries with near ties at place %d; searching them exactly", rows.size, k)
-            idx[rows], key[rows] = _exhaustive(q[rows], r, k, metric)
+            undecided = ~done
+            idx[rows], key[rows] = _exhaustive(q[rows], r, k, metric, ck[undecided, -1])
             break
         if rows.size:
             log.debug("knn: %d queries need more than %d candidates", rows.size, m)
@@ -268,15 +277,35 @@ def _exact_search(q, r, k, metric, candidates) -> tuple[np.ndarray, np.ndarray]:
     return idx, key
 
 
-def _exhaustive(q: np.ndarray, r: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """The ranking rule applied to every reference (for the few queries the fast kernel cannot decide)."""
-    n, d = r.shape
-    step = max(k, _RESCORE_BLOCK // max(1, d * len(q)))
-    best = np.full((len(q), 0), -1, np.int64)
-    for r0 in range(0, n, step):
-        block = np.broadcast_to(np.arange(r0, min(n, r0 + step)), (len(q), min(n, r0 + step) - r0))
-        best, key = rank_candidates(q, r, np.concatenate([best, block], axis=1), k, metric)
-    return best, key
+def _exhaustive(q: np.ndarray, r: np.ndarray, k: int, metric: str, kth_key: np.ndarray,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The ranking rule for queries whose top k the fast candidates could not decide (many ties).
+
+    ``kth_key`` is each query's k-th exact key among candidates already ranked: the true k-th is
+    no larger, so every reference that can rank in the top k has a fast key below ``kth_key`` plus
+    the rounding margin and the fast kernel's error bound. One fast pass over the pool keeps those
+    (however many tie) and only they are re-scored exactly.
+    """
+    import torch
+
+    bound = kth_key + _margin(kth_key, metric)
+    bound = bound + _fast_error(q, r, bound, metric)
+    keep: list[list[np.ndarray]] = [[] for _ in range(len(q))]
+    with torch.no_grad():
+        qt = torch.from_numpy(q)
+        for r0 in range(0, r.shape[0], 16384):
+            rc = torch.from_numpy(r[r0:r0 + 16384])
+            r_sq = (rc * rc).sum(1) if metric == "l2" else None
+            fast = _torch_key(qt, rc, r_sq, metric).double().numpy()
+            rows, cols = np.nonzero(fast <= bound[:, None])
+            for i in np.unique(rows):
+                keep[i].append(cols[rows == i] + r0)
+    width = max(k, max((sum(len(c) for c in cs) for cs in keep), default=k))
+    cand = np.full((len(q), width), -1, np.int64)
+    for i, cs in enumerate(keep):
+        found = np.concatenate(cs) if cs else np.zeros(0, np.int64)
+        cand[i, :len(found)] = found
+    return rank_candidates(q, r, cand, k, metric)
 
 
 # --- torch: fast candidates on any device ------------------------------------------------------

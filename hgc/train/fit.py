@@ -28,7 +28,7 @@ from .._outputs import atomic_dir, check_replaceable_folder, command_line, outpu
 from ..errors import InputError
 from ..evaluate.metrics import nan_mean, pearson_per_gene
 from ..graph.record import RELATION_NAMES, SlideGraph
-from .rundir import is_run_folder, open_run, write_fold, write_record
+from .rundir import is_run_folder, open_run, user_entries, write_fold, write_record
 
 log = logging.getLogger(__name__)
 
@@ -362,15 +362,15 @@ def fit_folds(folds: Sequence[FoldData], out_dir: str | Path, config: FitConfig)
 
     from ..nn import get_backend
 
-    names = [f.name for f in folds]
-    clash = sorted({n for n in names if [safe_name(m) for m in names].count(safe_name(n)) > 1})
+    folder = [safe_name(f.name).casefold() for f in folds]  # macOS and Windows ignore case in names
+    clash = sorted({f.name for f, k in zip(folds, folder) if folder.count(k) > 1})
     if clash:
-        raise InputError(f"fold names {clash} repeat; every fold needs its own name")
+        raise InputError(f"fold names {clash} repeat (ignoring case); every fold needs its own name")
     backend = get_backend(config.backend)
     device = str(resolve_device(config.device))
     out_dir = check_run_output(out_dir)
     results, skipped = [], {}
-    with output_lock(out_dir, command_line()), atomic_dir(out_dir) as tmp:
+    with output_lock(out_dir, command_line()), atomic_dir(out_dir, keep=user_entries) as tmp:
         for i, fold in enumerate(folds):
             r = _train_fold(fold, config, tmp, backend, device, seed=config.seed + i)
             if r is None:

@@ -23,49 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .._fingerprint import file_record
 from .._outputs import check_writable, command_line, output_lock, write_text
 from ..errors import InputError
 from .fit import FitConfig, fit
 from .predict import METHODS, check_methods, predict
 
 log = logging.getLogger(__name__)
-
-_HASHED: dict[tuple[str, tuple[int, int, int]], str] = {}  # (path, stat trigger) -> sha256, this process
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _trigger(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def file_record(path: Path, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """{path, size, mtime_ns, ctime_ns, sha256} of ``path``; the hash is reused from ``previous``
-    (a record of an earlier run) when size and both times are unchanged, else recomputed."""
-    path = Path(path)
-    trigger = _trigger(path)
-    record = {"path": str(path), "size": trigger[0], "mtime_ns": trigger[1], "ctime_ns": trigger[2]}
-    key = (str(path), trigger)
-    if previous and previous.get("path") == str(path) and \
-            (previous.get("size"), previous.get("mtime_ns"), previous.get("ctime_ns")) == trigger:
-        _HASHED[key] = str(previous["sha256"])
-    if key not in _HASHED:
-        _HASHED[key] = file_digest(path)
-    return {**record, "sha256": _HASHED[key]}
-
 
 def _stamp(output: Path) -> Path:
     return output.with_name(output.name + ".stamp.json")
@@ -80,11 +48,19 @@ def _read_stamp(output: Path) -> dict[str, Any]:
 
 
 class Step:
-    """One pipeline step: its output, settings and input files, and whether it is up to date."""
+    """One pipeline step: its output, settings and input files, and whether it is up to date.
 
-    def __init__(self, name: str, output: Path, settings: dict[str, Any], inputs: Mapping[str, Path]) -> None:
+    ``record`` is the file that identifies the output: the output file itself, or a folder's
+    completion record (which carries a fresh write id each time the folder is written). The
+    stamp keeps its hash, so an output rewritten by another command is not vouched for.
+    """
+
+    def __init__(self, name: str, output: Path, settings: dict[str, Any], inputs: Mapping[str, Path],
+                 record: Path | None = None) -> None:
         self.name, self.output, self.settings = name, output, settings
-        old = _read_stamp(output).get("inputs", {})
+        self.record = record or output
+        self.stamp = _read_stamp(output)
+        old = self.stamp.get("inputs", {})
         self.inputs = {label: file_record(path, old.get(label)) for label, path in inputs.items()}
         content = {label: r["sha256"] for label, r in self.inputs.items()}
         self.fingerprint = hashlib.sha256(
@@ -93,7 +69,10 @@ class Step:
 
     @property
     def up_to_date(self) -> bool:
-        return self.output.exists() and _read_stamp(self.output).get("fingerprint") == self.fingerprint
+        if not (self.record.is_file() and self.stamp.get("fingerprint") == self.fingerprint):
+            return False
+        recorded = self.stamp.get("output") or {}
+        return file_record(self.record, recorded)["sha256"] == recorded.get("sha256")
 
     def run(self, work: Callable[[], Any]) -> bool:
         """Do ``work`` unless the step is up to date; True if it ran. The stamp goes last."""
@@ -103,9 +82,9 @@ class Step:
         _stamp(self.output).unlink(missing_ok=True)
         log.info("%s: running -> %s", self.name, self.output)
         work()
-        write_text(_stamp(self.output), json.dumps({"step": self.name, "fingerprint": self.fingerprint,
-                                                    "settings": self.settings, "inputs": self.inputs},
-                                                   indent=2, default=str) + "\n")
+        self.stamp = {"step": self.name, "fingerprint": self.fingerprint, "settings": self.settings,
+                      "inputs": self.inputs, "output": file_record(self.record)}
+        write_text(_stamp(self.output), json.dumps(self.stamp, indent=2, default=str) + "\n")
         return True
 
 
@@ -146,7 +125,10 @@ def run_pipeline(
     from ..embed import embed_manifest, load_encoder
     from ..evaluate.report import write_report
     from ..graph.build import GraphConfig, build_from_manifest
-    from ..train.rundir import open_run
+    from ..evaluate.predictions import RECORD as PREDICTION_RECORD
+    from ..evaluate.predictions import check_prediction_output
+    from .fit import check_run_output
+    from .rundir import RUN_RECORD, open_run
 
     # Cheap checks first: nothing is embedded for a run that would fail later on a typo.
     out = check_writable(Path(out_dir))
@@ -163,7 +145,10 @@ def run_pipeline(
     enc = load_encoder(encoder)
 
     with output_lock(out, command_line()):
-        out.mkdir(parents=True, exist_ok=True)
+        model, preds = out / "model", out / "predictions"
+        if "hgc" in methods:
+            check_run_output(model)
+        check_prediction_output(preds)
         data = manifest_inputs(m)
         emb = out / "embeddings.h5"
         embed_step = Step("embed", emb, {"encoder": encoder, "data_root": str(root)},
@@ -187,13 +172,16 @@ def run_pipeline(
                                               progress=progress, data_root=data_root))
         graph_step().run(lambda: build_from_manifest(manifest, emb, protocol, graphs, gcfg, split_file, data_root))
 
-        model = out / "model"
         train_settings = {k: v for k, v in fit_config.to_dict().items() if k != "progress"}
         if "hgc" in methods:
-            Step("fit", model, {"fit": train_settings}, {"graphs.h5": graphs}).run(lambda: fit(graphs, model, fit_config))
+            Step("fit", model, {"fit": train_settings}, {"graphs.h5": graphs}, model / RUN_RECORD).run(
+                lambda: fit(graphs, model, fit_config))
 
-        preds = out / "predictions"
-        model_digest = open_run(model).tensor_digest() if "hgc" in methods else None
-        Step("predict", preds, {"methods": list(methods), "model": model_digest}, {"graphs.h5": graphs}).run(
+        model_digest = None
+        if "hgc" in methods:
+            with output_lock(model, command_line(), shared=True):
+                model_digest = open_run(model).tensor_digest()
+        Step("predict", preds, {"methods": list(methods), "model": model_digest}, {"graphs.h5": graphs},
+             preds / PREDICTION_RECORD).run(
             lambda: predict(model if "hgc" in methods else None, graphs, preds, methods, device=device))
         return write_report(preds)

@@ -6,6 +6,7 @@ Each method's predictions carry the HEG/HVG gene indices chosen on the fold's tr
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,10 @@ def _model_predictions(run: Run, fold: FoldData, backend: str | None, device: st
         )
     if sorted(info["test_slides"]) != sorted(fold.test_slides):
         raise InputError(f"run {run.path} fold '{fold.name}' has test slides {info['test_slides']}, the store {fold.test_slides}")
+    dims = {"spot_dim": fold.test_graphs[0].spot_x.shape[1], "ref_dim": fold.test_graphs[0].ref_x.shape[1]}
+    if any(info[k] != v for k, v in dims.items()):
+        raise InputError(f"run {run.path} fold '{fold.name}' was trained on {info['spot_dim']}-d embeddings, the "
+                         f"store has {dims['spot_dim']}-d ones (another encoder?); predict with the store it was fitted on")
     model, be, _ = load_model(run.path, fold.name, backend=backend, device=device)
     return {g.target: predict_graph(model, be.prepare(g, device)) for g in fold.test_graphs}
 
@@ -111,7 +116,7 @@ def predict(
     Every input is checked before the first file is written; ``out_dir`` is replaced whole once
     every prediction is made (see :mod:`hgc.evaluate.predictions`).
     """
-    from .._outputs import require_free_space
+    from .._outputs import command_line, output_lock, require_free_space
     from ..graph.store import read_fold_info, summarize
     from ..nn.backend import BACKENDS
 
@@ -120,24 +125,25 @@ def predict(
         raise InputError(f"unknown graph backend '{backend}'; expected one of {list(BACKENDS)}")
     device = str(resolve_device(device))
     graphs_path = Path(graphs_path)
-    run = None
-    if "hgc" in methods:
-        if run_dir is None:
-            raise InputError("method 'hgc' needs the run folder written by `hgc fit`")
-        run = open_run(run_dir)
-    infos = {f.name: f for f in read_fold_info(graphs_path)}
-    folds = _folds_of(run, list(infos), graphs_path)
-    check_prediction_output(out_dir)
-    spots = sum(r["n_spot"] * len(infos[r["fold"]].genes) for r in summarize(graphs_path)
-                if r["role"] == "test" and r["fold"] in folds)
-    require_free_space(out_dir, spots * 8 * len(methods), "the predictions", one_file=False)
-    protocol = next(iter(infos.values())).protocol if infos else ""
-    written = []
-    with writing_predictions(out_dir, protocol=protocol, methods=methods, graphs=str(graphs_path.resolve()),
-                             run=str(Path(run_dir).resolve()) if run else None, folds=folds) as out:
-        for name in folds:
-            (fold,) = load_folds(graphs_path, [name])
-            preds = predict_fold(fold, methods, run, backend, device)
-            written += [out.add(p) for p in preds]
-            log.info("fold %s: %d predictions", name, len(preds))
+    if "hgc" in methods and run_dir is None:
+        raise InputError("method 'hgc' needs the run folder written by `hgc fit`")
+    # read the run under its shared lock: one training's models, even if a fit into that folder starts
+    reading = output_lock(run_dir, command_line(), shared=True) if "hgc" in methods else contextlib.nullcontext()
+    with reading:
+        run = open_run(run_dir) if "hgc" in methods else None
+        infos = {f.name: f for f in read_fold_info(graphs_path)}
+        folds = _folds_of(run, list(infos), graphs_path)
+        check_prediction_output(out_dir)
+        spots = sum(r["n_spot"] * len(infos[r["fold"]].genes) for r in summarize(graphs_path)
+                    if r["role"] == "test" and r["fold"] in folds)
+        require_free_space(out_dir, spots * 8 * len(methods), "the predictions", one_file=False)
+        protocol = next(iter(infos.values())).protocol if infos else ""
+        written = []
+        with writing_predictions(out_dir, protocol=protocol, methods=methods, graphs=str(graphs_path.resolve()),
+                                 run=str(Path(run_dir).resolve()) if run else None, folds=folds) as out:
+            for name in folds:
+                (fold,) = load_folds(graphs_path, [name])
+                preds = predict_fold(fold, methods, run, backend, device)
+                written += [out.add(p) for p in preds]
+                log.info("fold %s: %d predictions", name, len(preds))
     return [Path(out_dir) / p.relative_to(p.parents[1]) for p in written]

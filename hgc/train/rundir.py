@@ -2,8 +2,8 @@
 
 Layout::
 
-    config.json                    the completion record (written last): format, version, the
-                                   FitConfig, backend, device, folds trained and folds skipped
+    config.json                    the completion record (written last): format, version, a write
+                                   id, the FitConfig, backend, device, folds trained and skipped
     <fold>/model.safetensors       best checkpoint (tensors only: loaded without unpickling)
     <fold>/fold.json               genes, normaliser, protocol, train/validation/test slides, dims, best epoch
     <fold>/history.csv             per epoch: losses, validation PCC-ALL and MSE
@@ -17,13 +17,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .._outputs import safe_name, write_text
+from .._outputs import is_temporary, safe_name, write_text
 from ..errors import InputError
 
 FORMAT = "hgc-run"
@@ -62,8 +63,10 @@ class Run:
         path = self.fold_dir(fold) / FOLD_INFO
         info = _read_json(path, f"fold '{fold}' of run {self.path}")
         missing = [k for k in FOLD_KEYS if k not in info]
-        if missing or info.get("fold") != fold:
-            raise InputError(f"{path} is damaged or from another hgc version (missing {missing or ['fold']}); {_REFIT}")
+        if missing:
+            raise InputError(f"{path} is damaged or from another hgc version (it lacks {missing}); {_REFIT}")
+        if info["fold"] != fold:
+            raise InputError(f"{path} describes fold '{info['fold']}', not '{fold}' (moved by hand?); {_REFIT}")
         return info
 
     def checkpoint(self, fold: str) -> dict:
@@ -133,6 +136,20 @@ def is_run_folder(path: Path) -> bool:
     return isinstance(record, dict) and (record.get("format") == FORMAT or "fit" in record)
 
 
+def user_entries(folder: Path) -> list[Path]:
+    """Entries of a run folder that hgc did not write: kept when the run is replaced."""
+    try:
+        record = json.loads((folder / RUN_RECORD).read_text(encoding="utf-8"))
+        folds = [*record.get("folds", []), *record.get("skipped", {})]
+    except (OSError, ValueError, TypeError, AttributeError):
+        folds = []
+    ours = {RUN_RECORD, *(safe_name(str(f)) for f in folds)}
+    fold_files = {CHECKPOINT, FOLD_INFO, HISTORY}  # a fold folder of any hgc version, even half-written
+    return [e for e in folder.iterdir()
+            if e.name not in ours and not is_temporary(e.name)
+            and not (e.is_dir() and any((e / f).exists() for f in fold_files))]
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     """Serialise in memory, then write with Python's file I/O (whose failures carry an errno)."""
     from safetensors.torch import save
@@ -166,5 +183,5 @@ def write_fold(folder: Path, state: dict, history: Sequence[dict[str, float]], i
 def write_record(folder: Path, folds: Sequence[str], skipped: dict[str, str], **facts: Any) -> None:
     """The completion record, written last into a run being built."""
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "hgc_version": __version__,
-              **facts, "folds": list(folds), "skipped": dict(skipped)}
+              "write_id": uuid.uuid4().hex, **facts, "folds": list(folds), "skipped": dict(skipped)}
     write_text(folder / RUN_RECORD, json.dumps(record, indent=2) + "\n")

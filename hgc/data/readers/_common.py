@@ -28,18 +28,20 @@ def require_file(path: Path, slide: str, what: str) -> Path:
 
 
 @contextlib.contextmanager
-def reading(path: Path | str, slide: str, what: str) -> Iterator[None]:
-    """Turn any failure while parsing ``path`` into one InputError naming the slide and the file.
+def reading(path: Path | str, slide: str, what: str,
+            errors: tuple[type[BaseException], ...] = (Exception,)) -> Iterator[None]:
+    """Turn a failure while parsing ``path`` into one InputError naming the slide and the file.
 
     Parsers (pandas, scipy, h5py, gzip) raise dozens of exception types for damaged, truncated or
     mistyped files (``EOFError`` for a cut ``.gz``, ``UnicodeDecodeError``, ``zlib.error`` ...);
-    the user only needs to know which file is unreadable and why.
+    the user only needs to know which file is unreadable and why. Around hgc's own code, pass the
+    narrower ``errors`` its data can cause, so a programming error still shows as one.
     """
     try:
         yield
     except HgcError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any parser failure is a property of the file
+    except errors as exc:  # noqa: BLE001 - a parser failure is a property of the file
         text = str(exc).splitlines()[0] if str(exc) else ""
         raise InputError(f"slide '{slide}': cannot read {what} {path} ({type(exc).__name__}: {text})") from None
 

@@ -115,7 +115,7 @@ def slide_from_anndata(
             raise InputError(f"slide '{name}': obsm['spatial'] of {path} is not a numeric (spots x 2) array of "
                              f"pixel coordinates (found {values.dtype} {values.shape})")
     try:
-        with reading(path, name, "AnnData"):
+        with reading(path, name, "AnnData", errors=(TypeError, ValueError, KeyError)):
             result = Slide.from_anndata(
                 adata, slide=name, patient=patient, image=image, microns_per_pixel=microns_per_pixel
             )

@@ -143,11 +143,10 @@ def _read_spots(path: Path, slide: str) -> pd.DataFrame:
     table.index = pd.Index((table["x"].str.strip() + "x" + table["y"].str.strip()).to_numpy(), name="spot")
     columns = ["x", "y", "pixel_x", "pixel_y"] + (["selected"] if "selected" in table.columns else [])
     values = numeric_columns(table, columns, path, slide, row_name="spot")
-    if "selected" in values:
-        values = values[values["selected"] > 0]
     # x / y as written (e.g. "12.04" in cSCC tables) make the ids; ax / ay hold them as numbers
-    table = values.rename(columns={"x": "ax", "y": "ay"}).assign(
-        x=table.loc[values.index, "x"].str.strip(), y=table.loc[values.index, "y"].str.strip())
+    values = values.rename(columns={"x": "ax", "y": "ay"}).assign(
+        x=table["x"].str.strip().to_numpy(), y=table["y"].str.strip().to_numpy())
+    table = values[values["selected"].to_numpy() > 0] if "selected" in values else values
     if table.empty:
         raise InputError(f"slide '{slide}': spot table {path} has no spots under tissue (selected = 1)")
     return table
