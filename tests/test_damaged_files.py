@@ -27,8 +27,8 @@ def _graph_edit(kind: str):
             f.attrs["format_version"] = 99
         elif kind == "foreign":
             f.attrs["format"] = "something-else"
-        elif kind == "missing dataset":
-            del f[f"folds/{fold}/expression/S1"]
+        elif kind == "missing dataset":  # a training slide's expression (a test slide may have none)
+            del f[f"folds/{fold}/expression/S2"]
         elif kind == "unknown field":
             info = json.loads(f[f"folds/{fold}"].attrs["info"])
             f[f"folds/{fold}"].attrs["info"] = json.dumps({**info, "from_the_future": 1})

@@ -186,15 +186,20 @@ def test_missing_pixel_position_names_file_and_spot(tmp_path):
                    "no valid pixel position")
 
 
-def test_anndata_without_expression(tmp_path):
+def test_anndata_without_expression_is_a_slide_to_predict_not_to_train_on(tmp_path):
     import anndata as ad
     import pandas as pd
+
+    from hgc.data.genes import expression_matrix
 
     a = ad.AnnData(obs=pd.DataFrame(index=["s1", "s2"]), var=pd.DataFrame(index=["ERBB2"]))
     a.obsm["spatial"] = np.zeros((2, 2))
     a.write_h5ad(tmp_path / "x.h5ad")
     row = {"slide": "X", "patient": "P", "format": "h5ad", "path": str(tmp_path / "x.h5ad"), "microns_per_pixel": "1"}
-    _inspect_fails(write_manifest(tmp_path / "m.tsv", [row]), "'X'", "x.h5ad", "no expression matrix X")
+    slide = read_manifest(write_manifest(tmp_path / "m.tsv", [row])).load("X")
+    assert slide.n_spots == 2 and not slide.has_expression and slide.n_genes == 0
+    with pytest.raises(InputError, match=r"slide 'X' has no expression \(.*x\.h5ad gives no counts\)"):
+        expression_matrix(slide, ["ERBB2"])
 
 
 def _visium_copy(tmp_path, shared_data) -> Path:

@@ -176,12 +176,19 @@ def test_manifest_entry_with_annotations(tmp_path: Path) -> None:
 # --- bad input: each error names the slide, the file and what was expected ---------------------
 
 
-def test_missing_matrix(tmp_path: Path) -> None:
+def test_without_matrix_the_in_tissue_spots_are_read_to_predict(tmp_path: Path) -> None:
+    """A Space Ranger folder without its count matrix: the in-tissue spots and the image, no expression."""
     outs = tmp_path / "outs"
     write_visium(outs)
+    full = read_visium(outs, slide="S1")
     (outs / "filtered_feature_bc_matrix.h5").unlink()
-    with pytest.raises(InputError, match="slide 'S1'.*filtered_feature_bc_matrix.h5 or the folder"):
-        read_visium(outs, slide="S1")
+    s = read_visium(outs, slide="S1")
+    assert not s.has_expression and s.n_genes == 0
+    assert set(s.barcodes) >= set(full.barcodes)  # every in-tissue spot, with or without counts
+    positions = pd.read_csv(outs / "spatial" / "tissue_positions.csv").set_index("barcode")
+    assert (positions.loc[s.barcodes, "in_tissue"] == 1).all()
+    with pytest.raises(InputError, match="slide 'S1' has no expression .*training needs its counts"):
+        s.require_expression("training")
 
 
 def test_missing_positions(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""``hgc fit``, ``hgc predict``, ``hgc evaluate`` and ``hgc run`` (the whole pipeline)."""
+"""``hgc fit``, ``hgc train``, ``hgc predict``, ``hgc evaluate`` and ``hgc run`` (the whole pipeline)."""
 from __future__ import annotations
 
 import json
@@ -32,11 +32,16 @@ def _fit_options(f):
         click.option("--relations", default=None, help="Comma-separated relations to use, e.g. near,refer (default: all)."),
         click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True, help="Hidden size of the GNN."),
         click.option("--layers", type=click.IntRange(min=0), default=4, show_default=True, help="Relational layers."),
-        click.option("--fold", "folds", multiple=True, help="Train only this fold (repeatable; default: all)."),
+        click.option("--val-slides", default=None,
+                     help="Comma-separated training slides to stop early on (default: chosen by seed, per fold)."),
     ]
     for opt in reversed(options):
         f = opt(f)
     return f
+
+
+def _fold_option(f):
+    return click.option("--fold", "folds", multiple=True, help="Train only this fold (repeatable; default: all).")(f)
 
 
 def _fit_config(kw: dict):
@@ -47,7 +52,8 @@ def _fit_config(kw: dict):
         weight_decay=kw["weight_decay"], patience=kw["patience"] or None,
         contrast=kw["contrast"], masking=not kw["no_masking"],
         relations=tuple(_split_csv(kw["relations"])) if kw["relations"] else None,
-        folds=tuple(kw["folds"]) or None, model={"hidden": kw["hidden"], "layers": kw["layers"]},
+        folds=tuple(kw.get("folds", ())) or None, model={"hidden": kw["hidden"], "layers": kw["layers"]},
+        val_slides=tuple(_split_csv(kw["val_slides"])) if kw["val_slides"] else None,
     )
 
 
@@ -56,6 +62,7 @@ def register(main: click.Group) -> None:
     @click.argument("graphs", type=click.Path(dir_okay=False, exists=True))
     @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
     @_fit_options
+    @_fold_option
     def fit_command(graphs: str, out: str, **kw) -> None:
         """Train SpaHGC on every fold of the graph store GRAPHS (early stopping on validation slides)."""
         from ..train.fit import fit
@@ -65,18 +72,73 @@ def register(main: click.Group) -> None:
                        f"validation PCC {r.best_val_pcc:.4f} on {r.val_slides or 'no slide'}")
         click.echo(f"run written to {out}")
 
-    @main.command("predict")
-    @click.argument("run_dir", type=click.Path(file_okay=False))
-    @click.option("--graphs", required=True, type=click.Path(dir_okay=False, exists=True), help="Graph store the run was fitted on.")
-    @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Prediction folder to write.")
-    @click.option("--methods", default=METHOD_CHOICES, show_default=True, help="Comma-separated methods.")
-    @click.option("--backend", type=click.Choice(["auto", "dgl", "pyg"]), default=None, help="Default: the run's backend.")
-    @device_option()
-    def predict_command(run_dir: str, graphs: str, out: str, methods: str, backend: str | None, device: str) -> None:
-        """Write OUT/<method>/<slide>.h5ad for every test slide, by the model and the baselines."""
-        from ..train.predict import predict
+    @main.command("train")
+    @click.argument("manifest", type=click.Path(dir_okay=False, exists=True))
+    @click.option("--genes", required=True, help="Gene panel: hist2st-her2st, hist2st-cscc, top-mean:N, hvg:N or a file.")
+    @click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help="Image encoder (see `hgc embed --help`).")
+    @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+                  help="Folder to write (embeddings, graphs and the model; steps are cached there).")
+    @click.option("--normalize", type=click.Choice(["log1p", "log10-minmax"]), default="log1p", show_default=True)
+    @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
+    @click.option("--n-val", type=click.IntRange(min=0), default=1, show_default=True,
+                  help="Validation slides (early stopping), taken from the manifest's slides.")
+    @click.option("--no-progress", is_flag=True, help="No progress bars.")
+    @data_root_option
+    @_fit_options
+    def train_command(manifest, genes, encoder, out, normalize, batch_size, n_val, no_progress, data_root, **kw) -> None:
+        """Train one model on every slide of MANIFEST, to predict new slides with `hgc predict`.
 
-        files = predict(run_dir, graphs, out, _split_csv(methods), backend=backend, device=device)
+        The model is a self-contained bundle (weights, reference bank of the training spots, genes,
+        normalisation, encoder, graph settings, a model card) at OUT/model/all/; copy it anywhere.
+        """
+        from ..train.pipeline import train_model
+
+        bundle = train_model(manifest, genes, encoder, out, fit_config=_fit_config(kw), normalize=normalize,
+                             device=kw["device"], data_root=data_root, batch_size=batch_size,
+                             graph_options={"n_val": n_val}, progress=not no_progress)
+        click.echo(f"model written to {bundle}")
+
+    @main.command("predict")
+    @click.argument("model", type=click.Path(file_okay=False))
+    @click.argument("targets", required=False, type=click.Path(dir_okay=False, exists=True))
+    @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Prediction folder to write.")
+    @click.option("--graphs", default=None, type=click.Path(dir_okay=False, exists=True),
+                  help="Cross-validation form: the graph store MODEL (a run folder) was fitted on, instead of TARGETS.")
+    @click.option("--methods", default=None,
+                  help=f"Comma-separated methods of {METHOD_CHOICES} (default: all with --graphs, hgc for TARGETS).")
+    @click.option("--embeddings", default=None, type=click.Path(dir_okay=False),
+                  help="TARGETS: file caching their embeddings (default: OUT.embeddings.h5 beside OUT).")
+    @click.option("--weights", default=None, type=click.Path(dir_okay=False, exists=True),
+                  help="TARGETS: the encoder's weights file, when not the default source (must be the model's).")
+    @click.option("--backend", type=click.Choice(["auto", "dgl", "pyg"]), default=None, help="Default: the model's backend.")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
+    @click.option("--no-progress", is_flag=True, help="No progress bars.")
+    @data_root_option
+    @device_option()
+    def predict_command(model, targets, out, graphs, methods, embeddings, weights, backend, batch_size, no_progress,
+                        data_root, device) -> None:
+        """Predict the slides of TARGETS (a manifest; counts optional) with MODEL into OUT.
+
+        MODEL is a model bundle (`hgc train`, or one fold folder of `hgc fit`), or a folder holding
+        exactly one. Each slide gets OUT/<method>/<slide>.h5ad, ready for scanpy (`sc.pl.spatial`).
+        With --graphs instead of TARGETS: the cross-validation form, predicting every test slide of
+        the graph store with the run folder MODEL and the baselines.
+        """
+        from ..errors import InputError
+
+        if (targets is None) == (graphs is None):
+            raise InputError("give either TARGETS (a manifest of slides to predict) or --graphs (the graph store "
+                             "of a cross-validation run), not both or neither")
+        if graphs is not None:
+            from ..train.predict import predict
+
+            files = predict(model, graphs, out, _split_csv(methods or METHOD_CHOICES), backend=backend, device=device)
+        else:
+            from ..train.apply import predict_slides
+
+            files = predict_slides(model, targets, out, methods=_split_csv(methods or "hgc"), embeddings=embeddings,
+                                   weights=weights, backend=backend, device=device, batch_size=batch_size,
+                                   data_root=data_root, progress=not no_progress)
         click.echo(f"{len(files)} prediction files written to {out}")
 
     @main.command("evaluate")
@@ -105,6 +167,7 @@ def register(main: click.Group) -> None:
     @click.option("--no-progress", is_flag=True, help="No progress bars.")
     @data_root_option
     @_fit_options
+    @_fold_option
     def run_command(manifest, protocol, genes, encoder, out, normalize, methods, split_file, batch_size,
                     n_val, no_progress, data_root, **kw) -> None:
         """Embed, build graphs, fit, predict and evaluate MANIFEST; print the results table.

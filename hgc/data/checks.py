@@ -56,7 +56,7 @@ def check_slide(slide: "Slide") -> None:
     n = slide.n_spots
     if n == 0:
         raise InputError(f"{where}: no spots under tissue were found in {src}")
-    if slide.counts.shape != (n, slide.n_genes):
+    if slide.counts is not None and slide.counts.shape != (n, slide.n_genes):
         raise InputError(
             f"{where}: counts matrix is {slide.counts.shape[0]} x {slide.counts.shape[1]} but there are "
             f"{n} spots and {slide.n_genes} genes"

@@ -170,18 +170,19 @@ def expression_matrix(slide: Slide, genes: Sequence[str]) -> tuple[np.ndarray, l
 
     Returns the list of absent genes too: callers must report them (see :func:`panel_coverage`).
     """
+    counts = slide.require_expression("expression values")
     cols = _gene_columns(slide, genes)
     present = cols >= 0
     out = np.zeros((slide.n_spots, len(genes)), dtype=np.float32)
     if present.any():
-        out[:, present] = sp.csr_matrix(slide.counts)[:, cols[present]].toarray()
+        out[:, present] = sp.csr_matrix(counts)[:, cols[present]].toarray()
     missing = [g for g, ok in zip(genes, present) if not ok]
     return out, missing
 
 
 def library_size(slide: Slide) -> np.ndarray:
     """Total count of each spot over all genes of the slide (not only the panel)."""
-    return np.asarray(slide.counts.sum(axis=1), dtype=np.float64).ravel()
+    return np.asarray(slide.require_expression("library sizes").sum(axis=1), dtype=np.float64).ravel()
 
 
 def log1p_normalized(slide: Slide, genes: Sequence[str], target_sum: float = TARGET_SUM) -> np.ndarray:
@@ -195,7 +196,7 @@ def log1p_normalized(slide: Slide, genes: Sequence[str], target_sum: float = TAR
 def check_panel_overlap(panel: GenePanel, slides: Iterable[Slide]) -> None:
     """Refuse a panel that shares no gene with one of ``slides`` (its expression would be all zeros)."""
     for s in slides:
-        if (_gene_columns(s, panel.genes) < 0).all():
+        if s.has_expression and (_gene_columns(s, panel.genes) < 0).all():
             source = s.source.get("counts") or s.source.get("path") or "its counts"
             raise InputError(
                 f"gene panel '{panel.name}' ({len(panel)} genes, e.g. {', '.join(panel.genes[:3])}) shares no "
@@ -207,7 +208,7 @@ def check_panel_overlap(panel: GenePanel, slides: Iterable[Slide]) -> None:
 def panel_coverage(panel: GenePanel, slides: Iterable[Slide]) -> dict[str, list[str]]:
     """Genes of ``panel`` missing from each slide (zero-filled downstream); logs one warning per slide."""
     out: dict[str, list[str]] = {}
-    for s in slides:
+    for s in (s for s in slides if s.has_expression):
         missing = [g for g, c in zip(panel.genes, _gene_columns(s, panel.genes)) if c < 0]
         out[s.id] = missing
         if missing:

@@ -24,7 +24,7 @@ REQUIRED_COLUMNS = ("slide", "patient", "format")
 
 #: Per format: (required path columns, optional path columns).
 FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "st": (("counts", "spots", "image"), ()),
+    "st": (("spots", "image"), ("counts",)),
     "visium": (("path",), ("image",)),
     "hest": (("path",), ()),
     "h5ad": (("path",), ("image",)),

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..errors import InputError
 from .image import SlideImage
 
 if TYPE_CHECKING:  # anndata is a core dependency but slow to import; only load it when used
@@ -19,21 +20,24 @@ MPP_SOURCES = ("manifest", "format", "spot-pitch")
 
 #: Centre-to-centre spot distance by platform, in µm: the last resort for microns per pixel.
 SPOT_PITCH_UM = {"st": 200.0, "visium": 100.0}
+#: Capture-spot diameter by platform, in µm (drawn spot size; virtual spots of new slides).
+SPOT_DIAMETER_UM = {"st": 100.0, "visium": 55.0}
 
 
 @dataclass(eq=False)
 class Slide:
-    """One tissue section: spots with positions and counts, and its H&E image.
+    """One tissue section: spots with positions and (usually) counts, and its H&E image.
 
     ``coords`` are spot centres as (x, y) in full-resolution image pixels (the space the image
-    handle's ``read_region`` takes). ``counts`` is a spots x genes CSR matrix of raw counts.
+    handle's ``read_region`` takes). ``counts`` is a spots x genes CSR matrix of raw counts, or
+    None for a slide with only H&E (to be predicted; ``genes`` is then empty).
     """
 
     id: str
     patient: str
     barcodes: np.ndarray
     coords: np.ndarray
-    counts: sp.csr_matrix
+    counts: sp.csr_matrix | None
     genes: np.ndarray
     microns_per_pixel: float
     mpp_source: str
@@ -51,6 +55,18 @@ class Slide:
     def n_genes(self) -> int:
         return int(self.genes.shape[0])
 
+    @property
+    def has_expression(self) -> bool:
+        return self.counts is not None
+
+    def require_expression(self, purpose: str) -> sp.csr_matrix:
+        """The counts, or an error saying that ``purpose`` (e.g. "training") needs them."""
+        if self.counts is None:
+            where = self.source.get("spots") or self.source.get("path") or "its manifest row"
+            raise InputError(f"slide '{self.id}' has no expression ({where} gives no counts), but {purpose} needs "
+                             "its counts; add them to the manifest, or predict the slide instead")
+        return self.counts
+
     def to_anndata(self) -> "anndata.AnnData":
         """AnnData with scanpy conventions: ``obsm['spatial']`` in image pixels, metadata in ``uns``."""
         import anndata
@@ -64,7 +80,7 @@ class Slide:
             for col in ann.columns:
                 obs[col] = ann[col].to_numpy()
         adata = anndata.AnnData(
-            X=self.counts.astype(np.float32),
+            X=(self.counts if self.counts is not None else sp.csr_matrix((self.n_spots, 0))).astype(np.float32),
             obs=obs,
             var=pd.DataFrame(index=pd.Index(self.genes.astype(str), name="gene")),
         )
@@ -108,7 +124,7 @@ class Slide:
             patient=str(patient or meta.get("patient") or slide),
             barcodes=np.asarray(adata.obs_names, dtype=object),
             coords=np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2],
-            counts=sp.csr_matrix(adata.X),
+            counts=sp.csr_matrix(adata.X) if adata.X is not None else None,
             genes=np.asarray(adata.var_names, dtype=object),
             microns_per_pixel=float(mpp) if mpp else float("nan"),
             mpp_source=meta.get("mpp_source", "manifest") if mpp else "unknown",

@@ -6,6 +6,8 @@
   patient stay in the training set and the reference pool, as published; compare numbers only
   within one protocol.
 - ``split-file``: a TSV with columns ``slide``, ``fold``, ``role`` (``train`` | ``test``).
+- ``all``: one fold, named ``all``, training on every slide and testing none: the model that
+  ``hgc train`` fits to predict new slides.
 """
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ import pandas as pd
 
 from ..errors import InputError
 
-PROTOCOLS = ("patient-kfold", "slide-loso", "split-file")
+PROTOCOLS = ("patient-kfold", "slide-loso", "split-file", "all")
+#: The name of the one fold of protocol ``all``.
+ALL_FOLD = "all"
 
 
 @dataclass(frozen=True)
 class Fold:
-    """Training and test slide ids of one fold (disjoint, both non-empty)."""
+    """Training and test slide ids of one fold: disjoint, at least one training slide; no test slide
+    only for the fold of protocol ``all``."""
 
     name: str
     train: list[str] = field(default_factory=list)
@@ -31,8 +36,6 @@ class Fold:
     def __post_init__(self) -> None:
         if not self.train:
             raise InputError(f"fold '{self.name}' has no training slide (test: {self.test})")
-        if not self.test:
-            raise InputError(f"fold '{self.name}' has no test slide")
         both = sorted(set(self.train) & set(self.test))
         if both:
             raise InputError(f"fold '{self.name}': slides {both} are both training and test slides")
@@ -64,6 +67,8 @@ def make_folds(patients: dict[str, str], protocol: str, split_file: str | Path |
         if split_file is None:
             raise InputError("--protocol split-file needs --split-file")
         return _read_split_file(Path(split_file), patients)
+    if protocol == "all":
+        return [Fold(ALL_FOLD, slides, [])]
     raise InputError(f"unknown protocol '{protocol}'; expected one of {list(PROTOCOLS)}")
 
 
@@ -90,8 +95,10 @@ def _read_split_file(path: Path, patients: dict[str, str]) -> list[Fold]:
         raise InputError(f"split file {path} has a header but no rows; expected one row per slide and fold")
     folds = []
     for name, rows in table.groupby("fold", sort=False):
-        folds.append(Fold(str(name), list(rows.loc[rows.role == "train", "slide"]),
-                          list(rows.loc[rows.role == "test", "slide"])))
+        fold = Fold(str(name), list(rows.loc[rows.role == "train", "slide"]), list(rows.loc[rows.role == "test", "slide"]))
+        if not fold.test:
+            raise InputError(f"split file {path}: fold '{name}' has no test slide")
+        folds.append(fold)
     return folds
 
 

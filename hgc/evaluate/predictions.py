@@ -65,6 +65,9 @@ class Prediction:
     hvg: np.ndarray
     image: str = ""  # the slide's H&E file, for `hgc plot`
     image_scale: float = 1.0
+    obs: dict[str, np.ndarray] = field(default_factory=dict)  # more per-spot columns (array_row, virtual, ...)
+    spatial: dict[str, Any] | None = None  # uns["spatial"][slide] in scanpy's Visium layout (see spatial_entry)
+    model: dict[str, Any] = field(default_factory=dict)  # the model bundle that predicted: id, path, references
 
     @property
     def space(self) -> str:
@@ -89,7 +92,7 @@ def write_prediction(path: str | Path, p: Prediction) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     adata = ad.AnnData(
         X=np.asarray(p.predicted, dtype=np.float32),
-        obs=pd.DataFrame(index=pd.Index([str(b) for b in p.barcodes], name="barcode")),
+        obs=pd.DataFrame(dict(p.obs), index=pd.Index([str(b) for b in p.barcodes], name="barcode")),
         var=pd.DataFrame(index=pd.Index([str(g) for g in p.genes], name="gene")),
     )
     if p.observed is not None:
@@ -109,8 +112,25 @@ def write_prediction(path: str | Path, p: Prediction) -> Path:
     )
     if p.image:
         adata.uns.update(image=p.image, image_scale=float(p.image_scale))
+    if p.spatial is not None:
+        adata.uns["spatial"] = {p.slide: p.spatial}
+    if p.model:
+        adata.uns["model"] = dict(p.model)
     adata.write_h5ad(path)
     return path
+
+
+def spatial_entry(image, spot_diameter_px: float, max_px: int = 2000) -> dict[str, Any]:
+    """``uns["spatial"][slide]`` as scanpy's Visium reader writes it, so ``scanpy.pl.spatial`` and
+    squidpy draw predictions over the H&E with no extra arguments: a ``hires`` image at most
+    ``max_px`` a side and the scale factors from full-resolution pixels (``obsm["spatial"]``)."""
+    hires = image.thumbnail(max_px)
+    scale = hires.shape[1] / image.size[0]
+    return {
+        "images": {"hires": np.ascontiguousarray(hires)},
+        "scalefactors": {"tissue_hires_scalef": float(scale), "spot_diameter_fullres": float(spot_diameter_px)},
+        "metadata": {"source_image_path": str(image.path)},
+    }
 
 
 def read_prediction(path: str | Path) -> Prediction:

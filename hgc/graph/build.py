@@ -42,6 +42,7 @@ from ..data.slide import SPOT_PITCH_UM, Slide
 from ..data.splits import PROTOCOLS, Fold, make_folds, validation_slides
 from ..errors import InputError
 from . import knn
+from .bank import ReferenceBank
 from .record import SlideGraph
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class SlideData:
     coords: np.ndarray
     image: str = ""  # the H&E file (absolute path), so predictions can be drawn over it
     image_scale: float = 1.0  # as SlideImage.scale
+    platform: str = "unknown"  # st / visium: the spot geometry, which new slides' virtual spots follow
 
 
 @dataclass
@@ -142,9 +144,10 @@ class TargetEdges:
 @dataclass
 class FoldGraphs:
     info: FoldInfo
-    expression: dict[str, np.ndarray]  # slide -> (n, G) float32 normalised, every slide of the fold
+    expression: dict[str, np.ndarray]  # slide -> (n, G) float32 normalised, every slide of the fold with counts
     pools: dict[str, Pool]
     targets: list[TargetEdges]
+    bank: str = ""  # the pool of all training slides: the references of test and of new slides
 
 
 @dataclass
@@ -155,6 +158,7 @@ class GraphSet:
     protocol: str
     slides: dict[str, SlideData]
     folds: list[FoldGraphs]
+    encoder: dict = field(default_factory=dict)  # what made the embeddings (see :func:`encoder_of`)
 
     def graphs(self, fold: str | None = None, role: str | None = None) -> list[SlideGraph]:
         return list(self.iter_graphs(fold, role))
@@ -190,6 +194,23 @@ def assemble(fg: FoldGraphs, t: TargetEdges, slides: Mapping[str, SlideData]) ->
         spot_y=fg.expression.get(t.target),
         image=spot.image,
         image_scale=spot.image_scale,
+    )
+
+
+def fold_bank(graphs: GraphSet, fg: FoldGraphs) -> ReferenceBank | None:
+    """The fold's reference bank (all its training slides), or None for stores without one."""
+    if not fg.bank:
+        return None
+    pool = fg.pools[fg.bank]
+    refs = [graphs.slides[s] for s in pool.slides]
+    return ReferenceBank(
+        x=np.concatenate([r.x for r in refs]),
+        y=np.concatenate([fg.expression[r.id] for r in refs]),
+        slide=np.concatenate([np.full(len(r.barcodes), r.id, dtype=object) for r in refs]),
+        patient=np.concatenate([np.full(len(r.barcodes), r.patient, dtype=object) for r in refs]),
+        barcode=np.concatenate([np.asarray(r.barcodes, dtype=object) for r in refs]),
+        genes=list(fg.info.genes), normaliser=dict(fg.info.normaliser),
+        close=pool.close, close_weight=pool.close_weight, encoder=dict(graphs.encoder),
     )
 
 
@@ -240,6 +261,39 @@ def reference_pool(
             f"or (patient-kfold) from a test patient {sorted(test_patients)}"
         )
     return pool
+
+
+def check_new_target(slide: str, patient: str, bank: ReferenceBank) -> None:
+    """Refuse to predict a slide from a bank that holds it (its own expression would be retrieved);
+    a slide of a patient who has other slides in the bank is allowed, with a warning."""
+    if slide in bank.slides:
+        raise InputError(f"slide '{slide}' is one of the model's reference slides ({', '.join(bank.slides)}): "
+                         "predicting it would retrieve its own expression; use a model trained without it")
+    if patient in bank.patients:
+        log.warning("slide %s: patient %s has other slides in the model's reference bank (a slide-level, "
+                    "not a patient-level, prediction)", slide, patient)
+
+
+def target_graph(slide: Slide, embeddings: np.ndarray, bank: ReferenceBank, config: GraphConfig, fold: str,
+                 expression: np.ndarray | None = None) -> SlideGraph:
+    """The graph of a new slide against a saved bank, by the rules that built the bank's own graphs:
+    ``near`` edges among its spots, ``refer`` edges from the bank's spots, the bank's ``close`` edges.
+    It equals the test graph of a cross-validation fold whose training slides are the bank's."""
+    check_new_target(slide.id, slide.patient, bank)
+    data = _slide_data(slide, embeddings)
+    if data.x.shape[1] != bank.x.shape[1]:
+        raise InputError(f"slide {slide.id}: its embeddings have {data.x.shape[1]} features, the model's reference "
+                         f"bank {bank.x.shape[1]}; embed it with the model's encoder")
+    near, near_w = near_edges(slide, config)
+    refer, refer_w = refer_edges(data.x, bank.x, config)
+    return SlideGraph(
+        fold=fold, target=slide.id, role="test", patient=slide.patient,
+        spot_x=data.x, spot_coords=data.coords, spot_barcodes=data.barcodes,
+        ref_x=bank.x, ref_y=bank.y, ref_slide=bank.slide, ref_patient=bank.patient,
+        edges={"near": near, "refer": refer, "close": bank.close},
+        edge_weight={"near": near_w, "refer": refer_w, "close": bank.close_weight},
+        spot_y=expression, image=data.image, image_scale=data.image_scale,
+    )
 
 
 # --- edges -------------------------------------------------------------------------------------
@@ -430,8 +484,10 @@ def build_graphs(
     config: GraphConfig,
     data_root: str | Path | None = None,
     manifest: str = "",
+    encoder: Mapping[str, object] | None = None,
 ) -> GraphSet:
-    """Graphs of every target of every fold. ``embeddings[s]`` rows follow ``slides[s].barcodes``."""
+    """Graphs of every target of every fold. ``embeddings[s]`` rows follow ``slides[s].barcodes``;
+    ``encoder`` records what made them (:func:`encoder_of`), so a trained model can embed new slides alike."""
     from .._progress import progress
 
     if protocol not in PROTOCOLS:
@@ -452,7 +508,37 @@ def build_graphs(
     out = []
     for fold in progress(folds, desc="folds", unit="fold", leave=False):
         out.append(_build_fold(fold, slides, data, near, patients, protocol, config, data_root, manifest))
-    return GraphSet(config, protocol, data, out)
+    return GraphSet(config, protocol, data, out, dict(encoder or {}))
+
+
+#: Embedding attributes that say how a slide was embedded; a model predicts new slides only from
+#: embeddings made the same way (the patch width is patch_um, or patch_box_px in native-pixel mode).
+ENCODER_KEYS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_box_px", "patch_px", "resample")
+
+
+def encoder_of(attrs: Mapping[str, Mapping[str, object]], slides: Sequence[str], source: str) -> dict[str, object]:
+    """The encoder settings shared by ``slides`` in an embedding file's attributes (see ``read_attrs``).
+
+    Slides embedded with different encoders, weights or patch sizes cannot share one reference
+    bank: that is an InputError. The patch width is compared in the unit it was asked in: µm, or
+    full-resolution pixels for native-pixel patches (whose width in µm differs by slide).
+    """
+    def value(v):
+        v = v.decode() if isinstance(v, bytes) else v
+        return v.item() if isinstance(v, np.generic) else v
+
+    seen: dict[str, dict[str, object]] = {}
+    for s in slides:
+        a = attrs[s]
+        native = value(a.get("patch_mode")) == "native-px"
+        keys = [k for k in ENCODER_KEYS if k in a and k != ("patch_um" if native else "patch_box_px")]
+        seen[s] = {k: value(a[k]) for k in keys}
+    distinct = {json.dumps(v, sort_keys=True) for v in seen.values()}
+    if len(distinct) > 1:
+        first, other = slides[0], next(s for s in slides if seen[s] != seen[slides[0]])
+        raise InputError(f"{source}: slides were embedded differently ({first}: {seen[first]}; {other}: "
+                         f"{seen[other]}); embed all of them with one encoder and patch size")
+    return next(iter(seen.values()), {})
 
 
 def _slide_data(slide: Slide, emb: np.ndarray) -> SlideData:
@@ -466,11 +552,13 @@ def _slide_data(slide: Slide, emb: np.ndarray) -> SlideData:
     image = slide.image
     return SlideData(slide.id, slide.patient, emb, np.asarray(slide.barcodes, dtype=object),
                      np.asarray(slide.coords, np.float64), str(image.path.resolve()) if image else "",
-                     float(image.scale) if image else 1.0)
+                     float(image.scale) if image else 1.0, slide.platform)
 
 
 def _build_fold(fold, slides, data, near, patients, protocol, config, data_root, manifest) -> FoldGraphs:
     train = [slides[s] for s in fold.train]
+    for s in train:
+        s.require_expression(f"training slide of fold '{fold.name}'")
     panel = resolve_panel(config.genes, data_root, train)
     genes = list(panel.genes)
     normalizer = make_normalizer(config.normalize).fit(train, genes)
@@ -482,7 +570,7 @@ def _build_fold(fold, slides, data, near, patients, protocol, config, data_root,
         genes=genes, panel=panel.name, normaliser=normalizer.to_dict(),
         missing_genes=panel_coverage(panel, [slides[s] for s in members]), manifest=manifest,
     )
-    expression = {s: normalizer.transform(slides[s], genes) for s in members}
+    expression = {s: normalizer.transform(slides[s], genes) for s in members if slides[s].has_expression}
     chosen = []
     for role, names in (("train", fold.train), ("test", fold.test)):
         for t in names:
@@ -497,8 +585,10 @@ def _build_fold(fold, slides, data, near, patients, protocol, config, data_root,
             else:
                 info.skipped[t] = "every other training slide is of its own patient (exclude_same_patient)"
                 log.warning("fold %s: training slide %s has no reference slide; no training graph for it", fold.name, t)
-    # test targets (and any identical pools) share one pool and its close edges
-    keys = {pool: f"pool{i}" for i, pool in enumerate(dict.fromkeys(p for _, _, p in chosen))}
+    # test targets (and any identical pools) share one pool and its close edges; the pool of all
+    # training slides is the fold's bank, which new slides are predicted from
+    bank = tuple(fold.train)
+    keys = {pool: f"pool{i}" for i, pool in enumerate(dict.fromkeys([*(p for _, _, p in chosen), bank]))}
     feats = close_features(np.concatenate([data[s].x for s in fold.train]),
                            np.concatenate([expression[s] for s in fold.train]), config.metric)
     owner = np.concatenate([np.full(len(data[s].x), s, dtype=object) for s in fold.train])
@@ -511,7 +601,7 @@ def _build_fold(fold, slides, data, near, patients, protocol, config, data_root,
         else:
             refer, refer_w = refer_edges(data[t].x, np.concatenate([data[s].x for s in pool]), config)
         targets.append(TargetEdges(t, role, keys[pool], *near[t], refer, refer_w))
-    return FoldGraphs(info, expression, pools, targets)
+    return FoldGraphs(info, expression, pools, targets, keys[bank])
 
 
 def build_from_manifest(
@@ -544,7 +634,8 @@ def build_from_manifest(
     if absent:
         raise InputError(f"embedding file {embeddings} has no complete embeddings for slides {absent}; "
                          f"run `hgc embed {manifest}` first")
+    encoder = encoder_of(stored, used, f"embedding file {embeddings}")
     slides = {s: m.load(s) for s in used}
     emb = load_embeddings(embeddings, list(slides.values()))
-    graphs = build_graphs(slides, emb, folds, protocol, config, resolve_root(data_root), str(m.path))
+    graphs = build_graphs(slides, emb, folds, protocol, config, resolve_root(data_root), str(m.path), encoder)
     return write_graphs(graphs, out)

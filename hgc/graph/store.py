@@ -3,11 +3,13 @@
 Layout (group names are percent-encoded slide / fold ids)::
 
     /                         attrs: format="hgc-graphs", format_version, hgc_version, protocol,
-                                     config (GraphConfig JSON), folds (JSON list, in order)
+                                     config (GraphConfig JSON), folds (JSON list, in order),
+                                     encoder (JSON: encoder, weights and patch settings of the embeddings)
     /slides/<slide>           x (n, d) f32, barcodes (n,) str, coords (n, 2) f64; attrs: id, patient,
-                                     image (H&E path, "" if none), image_scale
+                                     image (H&E path, "" if none), image_scale, platform
     /folds/<fold>             attrs: info (FoldInfo JSON: protocol, train/val/test, genes, panel,
-                                     normaliser, missing_genes, skipped, self_referenced, manifest), targets (JSON)
+                                     normaliser, missing_genes, skipped, self_referenced, manifest), targets (JSON),
+                                     bank (the pool of all training slides: what new slides are predicted from)
     /folds/<fold>/genes       (G,) str
     /folds/<fold>/expression/<slide>   (n, G) f32, the fold's normalised expression of the slide
     /folds/<fold>/pools/<key>          close (2, E) i64, close_weight (E,) f32; attrs: slides (JSON)
@@ -64,18 +66,20 @@ def write_graphs(graphs: GraphSet, out: str | Path) -> Path:
         f.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "hgc_version": __version__,
             "protocol": graphs.protocol, "config": graphs.config.to_json(),
-            "folds": json.dumps([fg.info.name for fg in graphs.folds]),
+            "folds": json.dumps([fg.info.name for fg in graphs.folds]), "encoder": json.dumps(graphs.encoder),
         })
         for s in graphs.slides.values():
             g = f.create_group(f"slides/{safe_name(s.id)}")
             g.create_dataset("x", data=s.x)
             g.create_dataset("barcodes", data=s.barcodes.astype(str).astype(object), dtype=strings)
             g.create_dataset("coords", data=s.coords)
-            g.attrs.update({"id": s.id, "patient": s.patient, "image": s.image, "image_scale": s.image_scale})
+            g.attrs.update({"id": s.id, "patient": s.patient, "image": s.image, "image_scale": s.image_scale,
+                            "platform": s.platform})
         for fg in graphs.folds:
             g = f.create_group(f"folds/{safe_name(fg.info.name)}")
             g.attrs["info"] = json.dumps(asdict(fg.info))
             g.attrs["targets"] = json.dumps([[t.target, t.role] for t in fg.targets])
+            g.attrs["bank"] = fg.bank
             g.create_dataset("genes", data=np.asarray(fg.info.genes, dtype=object), dtype=strings)
             for s, y in fg.expression.items():
                 g.create_dataset(f"expression/{safe_name(s)}", data=y)
@@ -149,6 +153,7 @@ def read_graph_set(path: str | Path, fold: str | None = None) -> GraphSet:
                 g.attrs["id"], g.attrs["patient"], g["x"][()],
                 g["barcodes"].asstr()[()].astype(object), g["coords"][()],
                 str(g.attrs.get("image", "")), float(g.attrs.get("image_scale", 1.0)),
+                str(g.attrs.get("platform", "unknown")),
             )
         folds = []
         for name in _fold_names(f, path, fold):
@@ -162,8 +167,11 @@ def read_graph_set(path: str | Path, fold: str | None = None) -> GraphSet:
                 t = g[f"graphs/{safe_name(target)}"]
                 targets.append(TargetEdges(target, role, t.attrs["pool"], t["near"][()], t["near_weight"][()],
                                            t["refer"][()], t["refer_weight"][()]))
-            folds.append(FoldGraphs(info, expression, pools, targets))
-        graphs = GraphSet(_config(f, path), str(f.attrs["protocol"]), slides, folds)
+            bank = str(g.attrs.get("bank", "")) or next(  # stores before banks: the pool of all training slides
+                (k for k, p in pools.items() if p.slides == list(info.train)), "")
+            folds.append(FoldGraphs(info, expression, pools, targets, bank))
+        graphs = GraphSet(_config(f, path), str(f.attrs["protocol"]), slides, folds,
+                          json.loads(f.attrs.get("encoder", "{}")))
     _check_consistent(graphs, path)
     return graphs
 
@@ -174,8 +182,9 @@ def _check_consistent(graphs: GraphSet, path) -> None:
         where = f"graph file {path}, fold '{fg.info.name}'"
         for t in fg.targets:
             pool = fg.pools.get(t.pool)
-            slides = [t.target, *(pool.slides if pool else [])]
-            absent = [s for s in slides if s not in graphs.slides or s not in fg.expression]
+            refs = pool.slides if pool else []
+            absent = [s for s in [t.target, *refs] if s not in graphs.slides]
+            absent += [s for s in refs + ([t.target] if t.role == "train" else []) if s not in fg.expression]
             if pool is None or absent:
                 raise InputError(f"{where}: the graph of '{t.target}' refers to missing "
                                  f"{'pool ' + t.pool if pool is None else 'slides ' + str(absent)}; {_REBUILD}")

@@ -27,8 +27,10 @@ from .._devices import check_device, resolve_device
 from .._outputs import atomic_dir, check_replaceable_folder, command_line, output_lock, safe_name
 from ..errors import InputError
 from ..evaluate.metrics import nan_mean, pearson_per_gene
+from ..graph.bank import ReferenceBank
+from ..graph.build import fold_bank
 from ..graph.record import RELATION_NAMES, SlideGraph
-from .rundir import is_run_folder, open_run, user_entries, write_fold, write_record
+from .rundir import ModelBundle, is_run_folder, open_run, user_entries, write_fold, write_record
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class FitConfig:
     masking: bool = True
     relations: tuple[str, ...] | None = None  # None: every relation of the graphs
     folds: tuple[str, ...] | None = None  # None: every fold of the store
+    val_slides: tuple[str, ...] | None = None  # early-stopping slides instead of the store's choice
     model: dict[str, Any] = field(default_factory=dict)  # further ModelConfig overrides
     progress: bool = True
 
@@ -80,12 +83,15 @@ class FitConfig:
                                  f"choose from {', '.join(RELATION_NAMES)}")
         if self.folds is not None:
             self.folds = tuple(self.folds)
+        if self.val_slides is not None:
+            self.val_slides = tuple(self.val_slides)
         model_config(self)  # the model options (and contrast, masking) are checked by ModelConfig
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["relations"] = list(self.relations) if self.relations is not None else None
         d["folds"] = list(self.folds) if self.folds is not None else None
+        d["val_slides"] = list(self.val_slides) if self.val_slides is not None else None
         return d
 
 
@@ -103,6 +109,9 @@ class FoldData:
     test_graphs: list[SlideGraph]
     val_slides: list[str] | None = None  # as recorded by the store, if it chose them
     self_referenced: list[str] = field(default_factory=list)  # sole training slides (see hgc.graph.build)
+    bank: ReferenceBank | None = None  # all training slides' spots: what new slides are predicted from
+    graph_config: dict[str, Any] = field(default_factory=dict)  # how the graphs were built (new slides alike)
+    platform: str = "unknown"  # the training slides' spot geometry (st, visium; "mixed")
 
     @property
     def patients(self) -> dict[str, str]:
@@ -121,16 +130,19 @@ def load_folds(graphs_path: str | Path, folds: Sequence[str] | None = None) -> l
     path = Path(graphs_path)
     if not path.is_file():
         raise InputError(f"graph store {path} does not exist; build it with `hgc build-graph`")
-    infos = store.read_fold_info(path)
-    names = [f.name for f in infos]
+    names = [f.name for f in store.read_fold_info(path)]
     if folds is not None:
         unknown = sorted(set(folds) - set(names))
         if unknown:
             raise InputError(f"folds {unknown} are not in graph store {path}; it has {names}")
-        infos = [f for f in infos if f.name in set(folds)]
+        names = [n for n in names if n in set(folds)]
     out = []
-    for info in infos:
-        graphs = store.read_graphs(path, fold=info.name)
+    for name in names:
+        gs = store.read_graph_set(path, fold=name)
+        (fg,) = gs.folds
+        info = fg.info
+        graphs = gs.graphs()
+        platforms = {gs.slides[s].platform for s in info.train}
         out.append(
             FoldData(
                 name=info.name,
@@ -143,6 +155,9 @@ def load_folds(graphs_path: str | Path, folds: Sequence[str] | None = None) -> l
                 test_graphs=[g for g in graphs if g.role == "test"],
                 val_slides=list(info.val),
                 self_referenced=list(info.self_referenced),
+                bank=fold_bank(gs, fg),
+                graph_config=asdict(gs.config),
+                platform=platforms.pop() if len(platforms) == 1 else "mixed",
             )
         )
     return out
@@ -187,13 +202,18 @@ def check_leakage(fold: FoldData) -> None:
             log.info("fold %s: %d reference spots share a patient with the test slide (slide-level protocol)", fold.name, shared)
 
 
-def choose_validation(fold: FoldData, n: int, seed: int) -> list[str]:
-    """The store's validation slides if it recorded them, else ``n`` chosen by seed (never test)."""
+def choose_validation(fold: FoldData, n: int, seed: int, chosen: Sequence[str] | None = None) -> list[str]:
+    """``chosen`` validation slides, else the store's if it recorded them, else ``n`` chosen by seed;
+    always training slides, never test slides."""
     from ..data.splits import Fold, validation_slides
 
-    val = fold.val_slides if fold.val_slides is not None else validation_slides(
-        Fold(fold.name, list(fold.train_slides), list(fold.test_slides)), fold.patients, n=n, seed=seed
-    )
+    if chosen is not None:
+        val = list(chosen)
+    elif fold.val_slides is not None:
+        val = list(fold.val_slides)
+    else:
+        val = validation_slides(Fold(fold.name, list(fold.train_slides), list(fold.test_slides)), fold.patients,
+                                n=n, seed=seed)
     bad = sorted(set(val) - set(fold.train_slides))
     if bad:
         raise InputError(f"fold '{fold.name}': validation slides {bad} are not training slides")
@@ -269,7 +289,7 @@ class FoldResult:
 def _split_validation(fold: FoldData, config: FitConfig, seed: int) -> tuple[list[str], list[SlideGraph], list[SlideGraph]]:
     """(validation slides, training graphs, validation graphs); a validation graph is not trained on."""
     have = {g.target for g in fold.train_graphs}
-    val = [s for s in choose_validation(fold, config.n_val, seed) if s in have]
+    val = [s for s in choose_validation(fold, config.n_val, seed, config.val_slides) if s in have]
     train = [g for g in fold.train_graphs if g.target not in set(val)]
     if not train:  # every graph-bearing training slide was chosen for validation
         val, train = [], list(fold.train_graphs)
@@ -340,8 +360,11 @@ def _train_fold(fold: FoldData, config: FitConfig, out_dir: Path, backend, devic
         "train_slides": [g.target for g in train_graphs], "validation_slides": val,
         "test_slides": list(fold.test_slides), **dims, "model": mcfg.to_dict(),
         "best_epoch": int(best["epoch"]), "best_val_pcc": None if np.isnan(best_pcc) else best_pcc,
-        "epochs_run": len(history), "seed": seed,
-    })
+        "epochs_run": len(history), "seed": seed, "backend": backend.name,
+        "graph_config": fold.graph_config, "platform": fold.platform,
+        "encoder": fold.bank.encoder if fold.bank is not None else {},
+        "reference_slides": fold.bank.slides if fold.bank is not None else [],
+    }, fold.bank)
     return FoldResult(fold.name, val, int(best["epoch"]), best_pcc, len(history), best["val_pred"])
 
 
@@ -396,16 +419,21 @@ def load_model(run_dir: str | Path, fold: str, backend: str | None = None, devic
     Returns ``(model, backend, fold_info)``; ``backend`` defaults to the one the run trained with
     (weights are backend-neutral, so either backend may load them).
     """
+    run = open_run(run_dir)
+    return load_bundle_model(run.bundle(fold), backend or run.backend, device)
+
+
+def load_bundle_model(bundle: ModelBundle, backend: str | None = None, device: str = "cpu"):
+    """(model in eval mode, backend, fold info) of a model bundle; backend defaults to its training's."""
     from ..nn import ModelConfig, get_backend
 
-    run = open_run(run_dir)
-    info = run.fold_info(fold)
-    be = get_backend(backend or run.backend)
+    info = bundle.info
+    be = get_backend(backend or info.get("backend", "auto"))
     mcfg = ModelConfig.from_dict(info["model"])
     model = build_model(mcfg, info["spot_dim"], info["ref_dim"], info["n_genes"], be)
     try:
-        model.load_state_dict(run.checkpoint(fold))
+        model.load_state_dict(bundle.checkpoint())
     except RuntimeError as exc:  # tensors of another shape or name than fold.json describes
-        raise InputError(f"run {run_dir}, fold '{fold}': the checkpoint does not match its fold.json "
+        raise InputError(f"model {bundle.path}: the checkpoint does not match its fold.json "
                          f"({str(exc).splitlines()[0]}); train it again with `hgc fit`") from None
     return model.to(device).eval(), be, info

@@ -14,6 +14,9 @@ record; a trained model is compared by its tensors, not its file's bytes. Layout
     out_dir/model/            hgc fit run folder
     out_dir/predictions/      <method>/<slide>.h5ad, metrics.{json,csv,md}
 
+``train_model`` (``hgc train``) runs the same steps with protocol ``all`` up to the fit: one model
+on every slide, at ``out_dir/model/all/``, a bundle ``hgc predict`` applies to new slides.
+
 Everything that can be checked without the expensive steps (folds, options, the gene panel, and,
 before any step runs, every slide's files and the panel's overlap with them) is checked first,
 and the run folder is locked for the whole run.
@@ -117,6 +120,36 @@ def run_pipeline(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every step (skipping up-to-date ones) and return the evaluation report dict."""
+    return _pipeline(manifest, protocol, genes, encoder, out_dir, fit_config, normalize, methods, device, data_root,
+                     split_file, batch_size, graph_options, progress)
+
+
+def train_model(
+    manifest: str | Path,
+    genes: str,
+    encoder: str,
+    out_dir: str | Path,
+    *,
+    fit_config: FitConfig | None = None,
+    normalize: str = "log1p",
+    device: str = "auto",
+    data_root: str | Path | None = None,
+    batch_size: int = 64,
+    graph_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train one model on every slide of ``manifest`` (early stopping on validation slides drawn from
+    them) into ``out_dir`` (embeddings, graphs and the run ``model/``, cached like ``run_pipeline``);
+    returns the model bundle's folder, which ``hgc predict`` applies to new slides."""
+    from .rundir import open_model
+
+    _pipeline(manifest, "all", genes, encoder, out_dir, fit_config, normalize, ("hgc",), device, data_root,
+              None, batch_size, graph_options, progress, predict_and_evaluate=False)
+    return open_model(out_dir).path
+
+
+def _pipeline(manifest, protocol, genes, encoder, out_dir, fit_config, normalize, methods, device, data_root,
+              split_file, batch_size, graph_options, progress, predict_and_evaluate: bool = True):
     from .._devices import check_device
     from ..data.genes import check_panel_overlap, panel_file, resolve_panel
     from ..data.manifest import data_root as resolve_root
@@ -148,7 +181,8 @@ def run_pipeline(
         model, preds = out / "model", out / "predictions"
         if "hgc" in methods:
             check_run_output(model)
-        check_prediction_output(preds)
+        if predict_and_evaluate:
+            check_prediction_output(preds)
         data = manifest_inputs(m)
         emb = out / "embeddings.h5"
         embed_step = Step("embed", emb, {"encoder": encoder, "data_root": str(root)},
@@ -177,6 +211,8 @@ def run_pipeline(
             Step("fit", model, {"fit": train_settings}, {"graphs.h5": graphs}, model / RUN_RECORD).run(
                 lambda: fit(graphs, model, fit_config))
 
+        if not predict_and_evaluate:
+            return None
         model_digest = None
         if "hgc" in methods:
             with output_lock(model, command_line(), shared=True):

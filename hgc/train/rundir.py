@@ -1,12 +1,16 @@
-"""The run folder ``hgc fit`` writes: its layout, its completion record, and reading it back.
+"""The run folder ``hgc fit`` writes, and the model bundle each of its folds is.
 
 Layout::
 
     config.json                    the completion record (written last): format, version, a write
                                    id, the FitConfig, backend, device, folds trained and skipped
-    <fold>/model.safetensors       best checkpoint (tensors only: loaded without unpickling)
-    <fold>/fold.json               genes, normaliser, protocol, train/validation/test slides, dims, best epoch
-    <fold>/history.csv             per epoch: losses, validation PCC-ALL and MSE
+    <fold>/                        a model bundle, self-contained (copy it anywhere and predict):
+        model.safetensors          best checkpoint (tensors only: loaded without unpickling)
+        bank.h5                    the reference bank: every training spot's embedding and expression
+        history.csv                per epoch: losses, validation PCC-ALL and MSE
+        MODEL_CARD.md              what the model is, for people
+        fold.json                  written last: format "hgc-model", genes, normaliser, graph settings,
+                                   encoder, platform, train/validation/test slides, dims, best epoch
 
 Fold folders are named with :func:`hgc._outputs.safe_name`. A run is built in a temporary folder
 and renamed into place complete (:func:`hgc._outputs.atomic_dir`), so a folder with this
@@ -21,22 +25,94 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .._outputs import is_temporary, safe_name, write_text
 from ..errors import InputError
 
+if TYPE_CHECKING:
+    from ..graph.bank import ReferenceBank
+    from ..graph.build import GraphConfig
+
 FORMAT = "hgc-run"
 FORMAT_VERSION = 1
+MODEL_FORMAT = "hgc-model"
+MODEL_FORMAT_VERSION = 1
 CHECKPOINT = "model.safetensors"
 FOLD_INFO = "fold.json"
 HISTORY = "history.csv"
+BANK = "bank.h5"
+MODEL_CARD = "MODEL_CARD.md"
 RUN_RECORD = "config.json"
 _REFIT = "train it again with `hgc fit`"
 #: Keys every fold.json carries (what predicting with the fold's model needs).
 FOLD_KEYS = ("fold", "protocol", "genes", "normaliser", "train_slides", "validation_slides", "test_slides",
              "spot_dim", "ref_dim", "n_genes", "model", "best_epoch", "epochs_run", "seed")
+
+
+@dataclass
+class ModelBundle:
+    """One trained model: a fold folder of a run, or the folder ``hgc train`` writes a model to."""
+
+    path: Path
+    info: dict[str, Any]  # fold.json, every key checked
+
+    @property
+    def name(self) -> str:
+        return str(self.info["fold"])
+
+    def checkpoint(self) -> dict:
+        """The best weights (tensors), loaded without unpickling."""
+        return load_checkpoint(self.path / CHECKPOINT)
+
+    def bank(self) -> "ReferenceBank":
+        """The reference bank new slides are predicted from."""
+        from ..graph.bank import read_bank
+
+        if not (self.path / BANK).is_file():
+            raise InputError(f"model {self.path} has no reference bank ({BANK}): it was trained by an hgc before "
+                             f"model bundles, or its fold had no training graph; {_REFIT}")
+        return read_bank(self.path / BANK)
+
+    def graph_config(self) -> "GraphConfig":
+        """How the model's graphs were built; a new slide's graph is built the same way."""
+        from .._records import record_from_dict
+        from ..graph.build import GraphConfig
+
+        return record_from_dict(GraphConfig, self.info.get("graph_config"), f"model {self.path}, its graph settings", _REFIT)
+
+
+def read_bundle(folder: Path, fold: str | None = None) -> ModelBundle:
+    """The bundle in ``folder`` (``fold`` is the name its run knows it by, when read through a run)."""
+    path = folder / FOLD_INFO
+    info = _read_json(path, f"model {folder}")
+    missing = [k for k in FOLD_KEYS if k not in info]
+    if missing:
+        raise InputError(f"{path} is damaged or from another hgc version (it lacks {missing}); {_REFIT}")
+    if fold is not None and info["fold"] != fold:
+        raise InputError(f"{path} describes fold '{info['fold']}', not '{fold}' (moved by hand?); {_REFIT}")
+    if info.get("format", MODEL_FORMAT) != MODEL_FORMAT or info.get("format_version", 1) > MODEL_FORMAT_VERSION:
+        raise InputError(f"{path} is a model of format {info.get('format')!r} version {info.get('format_version')!r}; "
+                         f"this hgc reads {MODEL_FORMAT} version {MODEL_FORMAT_VERSION}: upgrade hgc, or {_REFIT}")
+    return ModelBundle(folder, info)
+
+
+def open_model(path: str | Path) -> ModelBundle:
+    """The model at ``path``: a bundle, a run folder with one fold, or the folder of ``hgc train``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"model {path} does not exist (write one with `hgc train`, or use a fold folder of `hgc fit`)")
+    if (path / FOLD_INFO).is_file():
+        return read_bundle(path)
+    if (path / RUN_RECORD).is_file() or not (path / "model" / RUN_RECORD).is_file():
+        run = open_run(path)
+    else:  # an `hgc train` / `hgc run` folder: its run is model/
+        run = open_run(path / "model")
+    if len(run.folds) != 1:
+        raise InputError(f"run {run.path} holds {len(run.folds)} models; name one of them: "
+                         + ", ".join(str(run.fold_dir(f)) for f in run.folds))
+    return run.bundle(run.folds[0])
 
 
 @dataclass
@@ -55,24 +131,16 @@ class Run:
     def fold_dir(self, fold: str) -> Path:
         return self.path / safe_name(fold)
 
-    def fold_info(self, fold: str) -> dict[str, Any]:
-        """``fold.json`` of a trained fold, with every key checked."""
+    def bundle(self, fold: str) -> ModelBundle:
+        """The model of a trained fold."""
         if fold not in self.folds:
             why = f" ({self.skipped[fold]})" if fold in self.skipped else ""
             raise InputError(f"run {self.path} has no model for fold '{fold}'{why}; its models: {self.folds}")
-        path = self.fold_dir(fold) / FOLD_INFO
-        info = _read_json(path, f"fold '{fold}' of run {self.path}")
-        missing = [k for k in FOLD_KEYS if k not in info]
-        if missing:
-            raise InputError(f"{path} is damaged or from another hgc version (it lacks {missing}); {_REFIT}")
-        if info["fold"] != fold:
-            raise InputError(f"{path} describes fold '{info['fold']}', not '{fold}' (moved by hand?); {_REFIT}")
-        return info
+        return read_bundle(self.fold_dir(fold), fold)
 
-    def checkpoint(self, fold: str) -> dict:
-        """The fold's best weights (tensors), loaded without unpickling."""
-        self.fold_info(fold)
-        return load_checkpoint(self.fold_dir(fold) / CHECKPOINT)
+    def fold_info(self, fold: str) -> dict[str, Any]:
+        """``fold.json`` of a trained fold, with every key checked."""
+        return self.bundle(fold).info
 
     def tensor_digest(self) -> str:
         """sha256 of every fold's tensors (names, dtypes, shapes, values) and fold.json.
@@ -82,9 +150,11 @@ class Run:
         """
         h = hashlib.sha256()
         for fold in self.folds:
+            bundle = self.bundle(fold)
             h.update(fold.encode() + b"\0")
-            h.update(json.dumps(self.fold_info(fold), sort_keys=True).encode())
-            state = self.checkpoint(fold)
+            info = {k: v for k, v in bundle.info.items() if k != "write_id"}  # what, not which write
+            h.update(json.dumps(info, sort_keys=True).encode())
+            state = bundle.checkpoint()
             for name in sorted(state):
                 t = state[name].contiguous()
                 h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -169,15 +239,50 @@ def load_checkpoint(path: Path) -> dict:
         raise InputError(f"checkpoint {path} is damaged or truncated ({type(exc).__name__}: {exc}); {_REFIT}") from None
 
 
-def write_fold(folder: Path, state: dict, history: Sequence[dict[str, float]], info: dict[str, Any]) -> None:
-    """One fold's checkpoint, history and fold.json (inside a run being built)."""
+def write_fold(folder: Path, state: dict, history: Sequence[dict[str, float]], info: dict[str, Any],
+               bank: "ReferenceBank | None" = None) -> None:
+    """One fold's model bundle (inside a run being built); fold.json goes last."""
+    from ..graph.bank import write_bank
+
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, folder / CHECKPOINT)
+    if bank is not None:
+        write_bank(bank, folder / BANK)
     with open(folder / HISTORY, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
         writer.writeheader()
         writer.writerows(history)
+    info = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "hgc_version": __version__,
+            "write_id": uuid.uuid4().hex, **info}
+    (folder / MODEL_CARD).write_text(model_card(info, bank))
     (folder / FOLD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def model_card(info: dict[str, Any], bank: "ReferenceBank | None") -> str:
+    """A short human-readable description of a model bundle."""
+    enc = info.get("encoder") or {}
+    val = info.get("best_val_pcc")
+    lines = [
+        f"# hgc model `{info['fold']}`",
+        "",
+        f"SpaHGC (heterogeneous graph contrastive learning), hgc {info['hgc_version']}; predicts "
+        f"{len(info['genes'])} genes ({info['normaliser'].get('name', '?')} space) from H&E.",
+        "",
+        f"- Trained on: {', '.join(info['train_slides'])} (protocol {info['protocol']}; seed {info['seed']})",
+        f"- Early stopping on: {', '.join(info['validation_slides']) or 'no validation slide (last epoch kept)'}"
+        + (f", validation PCC-ALL {val:.4f} at epoch {info['best_epoch']}" if val is not None else ""),
+        f"- Held out: {', '.join(info['test_slides']) or 'none'}",
+        f"- Encoder: {enc.get('encoder', 'unknown')} (weights sha256 {str(enc.get('weights_sha256', '?'))[:12]}...), "
+        f"patches of {enc.get('patch_um', '?')} µm at {enc.get('patch_px', '?')} px",
+        f"- Spot geometry of the training slides: {info.get('platform', 'unknown')}",
+        f"- Reference bank: {bank.n_ref if bank is not None else 0} spots of "
+        f"{', '.join(bank.slides) if bank is not None else 'no slide'}",
+        f"- Model: {info['model'].get('layers')} layers of {info['model'].get('hidden')}, relations "
+        f"{', '.join(info['model'].get('relations', []))}, contrast {info['model'].get('contrast')}",
+        "",
+        "Predict new slides with `hgc predict <this folder> TARGETS.tsv --out PRED/`.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def write_record(folder: Path, folds: Sequence[str], skipped: dict[str, str], **facts: Any) -> None:

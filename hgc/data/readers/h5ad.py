@@ -106,8 +106,6 @@ def slide_from_anndata(
     validation, unique gene symbols, coordinate scaling, a microns-per-pixel fallback, annotations
     and :func:`check_slide`."""
     name = slide or str(adata.uns.get("hgc", {}).get("slide") or path.stem)
-    if adata.X is None:
-        raise InputError(f"slide '{name}': {path} has no expression matrix X; expected raw counts in X (spots x genes)")
     spatial = adata.obsm.get("spatial")
     if spatial is not None:
         values = np.asarray(spatial)
@@ -121,8 +119,12 @@ def slide_from_anndata(
             )
     except InputError as exc:
         raise InputError(f"{exc} (in {path})" if str(path) not in str(exc) else str(exc)) from None
-    result.counts = as_raw_counts(result.counts, result.id, path, spots=result.barcodes, genes=result.genes)
-    result.genes = make_unique(result.genes, result.id, path)
+    if result.counts is not None:
+        result.counts = as_raw_counts(result.counts, result.id, path, spots=result.barcodes, genes=result.genes)
+        result.genes = make_unique(result.genes, result.id, path)
+    else:
+        log.info("slide %s: %s has no X: spots and image only, no expression", result.id, path)
+        result.genes = np.zeros(0, dtype=object)
     if coord_scale:
         result.coords = result.coords * float(coord_scale)
     if platform:
@@ -134,7 +136,7 @@ def slide_from_anndata(
         result.mpp_source = "format"
         if result.platform == "unknown":  # only Visium records a spot diameter
             result.platform = "visium"
-    result.source = {"format": "h5ad", "path": str(path), "counts": str(path)}
+    result.source = {"format": "h5ad", "path": str(path), "counts": str(path) if result.counts is not None else ""}
     if result.image is not None:
         result.source["image"] = str(result.image.path)
     if annotations is not None:

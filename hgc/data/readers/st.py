@@ -27,7 +27,7 @@ _SPOT_ID = re.compile(r"^\s*(-?\d+(?:\.\d+)?)x(-?\d+(?:\.\d+)?)\s*$")
 
 
 def read_st(
-    counts: str | Path,
+    counts: str | Path | None,
     spots: str | Path,
     image: str | Path,
     *,
@@ -37,11 +37,12 @@ def read_st(
     coord_scale: float | None = None,
     annotations: str | Path | None = None,
 ) -> Slide:
-    """Read one legacy-ST section from its counts table, spot table and H&E image."""
-    counts, spots, image = Path(counts), Path(spots), Path(image)
-    table = _read_counts(counts, slide)
+    """Read one legacy-ST section from its counts table, spot table and H&E image.
+
+    Without ``counts`` the slide has spots and an image but no expression: a slide to predict.
+    """
+    spots, image = Path(spots), Path(image)
     spot_table = _read_spots(spots, slide)
-    count_ids = _array_ids(table.index.to_numpy(), counts, slide)
     spot_ids = _array_ids((spot_table["x"] + "x" + spot_table["y"]).to_numpy(), spots, slide)
     spot_table = spot_table.assign(_id=spot_ids)
     dup = spot_table["_id"].duplicated(keep=False)
@@ -51,23 +52,15 @@ def read_st(
             f"{', '.join(sorted(set(spot_table.loc[dup, '_id'])))[:200]} more than once"
         )
     spot_table = spot_table.set_index("_id")
-    common = pd.Index(count_ids).intersection(spot_table.index, sort=False)
-    if len(common) == 0:
-        raise InputError(
-            f"slide '{slide}': the counts table {counts} and the spot table {spots} have no spot in "
-            f"common (counts ids look like '{count_ids[0]}', spot table ids like '{spot_table.index[0]}'); "
-            "expected ids '<x>x<y>' matching the spot table's x and y columns"
-        )
-    n_dropped = len(count_ids) - len(common)
-    if n_dropped:
-        log.warning("slide %s: %d spot(s) of %s have no row in %s and are left out", slide, n_dropped, counts.name, spots.name)
-    row_of = pd.Series(np.arange(len(count_ids)), index=count_ids)
-    rows = row_of.loc[common].to_numpy()
-    matrix = as_raw_counts(table.to_numpy()[rows], slide, counts, spots=np.asarray(common), genes=table.columns)
+    if counts is None:
+        common, matrix, genes = spot_table.index, None, np.zeros(0, dtype=object)
+    else:
+        counts = Path(counts)
+        common, matrix, genes = _counts_of_spots(_read_counts(counts, slide), counts, spot_table, spots, slide)
     spot_rows = spot_table.loc[common]
     scale = coord_scale or 1.0
     coords = spot_rows[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * scale
-    array_coords = np.rint(spot_table.loc[common, ["ax", "ay"]].to_numpy(dtype=np.float64)).astype(np.int64)
+    array_coords = np.rint(spot_rows[["ax", "ay"]].to_numpy(dtype=np.float64)).astype(np.int64)
     barcodes = np.asarray(common, dtype=object)
     mpp, source = (microns_per_pixel, "manifest") if microns_per_pixel else (
         _mpp_from_pitch(array_coords, coords, slide), "spot-pitch"
@@ -78,13 +71,13 @@ def read_st(
         barcodes=barcodes,
         coords=coords,
         counts=matrix,
-        genes=np.asarray(table.columns.astype(str), dtype=object),
+        genes=genes,
         microns_per_pixel=float(mpp),
         mpp_source=source,
         platform="st",
         image=SlideImage(image),
         array_coords=array_coords,
-        source={"counts": str(counts), "spots": str(spots), "image": str(image)},
+        source={"counts": str(counts) if counts is not None else "", "spots": str(spots), "image": str(image)},
     )
     if annotations is not None:
         slide_obj.annotations = _read_annotations(Path(annotations), slide_obj)
@@ -92,14 +85,32 @@ def read_st(
     return slide_obj
 
 
+def _counts_of_spots(table: pd.DataFrame, counts: Path, spot_table: pd.DataFrame, spots: Path, slide: str):
+    """(spot ids with counts and a position, their counts as CSR, gene symbols)."""
+    count_ids = _array_ids(table.index.to_numpy(), counts, slide)
+    common = pd.Index(count_ids).intersection(spot_table.index, sort=False)
+    if len(common) == 0:
+        raise InputError(
+            f"slide '{slide}': the counts table {counts} and the spot table {spots} have no spot in "
+            f"common (counts ids look like '{count_ids[0]}', spot table ids like '{spot_table.index[0]}'); "
+            "expected ids '<x>x<y>' matching the spot table's x and y columns"
+        )
+    n_dropped = len(count_ids) - len(common)
+    if n_dropped:
+        log.warning("slide %s: %d spot(s) of %s have no row in %s and are left out", slide, n_dropped, counts.name, spots.name)
+    rows = pd.Series(np.arange(len(count_ids)), index=count_ids).loc[common].to_numpy()
+    matrix = as_raw_counts(table.to_numpy()[rows], slide, counts, spots=np.asarray(common), genes=table.columns)
+    return common, matrix, np.asarray(table.columns.astype(str), dtype=object)
+
+
 def input_files(entry: SlideEntry) -> list[Path]:
     """The files a legacy-ST slide is read from (for content-keyed caches)."""
-    return existing([entry.paths["counts"], entry.paths["spots"], entry.paths["image"], entry.annotations])
+    return existing([entry.paths.get("counts"), entry.paths["spots"], entry.paths["image"], entry.annotations])
 
 
 def from_entry(entry: SlideEntry) -> Slide:
     return read_st(
-        entry.paths["counts"],
+        entry.paths.get("counts"),
         entry.paths["spots"],
         entry.paths["image"],
         slide=entry.slide,

@@ -19,13 +19,13 @@ from ...errors import InputError
 from ..checks import as_raw_counts, check_slide
 from ..image import SlideImage
 from ..manifest import SlideEntry
-from ..slide import Slide
+from ..slide import SPOT_DIAMETER_UM, Slide
 from ._common import attach_annotations, existing, make_unique, numeric_columns, reading, require_file
 
 log = logging.getLogger(__name__)
 
 #: Diameter of a Visium capture spot; with ``spot_diameter_fullres`` it gives microns per pixel.
-VISIUM_SPOT_DIAMETER_UM = 55.0
+VISIUM_SPOT_DIAMETER_UM = SPOT_DIAMETER_UM["visium"]
 
 POSITION_COLUMNS = (
     "barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres",
@@ -59,8 +59,13 @@ def read_visium(
             "folder holding filtered_feature_bc_matrix.h5 and spatial/)"
         )
     cs = float(coord_scale) if coord_scale else 1.0
-    barcodes, genes, counts, matrix_file = read_10x_matrix(outs, slide_id)
     positions, positions_file = _read_positions(outs / "spatial", slide_id)
+    if _has_matrix(outs):
+        barcodes, genes, counts, matrix_file = read_10x_matrix(outs, slide_id)
+    else:  # spatial/ only: the in-tissue spots, to be predicted
+        log.info("slide %s: no count matrix in %s; its spots are read without expression", slide_id, outs)
+        barcodes = positions.index[positions["in_tissue"].to_numpy() == 1].to_numpy(dtype=object)
+        genes, counts, matrix_file = np.zeros(0, dtype=object), None, positions_file
     sf_file = require_file(
         outs / "spatial" / "scalefactors_json.json", slide_id, "Visium scale factors file"
     )
@@ -78,7 +83,7 @@ def read_visium(
             "slide %s: %d of %d matrix barcodes are not in-tissue spots of %s; dropped",
             slide_id, int((~keep).sum()), keep.size, positions_file.name,
         )
-    barcodes, counts = barcodes[keep], counts[keep]
+    barcodes, counts = barcodes[keep], (counts[keep] if counts is not None else None)
     pos = positions.loc[barcodes]
     coords = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64) * cs
 
@@ -107,7 +112,7 @@ def read_visium(
         array_coords=pos[["array_row", "array_col"]].to_numpy(np.int64),
         source={
             "format": "visium",
-            "counts": str(matrix_file),
+            "counts": str(matrix_file) if counts is not None else "",
             "positions": str(positions_file),
             "scalefactors": str(sf_file),
             "image": str(image_file) if image_file else "",
@@ -142,6 +147,10 @@ def from_entry(entry: SlideEntry) -> Slide:
         coord_scale=entry.coord_scale,
         annotations=entry.annotations,
     )
+
+
+def _has_matrix(outs: Path) -> bool:
+    return (outs / "filtered_feature_bc_matrix.h5").is_file() or (outs / "filtered_feature_bc_matrix").is_dir()
 
 
 def read_10x_matrix(

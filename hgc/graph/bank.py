@@ -1,0 +1,125 @@
+"""The reference bank: the spots a target slide's ``refer`` edges point at, and what using them needs.
+
+A bank holds, per reference spot, its image embedding, its normalised expression and its slide,
+patient and barcode; for the whole bank the genes, the fitted normaliser, the ``close`` edges
+among the references and the encoder that made the embeddings. A cross-validation fold's test
+slides are predicted from the bank of its training slides; a trained model carries the bank of all
+its training slides (``bank.h5`` beside its weights), so a new slide is joined to exactly the
+references the model was validated with.
+
+File layout (HDF5, written whole or not at all)::
+
+    /            attrs: format="hgc-bank", format_version, hgc_version, genes (JSON), normaliser (JSON),
+                        encoder (JSON: name, weights_sha256, patch_um, patch_px, patch_mode), slides (JSON)
+    /x           (m, d) float32 embeddings
+    /y           (m, G) float32 normalised expression
+    /slide, /patient, /barcode   (m,) UTF-8
+    /close       (2, E) int64 [neighbour, reference];  /close_weight (E,) float32
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from .._outputs import atomic_h5
+from ..errors import InputError
+
+FORMAT = "hgc-bank"
+FORMAT_VERSION = 1
+_REBUILD = "train the model again with `hgc train` or `hgc fit`"
+
+
+@dataclass(eq=False)
+class ReferenceBank:
+    """Reference spots (rows grouped by slide, in ``slides`` order) and their shared metadata."""
+
+    x: np.ndarray  # (m, d) float32
+    y: np.ndarray  # (m, G) float32
+    slide: np.ndarray  # (m,) str
+    patient: np.ndarray  # (m,) str
+    barcode: np.ndarray  # (m,) str
+    genes: list[str]
+    normaliser: dict[str, Any]
+    close: np.ndarray  # (2, E) int64
+    close_weight: np.ndarray  # (E,) float32
+    encoder: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        m = self.x.shape[0]
+        shapes = {"y": self.y.shape[0], "slide": len(self.slide), "patient": len(self.patient), "barcode": len(self.barcode)}
+        bad = {k: v for k, v in shapes.items() if v != m}
+        if self.x.ndim != 2 or bad or self.y.shape[1:] != (len(self.genes),):
+            raise InputError(f"reference bank arrays do not match: {m} embeddings, {shapes}, "
+                             f"{self.y.shape[1:]} expression columns for {len(self.genes)} genes")
+        if self.close.size and (self.close.min() < 0 or self.close.max() >= m):
+            raise InputError(f"reference bank 'close' edges index references outside [0, {m})")
+
+    @property
+    def n_ref(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def slides(self) -> list[str]:
+        return list(dict.fromkeys(map(str, self.slide)))
+
+    @property
+    def patients(self) -> list[str]:
+        return list(dict.fromkeys(map(str, self.patient)))
+
+    def nbytes(self) -> int:
+        return int(self.x.nbytes + self.y.nbytes + self.close.nbytes + self.close_weight.nbytes + 48 * self.n_ref)
+
+
+def write_bank(bank: ReferenceBank, path: str | Path) -> Path:
+    """Write ``bank`` to ``path`` atomically."""
+    import h5py
+
+    path = Path(path)
+    strings = h5py.string_dtype()
+    with atomic_h5(path, bank.nbytes()) as f:
+        f.attrs.update({
+            "format": FORMAT, "format_version": FORMAT_VERSION, "hgc_version": __version__,
+            "genes": json.dumps(list(bank.genes)), "normaliser": json.dumps(bank.normaliser),
+            "encoder": json.dumps(bank.encoder), "slides": json.dumps(bank.slides),
+        })
+        f.create_dataset("x", data=np.ascontiguousarray(bank.x, np.float32))
+        f.create_dataset("y", data=np.ascontiguousarray(bank.y, np.float32))
+        for name in ("slide", "patient", "barcode"):
+            f.create_dataset(name, data=np.asarray(getattr(bank, name)).astype(str).astype(object), dtype=strings)
+        f.create_dataset("close", data=np.asarray(bank.close, np.int64))
+        f.create_dataset("close_weight", data=np.asarray(bank.close_weight, np.float32))
+    return path
+
+
+def read_bank(path: str | Path) -> ReferenceBank:
+    """The bank stored at ``path``; a missing, foreign, newer or damaged file is one InputError."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"reference bank {path} does not exist; {_REBUILD}")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise InputError(f"{path} is not an hgc reference bank")
+            version = f.attrs.get("format_version")
+            version = version.item() if isinstance(version, np.generic) else version
+            if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+                raise InputError(f"reference bank {path} has format version {version!r}; this hgc reads version "
+                                 f"{FORMAT_VERSION}: upgrade hgc, or {_REBUILD}")
+            return ReferenceBank(
+                x=f["x"][()], y=f["y"][()],
+                slide=f["slide"].asstr()[()].astype(object), patient=f["patient"].asstr()[()].astype(object),
+                barcode=f["barcode"].asstr()[()].astype(object),
+                genes=list(json.loads(f.attrs["genes"])), normaliser=dict(json.loads(f.attrs["normaliser"])),
+                close=f["close"][()], close_weight=f["close_weight"][()], encoder=dict(json.loads(f.attrs["encoder"])),
+            )
+    except InputError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"reference bank {path} is damaged or incomplete ({type(exc).__name__}: {exc}); {_REBUILD}") from None
