@@ -64,7 +64,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "accuracy": ("schema", "mode", "dataset", "protocol", "genes", "n_genes", "encoder", "backend", "seeds", "fit",
                  "space", "n_slides", "hgc_version", "git_commit", "machine", "wall_s", "methods", "published"),
     "throughput": ("schema", "set", "device", "machine", "wall_s", "stages"),
+    "predict-wsi": ("schema", "encoder", "machine", "slide", "n_spots", "n_ref", "stages", "wall_s", "peak_mib"),
+    "virtual-spots": ("slide", "method", "n_real", "n_virtual", "median_distance_px", "space", "scores", "machine"),
 }
+#: Stages of a predict-wsi record, in order, with what each one does.
+PREDICT_STAGES = (("read_mask", "open, tissue mask, virtual spots"), ("embed", "patches + embedding"),
+                  ("graph", "near + refer edges"), ("model", "forward pass"), ("write", "prediction .h5ad"))
 MACHINE_KEYS = ("cpu", "cores", "ram_gib", "gpu", "versions", "hgc_version", "git_commit", "timestamp")
 METHOD_KEYS = ("mean", "std", "per_slide", "n")
 TRAIN_ROW_KEYS = ("backend", "device", "n_spot", "n_ref", "status")
@@ -92,6 +97,12 @@ def check_record(r: dict[str, Any]) -> list[str]:
                          if "seed" not in row or "slide" not in row][:1]
         problems += [f"published row {p} lacks method/pcc_all/note" for p in r.get("published", [])
                      if not {"method", "pcc_all", "note"} <= set(p)]
+    elif kind == "virtual-spots":
+        problems += [f"scores of {name} lack {k}" for name, sc in r.get("scores", {}).items()
+                     for k in ("pcc_all", "pcc_heg", "pcc_hvg") if k not in sc]
+    elif kind == "predict-wsi":
+        problems += [f"stage {name} lacks seconds/peak_mib" for name, _ in PREDICT_STAGES
+                     if not {"seconds", "peak_mib"} <= set(r.get("stages", {}).get(name, {}))]
     else:
         for name, stage in r.get("stages", {}).items():
             if "status" not in stage:
@@ -298,6 +309,32 @@ def generated(records: list[dict[str, Any]]) -> str:
             out += [f"Not yet measured: `{hint}`.", ""]
         for r in runs:
             out += [throughput_markdown(r)]
+    carried = [r for r in records if r.get("kind") == "virtual-spots"]
+    if carried:
+        out += ["## A slide predicted from its image alone (`bench/carry_virtual.py`)", ""]
+    for r in carried:
+        out += [f"`{r['_file']}`: slide {r['slide']}, method {r['method']}, {r['n_genes']} genes ({r['space']}); "
+                f"{r['n_virtual']} virtual spots on the tissue found in its image, {r['n_real']} real spots; each real "
+                f"spot takes the prediction of its nearest virtual spot (median distance "
+                f"{fmt(r['median_distance_px'], 0)} px); {short(r['machine'])}.", ""]
+        rows = [[name, *(fmt(sc[k]) for k in ("pcc_all", "pcc_heg", "pcc_hvg"))] for name, sc in r["scores"].items()]
+        out += table(["predicted on", "PCC-ALL", "PCC-HEG", "PCC-HVG"], rows) + [""]
+    wsi = [r for r in records if r.get("kind") == "predict-wsi"]
+    out += ["## Predicting a whole-slide image with no spots (`bench/predict_wsi.py`)", ""]
+    if not wsi:
+        out += ["Not yet measured: `python bench/predict_wsi.py --out bench/results/predict-wsi-cpu.json`.", ""]
+    for r in wsi:
+        sl = r["slide"]
+        out += [f"`{r['_file']}`: a synthetic {fmt(sl['width_mm'], 0)} x {fmt(sl['height_mm'], 0)} mm slide at "
+                f"{sl['mpp']} µm/px ({sl['width_px']:,} x {sl['height_px']:,} px, {sl['levels']} pyramid levels of "
+                f"JPEG tiles, {fmt(sl['file_mib'], 0)} MiB), {fmt(sl['tissue_mm2'], 0)} mm² of tissue, "
+                f"{r['n_spots']:,} virtual Visium spots against a bank of {r['n_ref']:,} references; encoder "
+                f"`{r['encoder']}`, {r['torch_threads']} torch threads; {short(r['machine'])}. Peak resident memory "
+                f"of the whole prediction: **{fmt(r['peak_mib'] / 1024, 2)} GiB**.", ""]
+        rows = [[label, fmt(r["stages"][name]["seconds"], 1), fmt(r["stages"][name]["peak_mib"], 0)]
+                for name, label in PREDICT_STAGES]
+        rows.append(["total", fmt(r["wall_s"], 1), fmt(r["peak_mib"], 0)])
+        out += table(["stage", "seconds", "peak MiB (so far)"], rows) + [""]
     if quick:
         out += ["## Smoke runs (`--quick`: CI check that the harness runs, not figures to quote)", ""]
         head = ["file", "dataset", "protocol", "epochs", "hgc PCC-ALL", "minutes", "machine"]

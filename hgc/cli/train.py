@@ -82,10 +82,13 @@ def register(main: click.Group) -> None:
     @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
     @click.option("--n-val", type=click.IntRange(min=0), default=1, show_default=True,
                   help="Validation slides (early stopping), taken from the manifest's slides.")
+    @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
+                  help="The encoder's weights file, when not its default source (see `hgc embed --help`).")
     @click.option("--no-progress", is_flag=True, help="No progress bars.")
     @data_root_option
     @_fit_options
-    def train_command(manifest, genes, encoder, out, normalize, batch_size, n_val, no_progress, data_root, **kw) -> None:
+    def train_command(manifest, genes, encoder, out, normalize, batch_size, n_val, weights, no_progress, data_root,
+                      **kw) -> None:
         """Train one model on every slide of MANIFEST, to predict new slides with `hgc predict`.
 
         The model is a self-contained bundle (weights, reference bank of the training spots, genes,
@@ -95,7 +98,7 @@ def register(main: click.Group) -> None:
 
         bundle = train_model(manifest, genes, encoder, out, fit_config=_fit_config(kw), normalize=normalize,
                              device=kw["device"], data_root=data_root, batch_size=batch_size,
-                             graph_options={"n_val": n_val}, progress=not no_progress)
+                             graph_options={"n_val": n_val}, progress=not no_progress, weights=weights)
         click.echo(f"model written to {bundle}")
 
     @main.command("predict")
@@ -110,17 +113,25 @@ def register(main: click.Group) -> None:
                   help="TARGETS: file caching their embeddings (default: OUT.embeddings.h5 beside OUT).")
     @click.option("--weights", default=None, type=click.Path(dir_okay=False, exists=True),
                   help="TARGETS: the encoder's weights file, when not the default source (must be the model's).")
+    @click.option("--geometry", type=click.Choice(["st", "visium"]), default=None,
+                  help="TARGETS that are an image alone: the virtual spots' grid (default: the model's training platform).")
+    @click.option("--pitch-um", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="Virtual spots' centre-to-centre distance (default: ST 200, Visium 100 µm).")
+    @click.option("--spot-diameter-um", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="Virtual spots' diameter (default: ST 100, Visium 55 µm).")
     @click.option("--backend", type=click.Choice(["auto", "dgl", "pyg"]), default=None, help="Default: the model's backend.")
     @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
     @click.option("--no-progress", is_flag=True, help="No progress bars.")
     @data_root_option
     @device_option()
-    def predict_command(model, targets, out, graphs, methods, embeddings, weights, backend, batch_size, no_progress,
-                        data_root, device) -> None:
+    def predict_command(model, targets, out, graphs, methods, embeddings, weights, geometry, pitch_um, spot_diameter_um,
+                        backend, batch_size, no_progress, data_root, device) -> None:
         """Predict the slides of TARGETS (a manifest; counts optional) with MODEL into OUT.
 
         MODEL is a model bundle (`hgc train`, or one fold folder of `hgc fit`), or a folder holding
         exactly one. Each slide gets OUT/<method>/<slide>.h5ad, ready for scanpy (`sc.pl.spatial`).
+        A slide that is an image alone (manifest format `image`) gets virtual spots on its tissue,
+        shown in OUT/tissue/<slide>.png.
         With --graphs instead of TARGETS: the cross-validation form, predicting every test slide of
         the graph store with the run folder MODEL and the baselines.
         """
@@ -138,7 +149,8 @@ def register(main: click.Group) -> None:
 
             files = predict_slides(model, targets, out, methods=_split_csv(methods or "hgc"), embeddings=embeddings,
                                    weights=weights, backend=backend, device=device, batch_size=batch_size,
-                                   data_root=data_root, progress=not no_progress)
+                                   data_root=data_root, progress=not no_progress, geometry=geometry,
+                                   pitch_um=pitch_um, spot_diameter_um=spot_diameter_um)
         click.echo(f"{len(files)} prediction files written to {out}")
 
     @main.command("evaluate")

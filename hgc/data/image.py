@@ -18,6 +18,7 @@ Pixels are what the file holds, or an error -- never silently different ones:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -42,41 +43,69 @@ _ORIENTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "flipped", 5: "mirrored a
 _DEEP_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
+#: How an image file can be read: ``openslide`` (whole-slide formats, region by region), ``tifffile``
+#: (TIFF, pyramidal or not), ``pillow`` (JPEG, PNG, plain TIFF); ``auto`` picks by suffix.
+IMAGE_READERS = ("auto", "openslide", "tifffile", "pillow")
+_OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
+#: µm/px read from image metadata is trusted only within this range (screen "72 dpi" is not a scan).
+_PLAUSIBLE_MPP = (0.05, 50.0)
+
+
 @dataclass(eq=False)
 class SlideImage:
     """A handle on an H&E image file: size without decoding, pixels decoded once on demand.
 
     ``scale`` maps the file's pixels to the slide's image-pixel space (e.g. 0.15 for a Visium
     hires PNG standing in for the full-resolution image): spot coordinates always live in the
-    full-resolution space, and :meth:`read_region` takes full-resolution coordinates.
+    full-resolution space, and :meth:`read_region` takes full-resolution coordinates. ``reader``
+    is one of :data:`IMAGE_READERS`: whole-slide formats (SVS, NDPI, MRXS, ...) go through
+    OpenSlide when it is installed, TIFFs through tifffile, the rest through Pillow.
     """
 
     path: Path
     scale: float = 1.0
+    reader: str = "auto"
     _pixels: np.ndarray | None = field(default=None, init=False, repr=False)
     _size: tuple[int, int] | None = field(default=None, init=False, repr=False)
     _tiled: bool | None = field(default=None, init=False, repr=False)
-    _tif: object = field(default=None, init=False, repr=False)  # open TiffFile, per process
+    _tif: object = field(default=None, init=False, repr=False)  # open TiffFile / OpenSlide, per process
     _tif_pid: int | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
+        if self.reader not in IMAGE_READERS:
+            raise InputError(f"unknown image reader '{self.reader}' for {self.path}; expected one of {list(IMAGE_READERS)}")
 
     def __getstate__(self) -> dict:
         """For worker processes (spawn): the file reference, not the pixels, lock or file handle."""
-        return {"path": self.path, "scale": self.scale, "_size": self._size, "_tiled": self._tiled}
+        return {"path": self.path, "scale": self.scale, "reader": self.reader, "_size": self._size, "_tiled": self._tiled}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["scale"])
+        self.__init__(state["path"], state["scale"], state.get("reader", "auto"))
         self._size, self._tiled = state["_size"], state["_tiled"]
 
     @property
+    def kind(self) -> str:
+        """The reader this file is read with: ``openslide``, ``tifffile`` or ``pillow``."""
+        from .._optional import available
+
+        if self.reader != "auto":
+            return self.reader
+        suffix = self.path.suffix.lower()
+        if suffix in _OPENSLIDE_SUFFIXES and available("openslide"):
+            return "openslide"
+        if suffix in _TIFF_SUFFIXES and _is_tifffile_preferred(self.path):
+            return "tifffile"
+        return "pillow"
+
+    @property
     def tiled(self) -> bool:
-        """Whether level 0 is a tiled 8-bit RGB TIFF, whose regions can be read without decoding it all."""
+        """Whether regions can be read without decoding the whole image: any OpenSlide file, or a
+        TIFF whose level 0 is tiled RGB(A) with unsigned integer samples."""
         if self._tiled is None:
-            self._tiled = False
-            if self.path.suffix.lower() in _TIFF_SUFFIXES and _is_tifffile_preferred(self.path):
+            self._tiled = self.kind == "openslide"
+            if self.kind == "tifffile":
                 with self._open_tiff() as tif:
                     self._tiled = _tiled_level0(tif) is not None
         return self._tiled
@@ -89,22 +118,90 @@ class SlideImage:
         except Exception as exc:  # tifffile raises many types for unreadable files
             raise InputError(f"cannot read image {self.path}: {exc}") from exc
 
-    def thumbnail(self, max_px: int) -> np.ndarray:
-        """The image at most ``max_px`` pixels a side (for display), in file pixels' orientation.
+    def _open_slide(self):
+        if not self.path.exists():
+            raise InputError(f"image file not found: {self.path}")
+        openslide = _openslide()
+        try:
+            return openslide.OpenSlide(str(self.path))
+        except Exception as exc:  # OpenSlide raises its own types for unsupported or damaged files
+            raise InputError(f"cannot read whole-slide image {self.path} with OpenSlide: {exc}") from None
 
-        A pyramidal TIFF is read from its smallest level at least ``max_px`` wide, so drawing a
-        whole-slide image never decodes level 0; other images are decoded (once) and subsampled.
-        """
-        pixels = None
+    def _handle(self):
+        """The open file of this process (tiled TIFF or OpenSlide), opened on first use."""
+        if self._tif_pid != os.getpid():
+            self._tif = self._open_slide() if self.kind == "openslide" else self._open_tiff()
+            self._tif_pid = os.getpid()
+        return self._tif
+
+    def thumbnail_step(self, max_px: int) -> int:
+        """The power-of-two subsampling of the file's pixels that :meth:`thumbnail` uses."""
+        longest = max(self._file_size())
+        return 1 << max(0, math.ceil(math.log2(longest / max_px))) if longest > max_px else 1
+
+    def thumbnail(self, max_px: int) -> np.ndarray:
+        """Every ``thumbnail_step(max_px)``-th pixel of the file (at most ``max_px`` a side, in file
+        pixels' orientation). A pyramidal image is read from the level of that downsample (or the
+        next finer one), so a whole-slide image is never decoded whole; others are decoded once."""
+        step = self.thumbnail_step(max_px)
         if self._pixels is None and self.tiled:
+            with self._lock:
+                return self._subsampled(step)
+        return self.pixels()[::step, ::step]
+
+    def _subsampled(self, step: int) -> np.ndarray:
+        """Every ``step``-th pixel, from the coarsest pyramid level whose downsample divides ``step``,
+        read in strips of rows so that memory stays bounded even at level 0."""
+        if self.kind == "openslide":
+            slide = self._handle()
+            downs = [int(round(d)) for d in slide.level_downsamples]
+            level = max((i for i, d in enumerate(downs) if step % d == 0), key=lambda i: downs[i])
+            (w, h), ds = slide.level_dimensions[level], downs[level]
+
+            def strip(y: int, rows: int) -> np.ndarray:
+                return _over_white(np.asarray(slide.read_region((0, y * ds), level, (w, rows))))
+        else:
+            tif = self._handle() if self.tiled else None
+            with self._open_tiff() as tiff:
+                levels = tiff.series[0].levels
+                width = _level_hw(levels[0])[1]
+                downs = [int(round(width / _level_hw(lv)[1])) for lv in levels]
+                level = max((i for i, d in enumerate(downs) if step % d == 0), key=lambda i: downs[i])
+                ds = downs[level]
+                if level > 0 or tif is None:  # a coarse level (small), or an untiled file: read it whole
+                    return _to_rgb_uint8(levels[level].asarray(), self.path)[:: step // ds, :: step // ds]
+                h, w = _level_hw(levels[0])
+
+            def strip(y: int, rows: int) -> np.ndarray:
+                return _read_tiled_region(tif, self.path, 0, y, w, rows, 255)
+        k = step // ds
+        rows = max(k, (1 << 26) // max(1, 4 * w) // k * k)  # ~64 MiB of RGBA per strip
+        parts = [strip(y, min(rows, h - y))[::k, ::k] for y in range(0, h, rows)]
+        return np.concatenate(parts, axis=0)
+
+    def metadata_mpp(self) -> float | None:
+        """Microns per pixel as the file records them (OpenSlide's ``mpp-x``, TIFF resolution tags),
+        or None. JPEG/PNG densities are screen settings, not scans, and are not trusted."""
+        mpp = None
+        if self.kind == "openslide":
+            props = self._handle().properties
+            mpp = props.get("openslide.mpp-x")
+        elif self.kind == "tifffile":
             with self._open_tiff() as tif:
-                levels = tif.series[0].levels
-                big = [lv for lv in levels if max(_level_hw(lv)) >= max_px] or levels[:1]
-                pixels = _to_rgb_uint8(big[-1].asarray(), self.path)
-        if pixels is None:
-            pixels = self.pixels()
-        step = max(1, int(np.ceil(max(pixels.shape[:2]) / max_px)))
-        return pixels[::step, ::step]
+                tags = tif.pages[0].tags
+                res, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+                if res is not None and unit is not None and int(unit.value) in (2, 3):
+                    num, den = res.value if isinstance(res.value, tuple) else (res.value, 1)
+                    per_unit = num / den if den else 0
+                    mpp = (25400.0 if int(unit.value) == 2 else 10000.0) / per_unit if per_unit > 0 else None
+        try:
+            value = float(mpp) if mpp is not None else None
+        except (TypeError, ValueError):
+            return None
+        if value is not None and not (_PLAUSIBLE_MPP[0] <= value <= _PLAUSIBLE_MPP[1]):
+            log.warning("image %s records %.4g µm/px, outside %s: ignored", self.path, value, _PLAUSIBLE_MPP)
+            return None
+        return value
 
     @property
     def size(self) -> tuple[int, int]:
@@ -115,9 +212,12 @@ class SlideImage:
         return self._size
 
     def _file_size(self) -> tuple[int, int]:
-        if not self.path.is_file():
+        if not self.path.exists():
             raise InputError(f"image file not found: {self.path}")
-        if self.path.suffix.lower() in _TIFF_SUFFIXES and _is_tifffile_preferred(self.path):
+        if self.kind == "openslide":
+            with self._lock:
+                return tuple(int(v) for v in self._handle().dimensions)
+        if self.kind == "tifffile":
             with self._open_tiff() as tif:
                 hw = _level_hw(tif.series[0].levels[0])
                 tag = tif.pages[0].tags.get("Orientation")
@@ -142,9 +242,12 @@ class SlideImage:
             return self._pixels
 
     def _decode(self) -> np.ndarray:
-        if not self.path.is_file():
+        if not self.path.exists():
             raise InputError(f"image file not found: {self.path}")
-        if self.path.suffix.lower() in _TIFF_SUFFIXES and _is_tifffile_preferred(self.path):
+        if self.kind == "openslide":
+            slide = self._handle()
+            return _over_white(np.asarray(slide.read_region((0, 0), 0, slide.dimensions)))
+        if self.kind == "tifffile":
             tifffile = _tifffile()
             try:
                 arr = tifffile.imread(self.path, level=0)
@@ -183,14 +286,16 @@ class SlideImage:
     def file_region(self, x0: int, y0: int, width: int, height: int, fill: int = 255) -> np.ndarray:
         """Like :meth:`read_region`, in the file's own pixels (what patch boxes are given in).
 
-        A tiled TIFF that was not decoded whole decodes only the tiles under the box, through a
-        file handle opened once per process (worker processes open their own).
+        A tiled TIFF or OpenSlide image that was not decoded whole decodes only the tiles under
+        the box, through a file handle opened once per process (worker processes open their own).
         """
         if self._pixels is None and self.tiled:
             with self._lock:
-                if self._tif_pid != os.getpid():
-                    self._tif, self._tif_pid = self._open_tiff(), os.getpid()
-                return _read_tiled_region(self._tif, self.path, x0, y0, width, height, fill)
+                handle = self._handle()
+                if self.kind == "openslide":
+                    region = np.asarray(handle.read_region((int(x0), int(y0)), 0, (int(width), int(height))))
+                    return _over_white(region, fill)
+                return _read_tiled_region(handle, self.path, x0, y0, width, height, fill)
         return crop_padded(self.pixels(), x0, y0, width, height, fill)
 
     def release(self) -> None:
@@ -200,6 +305,14 @@ class SlideImage:
             if self._tif is not None and self._tif_pid == os.getpid():
                 self._tif.close()
             self._tif = self._tif_pid = None
+
+
+def _over_white(rgba: np.ndarray, fill: int = 255) -> np.ndarray:
+    """OpenSlide's RGBA (transparent outside the scanned area) as RGB with ``fill`` there."""
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    if rgba.shape[-1] == 4:
+        rgb[rgba[..., 3] == 0] = fill
+    return rgb
 
 
 def crop_padded(pixels: np.ndarray, x0: int, y0: int, w: int, h: int, fill: int = 255) -> np.ndarray:
@@ -332,6 +445,12 @@ def _tifffile():
     from .._optional import require
 
     return require("tifffile", "reading pyramidal TIFF/SVS images")
+
+
+def _openslide():
+    from .._optional import require
+
+    return require("openslide", "reading whole-slide images (SVS, NDPI, MRXS, ...) through OpenSlide")
 
 
 def _is_tifffile_preferred(path: Path) -> bool:

@@ -28,9 +28,12 @@ FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "visium": (("path",), ("image",)),
     "hest": (("path",), ()),
     "h5ad": (("path",), ("image",)),
+    "image": (("image",), ("mask",)),  # an H&E image alone: spots are laid out on its tissue when predicted
 }
 #: Non-path columns some formats need.
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {"hest": ("id",)}
+#: Non-path columns some formats may have.
+FORMAT_OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {"image": ("image_reader",)}
 OPTIONAL_PATH_COLUMNS = ("annotations",)
 OPTIONAL_NUMBER_COLUMNS = ("microns_per_pixel", "coord_scale")
 
@@ -155,11 +158,12 @@ def _entry(row: dict[str, str], line: int, manifest: Path, root: Path) -> SlideE
             continue
         paths[col] = _resolve(value, manifest.parent, root, f"{where} (slide '{slide}'), column '{col}'")
     extra = {}
-    for col in FORMAT_FIELDS.get(fmt, ()):
+    for col in FORMAT_FIELDS.get(fmt, ()) + FORMAT_OPTIONAL_FIELDS.get(fmt, ()):
         value = (row.get(col) or "").strip()
-        if not value:
+        if not value and col in FORMAT_FIELDS.get(fmt, ()):
             raise InputError(f"{where} (slide '{slide}', format {fmt}): column '{col}' is required")
-        extra[col] = value
+        if value:
+            extra[col] = value
     numbers = {c: _number(row.get(c, ""), where, slide, c) for c in OPTIONAL_NUMBER_COLUMNS}
     return SlideEntry(
         slide=slide,

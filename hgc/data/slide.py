@@ -59,6 +59,11 @@ class Slide:
     def has_expression(self) -> bool:
         return self.counts is not None
 
+    @property
+    def needs_spots(self) -> bool:
+        """An image alone (manifest format ``image``): spots are laid out on its tissue when predicted."""
+        return self.source.get("format") == "image" and self.n_spots == 0
+
     def require_expression(self, purpose: str) -> sp.csr_matrix:
         """The counts, or an error saying that ``purpose`` (e.g. "training") needs them."""
         if self.counts is None:

@@ -188,6 +188,16 @@ class PredictionSetWriter:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.files: dict[str, dict[str, str]] = {}
+        self.figures: list[str] = []
+
+    def add_figure(self, name: str, draw) -> Path:
+        """A picture that belongs to the predictions (e.g. ``tissue/<slide>.png``), drawn by ``draw(path)``."""
+        parts = [safe_name(p) for p in name.split("/")]
+        path = self.folder.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw(path)
+        self.figures.append(path.relative_to(self.folder).as_posix())
+        return path
 
     def add(self, p: Prediction) -> Path:
         by_slide = self.files.setdefault(p.method, {})
@@ -214,10 +224,11 @@ def is_prediction_folder(path: Path) -> bool:
 def user_entries(folder: Path) -> list[Path]:
     """Entries of a prediction folder that hgc did not write (a figure, notes): kept when it is replaced."""
     try:
-        methods = json.loads((folder / RECORD).read_text(encoding="utf-8")).get("files", {})
+        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+        methods, figures = record.get("files", {}), record.get("figures", [])
     except (OSError, ValueError, AttributeError):
-        methods = {}
-    ours = {RECORD, *REPORT_FILES, *(safe_name(str(m)) for m in methods)}
+        methods, figures = {}, []
+    ours = {RECORD, *REPORT_FILES, *(safe_name(str(m)) for m in methods), *(str(f).split("/")[0] for f in figures)}
     return [e for e in folder.iterdir()
             if e.name not in ours and not is_temporary(e.name)
             and not (e.is_dir() and all(f.suffix == ".h5ad" for f in e.iterdir()))]  # hgc 0.1's method folders
@@ -241,7 +252,7 @@ def writing_predictions(pred_dir: str | Path, **facts: Any) -> Iterator[Predicti
         if not writer.files:
             raise InputError(f"no prediction was made, so nothing is written to {pred_dir}")
         record = {"format": FORMAT, "format_version": FORMAT_VERSION, "write_id": uuid.uuid4().hex, **facts,
-                  "files": writer.files}
+                  "files": writer.files, "figures": writer.figures}
         write_text(tmp / RECORD, json.dumps(record, indent=2) + "\n")
 
 

@@ -54,10 +54,43 @@ def check_encoder(bundle: ModelBundle, weights: str | Path | None = None):
 
 
 def spot_obs(slide) -> dict[str, np.ndarray]:
-    """Per-spot columns written beside the predictions: array row/column when known."""
-    if slide.array_coords is None:
-        return {}
-    return {"array_row": slide.array_coords[:, 0].astype(np.int64), "array_col": slide.array_coords[:, 1].astype(np.int64)}
+    """Per-spot columns written beside the predictions: array row/column when known, and whether
+    each spot is virtual (laid out on the tissue of an image that came without spots)."""
+    out = {"virtual": np.full(slide.n_spots, "virtual" in slide.source)}
+    if slide.array_coords is not None:
+        out.update(array_row=slide.array_coords[:, 0].astype(np.int64), array_col=slide.array_coords[:, 1].astype(np.int64))
+    return out
+
+
+class TargetSlides:
+    """The slides to predict, as embedding reads them: a manifest's, with images that came alone
+    given virtual spots on their tissue (in the model's spot geometry) when first read."""
+
+    def __init__(self, manifest, geometry) -> None:
+        self.manifest, self.geometry = manifest, geometry
+        self.prepared: dict[str, object] = {}
+        self.tissue: dict[str, object] = {}
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return self.manifest.slide_ids
+
+    def load(self, slide_id: str):
+        if slide_id in self.prepared:
+            return self.prepared[slide_id]
+        slide = self.manifest.load(slide_id)
+        if slide.needs_spots:
+            from ..data.tissue import tissue_mask, virtual_spots
+
+            if self.geometry is None:
+                raise InputError(f"slide '{slide_id}' is an image alone: its virtual spots need the model's spot "
+                                 "geometry, which the model does not record; pass --geometry st or visium")
+            mask = slide.source.get("mask") or None
+            self.tissue[slide_id] = tissue_mask(slide.image, slide.microns_per_pixel, mask)
+            slide = virtual_spots(slide, self.geometry, self.tissue[slide_id])
+            slide.image.release()  # the thumbnail is done; patches read what they need
+            self.prepared[slide_id] = slide
+        return slide
 
 
 class SlidePredictor:
@@ -136,12 +169,20 @@ def predict_slides(
     batch_size: int = 64,
     data_root: str | Path | None = None,
     progress: bool = True,
+    geometry: str | None = None,
+    pitch_um: float | None = None,
+    spot_diameter_um: float | None = None,
 ) -> list[Path]:
     """Predict every slide of the manifest ``targets`` with the model bundle ``model`` into ``out_dir``.
 
+    Slides that are an image alone get virtual spots on their tissue in the spot ``geometry``
+    (default: the model's training platform; ``pitch_um`` / ``spot_diameter_um`` override the
+    platform's), and a picture of the tissue outline and spots at ``OUT/tissue/<slide>.png``.
     Everything that can be checked before embedding is (the model, its encoder's weights, every
     target's files, that no target is one of the model's reference slides, the output folder).
     """
+    from ..data.tissue import SpotGeometry, draw_tissue
+
     from ..data.manifest import read_manifest
     from ..embed import embed_manifest
     from ..embed.patches import require_image
@@ -157,19 +198,25 @@ def predict_slides(
         predictor = SlidePredictor(bundle, methods, backend, device)
         for e in m.entries:
             check_new_target(e.slide, e.patient, predictor.bank)
-        for slide in m.slides():  # every target's files are checked before the first patch is embedded
-            require_image(slide)
+        platform = geometry or bundle.info.get("platform")
+        needs_geometry = any(e.format == "image" for e in m.entries)
+        shape = SpotGeometry.of(platform, pitch_um, spot_diameter_um) if needs_geometry else None
+        slides = TargetSlides(m, shape)
+        for slide_id in slides.slide_ids:  # every target's files (and tissue) are checked before embedding
+            require_image(slides.load(slide_id))
         check_prediction_output(out_dir)
         cache = Path(embeddings) if embeddings else embeddings_cache(out_dir)
         spec = bundle.info["encoder"]
         patch = {"patch_native_px": int(spec["patch_box_px"])} if spec.get("patch_mode") == "native-px" and \
             "patch_box_px" in spec else {"patch_um": float(spec["patch_um"])}
-        embed_manifest(m, enc.spec.name, cache, weights=weights, device=device, batch_size=batch_size,
+        embed_manifest(slides, enc.spec.name, cache, weights=weights, device=device, batch_size=batch_size,
                        progress=progress, **patch)
         written = []
         with writing_predictions(out_dir, protocol="new-slide", methods=methods, model=str(bundle.path.resolve()),
                                  targets=str(Path(targets).resolve())) as out:
-            for slide in m.slides():
+            for slide in map(slides.load, slides.slide_ids):
+                if slide.id in slides.tissue:
+                    out.add_figure(f"tissue/{slide.id}.png", lambda path: draw_tissue(slide, slides.tissue[slide.id], path))
                 x = align_embeddings(slide, *read_embeddings(cache, slide.id), str(cache))
                 observed = predictor.observed(slide)
                 by_method = predictor.predict(slide, x, observed)

@@ -118,10 +118,15 @@ def run_pipeline(
     batch_size: int = 64,
     graph_options: dict[str, Any] | None = None,
     progress: bool = True,
+    weights: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run every step (skipping up-to-date ones) and return the evaluation report dict."""
-    return _pipeline(manifest, protocol, genes, encoder, out_dir, fit_config, normalize, methods, device, data_root,
-                     split_file, batch_size, graph_options, progress)
+    """Run every step (skipping up-to-date ones) and return the evaluation report dict.
+
+    ``weights``: the encoder's weights file, when not its default source (as ``hgc embed --weights``).
+    """
+    return _pipeline(manifest, protocol, genes, encoder, out_dir, fit_config=fit_config, normalize=normalize,
+                     methods=methods, device=device, data_root=data_root, split_file=split_file,
+                     batch_size=batch_size, graph_options=graph_options, progress=progress, weights=weights)
 
 
 def train_model(
@@ -137,19 +142,21 @@ def train_model(
     batch_size: int = 64,
     graph_options: dict[str, Any] | None = None,
     progress: bool = True,
+    weights: str | Path | None = None,
 ) -> Path:
     """Train one model on every slide of ``manifest`` (early stopping on validation slides drawn from
     them) into ``out_dir`` (embeddings, graphs and the run ``model/``, cached like ``run_pipeline``);
     returns the model bundle's folder, which ``hgc predict`` applies to new slides."""
     from .rundir import open_model
 
-    _pipeline(manifest, "all", genes, encoder, out_dir, fit_config, normalize, ("hgc",), device, data_root,
-              None, batch_size, graph_options, progress, predict_and_evaluate=False)
+    _pipeline(manifest, "all", genes, encoder, out_dir, fit_config=fit_config, normalize=normalize, methods=("hgc",),
+              device=device, data_root=data_root, split_file=None, batch_size=batch_size, graph_options=graph_options,
+              progress=progress, weights=weights, predict_and_evaluate=False)
     return open_model(out_dir).path
 
 
-def _pipeline(manifest, protocol, genes, encoder, out_dir, fit_config, normalize, methods, device, data_root,
-              split_file, batch_size, graph_options, progress, predict_and_evaluate: bool = True):
+def _pipeline(manifest, protocol, genes, encoder, out_dir, *, fit_config, normalize, methods, device, data_root,
+              split_file, batch_size, graph_options, progress, weights, predict_and_evaluate: bool = True):
     from .._devices import check_device
     from ..data.genes import check_panel_overlap, panel_file, resolve_panel
     from ..data.manifest import data_root as resolve_root
@@ -175,7 +182,7 @@ def _pipeline(manifest, protocol, genes, encoder, out_dir, fit_config, normalize
     folds = make_folds(m.patients, protocol, split_file)
     root = resolve_root(data_root)
     panel = panel_file(genes, data_root)
-    enc = load_encoder(encoder)
+    enc = load_encoder(encoder, weights)
 
     with output_lock(out, command_line()):
         model, preds = out / "model", out / "predictions"
@@ -202,7 +209,7 @@ def _pipeline(manifest, protocol, genes, encoder, out_dir, fit_config, normalize
             if panel is not None:
                 check_panel_overlap(resolve_panel(genes, data_root), slides)
             del slides
-        embed_step.run(lambda: embed_manifest(m, encoder, emb, device=device, batch_size=batch_size,
+        embed_step.run(lambda: embed_manifest(m, encoder, emb, weights=weights, device=device, batch_size=batch_size,
                                               progress=progress, data_root=data_root))
         graph_step().run(lambda: build_from_manifest(manifest, emb, protocol, graphs, gcfg, split_file, data_root))
 

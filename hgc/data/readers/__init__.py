@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..manifest import SlideEntry
 from ..slide import Slide
-from . import h5ad, hest, st, visium
+from . import h5ad, hest, image, st, visium
 
 
 @dataclass(frozen=True)
@@ -28,4 +28,5 @@ FORMATS: dict[str, SlideFormat] = {
     "visium": SlideFormat(visium.from_entry, visium.input_files),
     "hest": SlideFormat(hest.from_entry, hest.input_files),
     "h5ad": SlideFormat(h5ad.from_entry, h5ad.input_files),
+    "image": SlideFormat(image.from_entry, image.input_files),
 }
