@@ -48,17 +48,17 @@ def fold_rows(run: Path, device: str = "cpu") -> list[dict[str, Any]]:
             continue
         info = models.fold_info(fold.name)
         model, backend, _ = load_model(run / "model", fold.name, device=device)
-        everything = training_set(fold.test_graphs)  # every training slide's spots
+        everything = training_set(fold.bank)  # every training slide's spots
         keep = ~np.isin(everything.slides, info["validation_slides"])
         trained_on = TrainingSet(everything.x[keep], everything.y[keep], everything.slides[keep])
         heg, hvg = training_gene_sets(trained_on.y)
         ridge = make_baseline("ridge").fit(trained_on) if info["validation_slides"] else None
-        for g in (g for g in fold.train_graphs if g.target in info["validation_slides"]):
+        for g in (g for g in fold.graphs("train") if g.target in info["validation_slides"]):
             preds = {"hgc": predict_graph(model, backend.prepare(g, device)), "ridge": ridge.predict(g)}
             scores = {m: vars(slide_metrics(g.spot_y, p, heg, hvg)) for m, p in preds.items()}
             rows.append({"fold": fold.name, "slide": g.target, "split": "validation",
                          **{f"{m}_{k}": scores[m][k] for m in preds for k in METRICS}})
-        for s in fold.test_slides:
+        for s in fold.info.test:
             rows.append({"fold": fold.name, "slide": s, "split": "test",
                          **{f"{m}_{k}": test[(m, s)][k] for m in ("hgc", "ridge") for k in METRICS}})
     return rows

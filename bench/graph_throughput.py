@@ -195,7 +195,7 @@ def bench_synthetic(spots: Sequence[int], dim: int, repeats: int, max_seconds: f
             continue
         f = gs.folds[0]
         edges = {"near": sum(t.near.shape[1] for t in f.targets), "refer": sum(t.refer.shape[1] for t in f.targets),
-                 "close": sum(p.close.shape[1] for p in f.pools.values())}
+                 "close": f.bank.close.shape[1] + sum(p.close.shape[1] for p in f.pools.values())}
         rows.append({**row, "graphs": len(f.targets), "n_edges": sum(edges.values()), "edges": edges, "median_s": round(seconds, 3),
                      "repeats": reps, "spots_per_s": round(3 * n / seconds, 1), "status": "ok"})
         print(json.dumps(rows[-1]), flush=True)

@@ -5,9 +5,10 @@ Usage (from the repository root)::
     python bench/predict_wsi.py --out bench/results/predict-wsi-cpu.json
     python bench/predict_wsi.py --encoder effnet-lite1 --out ...    # a real encoder (hours on 2 cores)
 
-The slide is synthetic, written by this script (the model and the slide are made in a process of
-their own first, so the figures below are those of prediction alone): ``--width-mm`` x ``--height-mm`` at ``--mpp`` µm/px
-(default 20 x 15 mm at 0.25 µm/px, 80,000 x 60,000 px), a pyramidal BigTIFF of 512-px JPEG tiles
+The slide is synthetic, written by this script once per size into ``--work`` and reused (the model
+and the slide are made in a process of their own first, so the figures below are those of
+prediction alone): ``--width-mm`` x ``--height-mm`` at ``--mpp`` µm/px (default 20 x 15 mm at
+0.25 µm/px, 80,000 x 60,000 px), a pyramidal BigTIFF of 512-px JPEG tiles
 with levels made by 2x subsampling, its tissue a textured superellipse covering about 80% of it
 (about 30,000 spots in Visium geometry). The model is `hgc train` on her2st's five C sections
 with the same encoder (default: a tiny random CNN, ``timm:test_efficientnet``, so the embedding
@@ -120,9 +121,13 @@ def prepare(work: Path, encoder: str, width_mm: float, height_mm: float, mpp: fl
     t0 = time.perf_counter()
     bundle = train_model(work, encoder, weights, shared_data_root())
     train_s = round(time.perf_counter() - t0, 1)
-    slide_file = work / "synthetic.tif"
+    slide_file, facts_file = work / "synthetic.tif", work / "synthetic.json"
     width, height = int(round(width_mm * 1000 / mpp)), int(round(height_mm * 1000 / mpp))
-    slide = write_slide(slide_file, width, height, mpp)
+    slide = json.loads(facts_file.read_text()) if facts_file.is_file() and slide_file.is_file() else {}
+    if {k: slide.get(k) for k in ("width_px", "height_px", "mpp")} != {"width_px": width, "height_px": height, "mpp": mpp}:
+        facts_file.unlink(missing_ok=True)  # written only once the slide is complete
+        slide = write_slide(slide_file, width, height, mpp)
+        facts_file.write_text(json.dumps(slide) + "\n")
     (work / "targets.tsv").write_text(f"slide\tpatient\tformat\timage\nsynthetic\tX\timage\t{slide_file}\n")
     facts = {"weights": str(weights) if weights else "", "model": str(bundle), "train_s": train_s,
              "slide": {**slide, "width_mm": width_mm, "height_mm": height_mm}}

@@ -177,8 +177,11 @@ def plot_prediction(
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
-            r_text = "n/a" if np.isnan(r) else f"{r:.3f}"
-            ax.set_title(f"{gene} {label}" + (f"\nPCC = {r_text}" if c == len(panels) - 1 else ""), fontsize=9)
+            if data.observed is None:  # a slide with no expression: nothing to correlate with
+                score = "\nno observed expression"
+            else:
+                score = f"\nPCC = {'n/a' if np.isnan(r) else f'{r:.3f}'}" if c == len(panels) - 1 else ""
+            ax.set_title(f"{gene} {label}{score}", fontsize=9)
             fig.colorbar(sc, ax=ax, shrink=0.7)
     fig.suptitle(f"slide {data.slide}", fontsize=10)
     with output_lock(out, command_line()), atomic_file(out) as tmp:

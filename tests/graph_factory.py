@@ -1,4 +1,4 @@
-"""Tiny synthetic SlideGraphs with learnable signal, for training / baseline / metric tests.
+"""A tiny synthetic fold (a bank and its targets) with learnable signal, for training / baseline tests.
 
 Expression is a fixed nonlinear function of the spot embedding plus noise, so the model and the
 ridge / kNN baselines have something to learn, and graphs follow the builder's rules: a training
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hgc.graph.record import SlideGraph
+from hgc.data.splits import Fold, validation_slides
+from hgc.graph.build import BANK, BankGraphs, FoldInfo, GraphConfig, Pool, SlideData, TargetEdges
 
 SLIDES = {"A1": "P1", "A2": "P1", "B1": "P2", "B2": "P2", "C1": "P3"}
 DIM, GENES, GRID = 8, 6, 5
@@ -36,48 +37,44 @@ def _knn(q: np.ndarray, r: np.ndarray, k: int, exclude_self: bool = False):
     return idx, np.take_along_axis(d, idx, 1)
 
 
-def make_graph(fold: str, target: str, refs: list[str], role: str, data, k: int = 4) -> SlideGraph:
-    x, y, coords, barcodes = data[target]
-    ref_x = np.concatenate([data[s][0] for s in refs])
-    ref_y = np.concatenate([data[s][1] for s in refs])
-    ref_slide = np.concatenate([np.full(len(data[s][0]), s, dtype=object) for s in refs])
+def _close(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cidx, _ = _knn(xy, xy, 3, exclude_self=True)
+    close = np.stack([cidx.ravel(), np.repeat(np.arange(len(xy)), 3)]).astype(np.int64)
+    return close, np.ones(close.shape[1], np.float32)
+
+
+def _target(target: str, role: str, pool: str, ref_x: np.ndarray, data, k: int = 4) -> TargetEdges:
+    x, _, coords, _ = data[target]
     idx, dist = _knn(x, ref_x, k)
-    spot = np.repeat(np.arange(len(x)), k)
-    refer = np.stack([idx.ravel(), spot])
+    refer = np.stack([idx.ravel(), np.repeat(np.arange(len(x)), k)]).astype(np.int64)
     d = np.abs(coords[:, None] - coords[None]).max(-1)
     src, dst = np.nonzero((d > 0) & (d <= 100.0))
-    cidx, _ = _knn(np.hstack([ref_x, ref_y]), np.hstack([ref_x, ref_y]), 3, exclude_self=True)
-    close = np.stack([cidx.ravel(), np.repeat(np.arange(len(ref_x)), 3)])
-    return SlideGraph(
-        fold=fold, target=target, role=role, patient=SLIDES[target],
-        spot_x=x, spot_coords=coords, spot_barcodes=barcodes,
-        ref_x=ref_x, ref_y=ref_y, ref_slide=ref_slide,
-        ref_patient=np.array([SLIDES[s] for s in ref_slide], dtype=object),
-        edges={"near": np.stack([src, dst]).astype(np.int64), "refer": refer.astype(np.int64),
-               "close": close.astype(np.int64)},
-        edge_weight={"near": np.ones(src.size, np.float32),
-                     "refer": np.exp(-dist.ravel() / dist.mean()).astype(np.float32),
-                     "close": np.ones(close.shape[1], np.float32)},
-        spot_y=y,
-    )
+    return TargetEdges(target, role, pool, np.stack([src, dst]).astype(np.int64), np.ones(src.size, np.float32),
+                       refer, np.exp(-dist.ravel() / dist.mean()).astype(np.float32))
 
 
-def make_fold_graphs(fold: str, train: list[str], test: list[str], seed: int = 0) -> list[SlideGraph]:
-    """Training graphs (refs = other training slides) then test graphs (refs = all training slides)."""
+def make_fold(train: list[str], test: list[str], protocol: str = "slide-loso", name: str | None = None,
+              seed: int = 0) -> BankGraphs:
+    """A fold as the builder makes one (no graph store needed): the bank of the training slides;
+    training targets reference the other training slides, test targets the whole bank."""
     data = _slide_data(seed)
-    graphs = [make_graph(fold, t, [s for s in train if s != t], "train", data) for t in train]
-    graphs += [make_graph(fold, t, train, "test", data) for t in test]
-    return graphs
-
-
-def make_fold(train: list[str], test: list[str], protocol: str = "slide-loso", name: str | None = None):
-    """A :class:`hgc.train.fit.FoldData` over synthetic graphs (no graph store needed)."""
-    from hgc.train.fit import FoldData
-
     name = name or f"fold-{'-'.join(test)}"
-    graphs = make_fold_graphs(name, train, test)
-    return FoldData(
-        name=name, protocol=protocol, genes=[f"G{j}" for j in range(GENES)], normaliser={"name": "log1p", "target_sum": 1e4},
-        train_slides=list(train), test_slides=list(test),
-        train_graphs=[g for g in graphs if g.role == "train"], test_graphs=[g for g in graphs if g.role == "test"],
-    )
+    slides = {s: SlideData(s, SLIDES[s], data[s][0], data[s][3], data[s][2]) for s in [*train, *test]}
+    expression = {s: data[s][1] for s in slides}
+    genes, normaliser = [f"G{j}" for j in range(GENES)], {"name": "log1p", "target_sum": 1e4}
+
+    def xy(refs):
+        return np.hstack([np.concatenate([data[s][0] for s in refs]), np.concatenate([data[s][1] for s in refs])])
+
+    pools, targets = {}, []
+    for role, names in (("train", train), ("test", test)):
+        for t in names:
+            refs = list(train) if role == "test" else [s for s in train if s != t]
+            key = BANK if refs == list(train) else f"without-{t}"
+            if key != BANK:
+                pools[key] = Pool(refs, *_close(xy(refs)))
+            targets.append(_target(t, role, key, np.concatenate([data[s][0] for s in refs]), data))
+    val = validation_slides(Fold(name, list(train), list(test)), SLIDES)
+    info = FoldInfo(name=name, protocol=protocol, train=list(train), val=val, test=list(test), genes=genes,
+                    panel="synthetic", normaliser=normaliser)
+    return BankGraphs(info, slides, targets, GraphConfig(), Pool(list(train), *_close(xy(train))), expression, pools)

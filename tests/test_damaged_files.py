@@ -34,6 +34,9 @@ def _graph_edit(kind: str):
             f[f"folds/{fold}"].attrs["info"] = json.dumps({**info, "from_the_future": 1})
         elif kind == "no folds":
             del f.attrs["folds"]
+        elif kind == "reordered bank":  # close edges index the bank's spots in its slide order
+            pool = f[f"folds/{fold}/pools/bank"]
+            pool.attrs["slides"] = json.dumps(json.loads(pool.attrs["slides"])[::-1])
         elif kind == "bad edges":
             target = next(iter(f[f"folds/{fold}/graphs"]))
             near = f[f"folds/{fold}/graphs/{target}/near"]
@@ -44,9 +47,10 @@ def _graph_edit(kind: str):
 GRAPH_CASES = {
     "version": ("format version 99", "build-graph"),
     "foreign": ("not an hgc graph file", ""),
-    "missing dataset": ("missing slides", "build-graph"),
+    "missing dataset": ("lacks the embeddings or expression of", "build-graph"),
     "unknown field": ("from_the_future", "build-graph"),
     "no folds": ("damaged or incomplete", "build-graph"),
+    "reordered bank": ("not the fold's training slides", "build-graph"),
     "bad edges": ("'near' edges", "build-graph"),
 }
 

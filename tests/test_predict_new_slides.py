@@ -63,8 +63,8 @@ def test_a_trained_model_predicts_a_new_slide_as_cross_validation_does(tmp_path,
     train = {s: slides[s] for s in C_SLIDES}
     alone = build_graphs(train, emb, make_folds({s: "C" for s in C_SLIDES}, "all"), "all", config)
     (model_fold,) = load_folds(write_graphs(alone, tmp_path / "all.h5"))
-    assert model_fold.test_slides == [] and model_fold.bank.slides == list(C_SLIDES)
-    fit_folds([model_fold], tmp_path / "model", replace(FIT, val_slides=tuple(fold.val_slides)))
+    assert model_fold.info.test == [] and model_fold.bank.slides == list(C_SLIDES)
+    fit_folds([model_fold], tmp_path / "model", replace(FIT, val_slides=tuple(fold.info.val)))
     bundle = open_model(tmp_path / "model")
     assert bundle.bank().n_ref == sum(slides[s].n_spots for s in C_SLIDES)
 

@@ -38,11 +38,11 @@ def test_fit_writes_run_and_validates_on_training_slides(run, fold):
     out, results = run
     (r,) = results
     info = json.loads((out / fold.name / "fold.json").read_text())
-    assert r.val_slides and set(r.val_slides) <= set(fold.train_slides)
+    assert r.val_slides and set(r.val_slides) <= set(fold.info.train)
     assert info["validation_slides"] == r.val_slides
     assert not set(info["train_slides"]) & set(r.val_slides)  # a validation slide is not trained on
-    assert not set(r.val_slides) & set(fold.test_slides)
-    assert info["genes"] == fold.genes and info["normaliser"] == fold.normaliser
+    assert not set(r.val_slides) & set(fold.info.test)
+    assert info["genes"] == fold.bank.genes and info["normaliser"] == fold.bank.normaliser
     history = (out / fold.name / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,loss") and "val_pcc" in history[0] and len(history) == 4
     assert (out / "config.json").is_file()
@@ -52,7 +52,7 @@ def test_checkpoint_round_trip(run, fold):
     out, (r,) = run
     model, backend, info = load_model(out, fold.name, device="cpu")
     (slide,) = r.val_slides
-    g = next(g for g in fold.train_graphs if g.target == slide)
+    g = next(g for g in fold.graphs("train") if g.target == slide)
     np.testing.assert_array_equal(predict_graph(model, backend.prepare(g)), r.val_predictions[slide])
     # eval predictions are deterministic (unmasked graph, no dropout)
     np.testing.assert_array_equal(predict_graph(model, backend.prepare(g)), r.val_predictions[slide])
@@ -68,34 +68,48 @@ def test_same_seed_repeats_exactly(tmp_path, run, fold):
 
 
 def test_no_validation_keeps_last_epoch_and_empty_fold_is_skipped(tmp_path, fold):
-    (r,) = fit_folds([fold], tmp_path, _cfg(epochs=2, n_val=0))
+    (r,) = fit_folds([fold], tmp_path, _cfg(epochs=2, val_slides=()))
     assert r.val_slides == [] and r.best_epoch == 1 and np.isnan(r.best_val_pcc)
     assert json.loads((tmp_path / fold.name / "fold.json").read_text())["best_val_pcc"] is None
-    assert fit_folds([replace(fold, train_graphs=[], name="empty")], tmp_path, _cfg()) == []
+    untrainable = replace(fold, targets=[t for t in fold.targets if t.role == "test"], info=replace(fold.info, name="empty"))
+    assert fit_folds([untrainable], tmp_path, _cfg()) == []
     assert not (tmp_path / "empty").exists()
     assert open_run(tmp_path).skipped.keys() == {"empty"}
 
 
 def test_leakage_guard(fold):
     check_leakage(fold)
-    train = fold.train_graphs
-    # A test slide among a training graph's references.
-    bad_ref = replace(train[0], ref_slide=np.where(np.arange(train[0].n_ref) == 0, "C1", train[0].ref_slide))
+    # A test slide among a training target's references.
+    key, pool = next(iter(fold.pools.items()))
     with pytest.raises(InputError, match="test slides"):
-        check_leakage(replace(fold, train_graphs=[bad_ref] + train[1:]))
+        check_leakage(replace(fold, pools={**fold.pools, key: replace(pool, slides=[*pool.slides, "C1"])}))
     # A test slide as a training target.
+    test_target = next(t for t in fold.targets if t.role == "test")
     with pytest.raises(InputError, match="not a training slide"):
-        check_leakage(replace(fold, train_graphs=train + [replace(fold.test_graphs[0], role="train")]))
+        check_leakage(replace(fold, targets=fold.targets + [replace(test_target, role="train")]))
+    # A graph naming a pool the fold does not have.
+    with pytest.raises(InputError, match="reference pool 'nope'"):
+        check_leakage(replace(fold, targets=[replace(test_target, pool="nope")]))
+    # A bank holding a slide that is not a training slide of the fold.
+    with pytest.raises(InputError, match="bank holds slides"):
+        check_leakage(replace(fold, info=replace(fold.info, train=fold.info.train[1:])))
     # Patient-level: another section of the test patient as reference is leakage; slide-level it is allowed.
     pk = make_fold(["A1", "B1", "B2", "C1"], ["A2"], protocol="patient-kfold")
     with pytest.raises(InputError, match="test patient"):
         check_leakage(pk)
-    check_leakage(replace(pk, protocol="slide-loso"))
+    check_leakage(replace(pk, info=replace(pk.info, protocol="slide-loso")))
+
+
+def test_a_fold_without_test_slides_has_nothing_to_predict(fold):
+    trained_on_all = replace(fold, targets=[t for t in fold.targets if t.role == "train"],
+                             info=replace(fold.info, test=[]))
+    with pytest.raises(InputError, match="no test slide to predict"):
+        predict_fold(trained_on_all, ["ridge"])
 
 
 def test_predict_all_methods_and_evaluate(tmp_path, run, fold):
     out, _ = run
-    with writing_predictions(tmp_path / "pred", protocol=fold.protocol) as w:
+    with writing_predictions(tmp_path / "pred", protocol=fold.info.protocol) as w:
         files = [w.add(p) for p in predict_fold(fold, run=open_run(out))]
     tmp_path = tmp_path / "pred"
     assert sorted(p.relative_to(p.parents[1]).as_posix() for p in files) == [
@@ -104,13 +118,13 @@ def test_predict_all_methods_and_evaluate(tmp_path, run, fold):
     import anndata as ad
 
     a = ad.read_h5ad(tmp_path / "hgc" / "C1.h5ad")
-    g = fold.test_graphs[0]
+    g = fold.graphs("test")[0]
     assert a.X.dtype == np.float32 and a.shape == g.spot_y.shape
-    assert list(a.obs_names) == list(g.spot_barcodes) and list(a.var_names) == fold.genes
+    assert list(a.obs_names) == list(g.spot_barcodes) and list(a.var_names) == fold.bank.genes
     np.testing.assert_array_equal(a.layers["observed"], g.spot_y)
     np.testing.assert_array_equal(a.obsm["spatial"], g.spot_coords)
     assert a.uns["method"] == "hgc" and a.uns["protocol"] == "slide-loso" and a.uns["fold"] == fold.name
-    assert len(a.uns["heg"]) == len(a.uns["hvg"]) == len(fold.genes)  # 6 genes < 50
+    assert len(a.uns["heg"]) == len(a.uns["hvg"]) == len(fold.bank.genes)  # 6 genes < 50
     report = write_report(tmp_path)
     assert list(report["methods"]) == ["hgc", "ridge", "knn", "mean"]
     assert report["methods"]["ridge"]["mean"]["pcc_all"] > 0.5
@@ -122,7 +136,7 @@ def test_dgl_backend_trains_and_matches_pyg(tmp_path, run, fold):
     model, backend, _ = load_model(out, fold.name, backend="dgl")
     assert backend.name == "dgl"
     (slide,) = r.val_slides
-    g = next(g for g in fold.train_graphs if g.target == slide)
+    g = next(g for g in fold.graphs("train") if g.target == slide)
     np.testing.assert_allclose(predict_graph(model, backend.prepare(g)), r.val_predictions[slide], rtol=1e-4, atol=1e-5)
     (rd,) = fit_folds([fold], tmp_path, _cfg(backend="dgl", epochs=2))
     assert rd.epochs_run == 2
@@ -197,13 +211,23 @@ def test_cli_fit_refuses_tampered_store(tmp_path, her2st_store):
     import h5py
 
     bad = tmp_path / "tampered.h5"
-    shutil.copy(her2st_store, bad)
-    with h5py.File(bad, "r+") as f:  # slip the test slide B4 into a training pool of fold patient-B
-        pools = f["folds/patient-B/pools"]
-        key = next(k for k in pools if "C3" in json.loads(pools[k].attrs["slides"]))
-        pools[key].attrs["slides"] = pools[key].attrs["slides"].replace('"C3"', '"B4"')
-    r = _cli("fit", bad, "--out", tmp_path / "run", "--epochs", 1, "--backend", "pyg", "--device", "cpu")
-    assert r.exit_code == 1 and "B4" in r.output and "test slides" in r.output, r.output
+
+    def tamper(pool: str, edit) -> str:
+        shutil.copy(her2st_store, bad)
+        with h5py.File(bad, "r+") as f:
+            pools = f["folds/patient-B/pools"]
+            key = next(k for k in pools if k.startswith(pool) and "C3" in json.loads(pools[k].attrs["slides"]))
+            pools[key].attrs["slides"] = json.dumps(edit(json.loads(pools[key].attrs["slides"])))
+        r = _cli("fit", bad, "--out", tmp_path / "run", "--epochs", 1, "--backend", "pyg", "--device", "cpu")
+        assert r.exit_code == 1 and not (tmp_path / "run").exists()
+        return r.output
+
+    def with_b4(slides):  # the test slide B4 slipped in for C3
+        return ["B4" if s == "C3" else s for s in slides]
+
+    assert "test slides ['B4']" in tamper("pool", with_b4)
+    assert "B4" in (out := tamper("bank", with_b4)) and "not the fold's training slides" in out, out
+    assert "in its order" in tamper("pool", lambda slides: slides[::-1])  # close edges would misalign
     assert not (tmp_path / "run" / "patient-B" / "model.safetensors").exists()
 
 

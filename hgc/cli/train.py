@@ -99,7 +99,11 @@ def register(main: click.Group) -> None:
         bundle = train_model(manifest, genes, encoder, out, fit_config=_fit_config(kw), normalize=normalize,
                              device=kw["device"], data_root=data_root, batch_size=batch_size,
                              graph_options={"n_val": n_val}, progress=not no_progress, weights=weights)
-        click.echo(f"model written to {bundle}")
+        from ..train.rundir import early_stopping, open_model
+
+        info = open_model(bundle).info
+        click.echo(f"model written to {bundle}: {info['n_genes']} genes, trained on {', '.join(info['train_slides'])}; "
+                   f"early stopping on {early_stopping(info)}")
 
     @main.command("predict")
     @click.argument("model", type=click.Path(file_okay=False))
@@ -151,7 +155,7 @@ def register(main: click.Group) -> None:
                                    weights=weights, backend=backend, device=device, batch_size=batch_size,
                                    data_root=data_root, progress=not no_progress, geometry=geometry,
                                    pitch_um=pitch_um, spot_diameter_um=spot_diameter_um)
-        click.echo(f"{len(files)} prediction files written to {out}")
+        click.echo(f"{len(files)} prediction file{'s' if len(files) != 1 else ''} written to {out}")
 
     @main.command("evaluate")
     @click.argument("pred_dir", type=click.Path(file_okay=False, exists=True))

@@ -164,8 +164,7 @@ def virtual_spots(slide: Slide, geometry: SpotGeometry, tissue: TissueMask) -> S
         cols, rows = np.arange(0, width / pitch), np.arange(0, height / pitch)
         aa, bb = np.meshgrid(cols, rows)  # aa: array x (columns), bb: array y (rows)
         x, y = (aa + 0.5) * pitch, (bb + 0.5) * pitch
-        array = np.stack([aa.ravel(), bb.ravel()], axis=1)
-        barcodes = [f"{int(a) + 1}x{int(b) + 1}" for a, b in array]
+        array = np.stack([aa.ravel(), bb.ravel()], axis=1).astype(np.int64)
     else:
         row_px = pitch * math.sqrt(3) / 2
         rows = np.arange(0, height / row_px)
@@ -174,8 +173,7 @@ def virtual_spots(slide: Slide, geometry: SpotGeometry, tissue: TissueMask) -> S
         keep = (rr + cc) % 2 == 0  # hexagonal: a row's columns have its parity
         rr, cc = rr[keep], cc[keep]
         x, y = (cc + 1) * pitch / 2, (rr + 0.5) * row_px
-        array = np.stack([rr, cc], axis=1)
-        barcodes = [f"v{int(r)}-{int(c)}" for r, c in array]
+        array = np.stack([rr, cc], axis=1).astype(np.int64)
     coords = np.stack([np.ravel(x), np.ravel(y)], axis=1)
     inside = (coords[:, 0] < width) & (coords[:, 1] < height)
     # a spot is under tissue when its disc overlaps the tissue: its centre lies within a radius of it
@@ -184,10 +182,17 @@ def virtual_spots(slide: Slide, geometry: SpotGeometry, tissue: TissueMask) -> S
     keep = inside & grown.at(coords)
     if not keep.any():
         raise InputError(f"slide '{slide.id}': no virtual spot falls on the tissue of {slide.image.path}")
+    array = array[keep]
+    if geometry.platform == "st":  # legacy ST ids "<x>x<y>" count from 1
+        first, second = (array + 1).astype(str).astype(object).T
+        barcodes = first + "x" + second
+    else:
+        first, second = array.astype(str).astype(object).T
+        barcodes = "v" + first + "-" + second
     out = Slide(
-        id=slide.id, patient=slide.patient, barcodes=np.asarray(barcodes, dtype=object)[keep], coords=coords[keep],
+        id=slide.id, patient=slide.patient, barcodes=barcodes, coords=coords[keep],
         counts=None, genes=np.zeros(0, dtype=object), microns_per_pixel=mpp, mpp_source=slide.mpp_source,
-        platform=geometry.platform, image=slide.image, array_coords=array[keep].astype(np.int64),
+        platform=geometry.platform, image=slide.image, array_coords=array,
         source={**slide.source, "virtual": geometry.platform},
     )
     log.info("slide %s: %d virtual %s spots (pitch %.0f µm) on %.2f mm² of tissue", slide.id, out.n_spots,

@@ -1,23 +1,30 @@
-"""Heterogeneous graphs: similarity search, construction, and the backend-neutral store."""
-from .build import GraphConfig, GraphSet, build_from_manifest, build_graphs, reference_pool
+"""Heterogeneous graphs: a target slide joined to a reference bank (similarity search, construction,
+the backend-neutral store and bank files)."""
+from .bank import ReferenceBank, read_bank, write_bank
+from .build import BankGraphs, GraphConfig, GraphSet, build_from_manifest, build_graphs, reference_pool, target_graph
 from .knn import recall_at_k, search
 from .record import CANONICAL, RELATION_NAMES, RELATIONS, SlideGraph
 from .store import read_fold_info, read_graph_set, read_graphs, write_graphs
 
 __all__ = [
+    "BankGraphs",
     "CANONICAL",
     "GraphConfig",
     "GraphSet",
     "RELATIONS",
     "RELATION_NAMES",
+    "ReferenceBank",
     "SlideGraph",
     "build_from_manifest",
     "build_graphs",
+    "read_bank",
     "read_fold_info",
     "read_graph_set",
     "read_graphs",
     "recall_at_k",
     "reference_pool",
     "search",
+    "target_graph",
+    "write_bank",
     "write_graphs",
 ]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -49,6 +49,8 @@ class ReferenceBank:
     close_weight: np.ndarray  # (E,) float32
     encoder: dict[str, Any] = field(default_factory=dict)
 
+    _spans: dict[str, slice] = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         m = self.x.shape[0]
         shapes = {"y": self.y.shape[0], "slide": len(self.slide), "patient": len(self.patient), "barcode": len(self.barcode)}
@@ -58,6 +60,11 @@ class ReferenceBank:
                              f"{self.y.shape[1:]} expression columns for {len(self.genes)} genes")
         if self.close.size and (self.close.min() < 0 or self.close.max() >= m):
             raise InputError(f"reference bank 'close' edges index references outside [0, {m})")
+        slide = np.asarray(self.slide).astype(str)
+        starts = np.flatnonzero(np.r_[True, slide[1:] != slide[:-1]]) if m else np.zeros(0, np.int64)
+        self._spans = {str(slide[a]): slice(int(a), int(b)) for a, b in zip(starts, np.r_[starts[1:], m])}
+        if len(self._spans) != len(starts):
+            raise InputError("reference bank rows are not grouped by slide (each slide's spots must be contiguous)")
 
     @property
     def n_ref(self) -> int:
@@ -65,11 +72,16 @@ class ReferenceBank:
 
     @property
     def slides(self) -> list[str]:
-        return list(dict.fromkeys(map(str, self.slide)))
+        return list(self._spans)
 
     @property
     def patients(self) -> list[str]:
         return list(dict.fromkeys(map(str, self.patient)))
+
+    def rows(self, slides: Sequence[str]) -> np.ndarray:
+        """Indices of the rows of ``slides``, slide by slide in the order given."""
+        spans = [self._spans[s] for s in slides]
+        return np.concatenate([np.arange(r.start, r.stop) for r in spans]) if spans else np.zeros(0, np.int64)
 
     def nbytes(self) -> int:
         return int(self.x.nbytes + self.y.nbytes + self.close.nbytes + self.close_weight.nbytes + 48 * self.n_ref)

@@ -1,6 +1,8 @@
-"""Build SpaHGC's heterogeneous graphs: one per (fold, target slide), references from training only.
+"""Build SpaHGC's heterogeneous graphs: a target slide joined to a reference bank.
 
-Per fold, in this order, using the fold's training slides only for anything fitted:
+A fold (:class:`BankGraphs`) is the bank of its training slides with its slides as targets; a
+trained model's bank takes new slides as targets (:func:`target_graph`). Per fold, in this order,
+using the fold's training slides only for anything fitted:
 
 1. the gene panel (:func:`hgc.data.genes.resolve_panel`) and the expression normaliser;
 2. for every target (each training slide, then each test slide) its reference pool, from the one
@@ -24,15 +26,17 @@ Per fold, in this order, using the fold's training slides only for anything fitt
    the relation's edges of that graph for distances (scale-free, in (0, 1]).
 
 The result keeps each slide's embedding once and each fold's normalised expression once per
-slide; :class:`SlideGraph` records are assembled on demand (see :mod:`hgc.graph.store`).
+slide; a fold's bank and its :class:`SlideGraph` records are assembled on demand (by
+:func:`joined_graph`, see :mod:`hgc.graph.store`).
 """
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -123,94 +127,124 @@ class FoldInfo:
 
 @dataclass
 class Pool:
-    """A reference pool (its slides in order) and its ``close`` edges."""
+    """The references of training targets: some of the bank's slides (in bank order) and the
+    ``close`` edges among them."""
 
     slides: list[str]
     close: np.ndarray  # (2, E) int64
     close_weight: np.ndarray  # (E,) float32
 
 
+#: The pool key of a target whose references are the whole bank (test targets, new slides).
+BANK = "bank"
+
+
 @dataclass
 class TargetEdges:
     target: str
     role: str
-    pool: str  # key into FoldGraphs.pools
+    pool: str  # BANK, or a key into BankGraphs.pools
     near: np.ndarray
     near_weight: np.ndarray
     refer: np.ndarray
     refer_weight: np.ndarray
 
 
-@dataclass
-class FoldGraphs:
+@dataclass(eq=False)
+class BankGraphs:
+    """A reference bank and the graphs of the target slides joined to it.
+
+    A cross-validation fold is the bank of its training slides with its slides as targets: each
+    test slide predicted from the whole bank, each training slide trained against the bank's other
+    slides (its pool, decided by :func:`reference_pool`). A trained model's bank with new slides is
+    the same thing with test targets only (:func:`target_graph`). The bank and the graphs are
+    assembled from the slides' stored embeddings on first use, so a store of many folds holds each
+    embedding once.
+    """
+
     info: FoldInfo
-    expression: dict[str, np.ndarray]  # slide -> (n, G) float32 normalised, every slide of the fold with counts
-    pools: dict[str, Pool]
+    slides: Mapping[str, SlideData]  # every target's and reference's spots (shared by the folds of a store)
     targets: list[TargetEdges]
-    bank: str = ""  # the pool of all training slides: the references of test and of new slides
+    config: GraphConfig
+    whole: Pool  # the bank: the fold's training slides, in order, and the close edges among all their spots
+    expression: dict[str, np.ndarray]  # normalised expression of the fold's slides that have counts
+    pools: dict[str, Pool] = field(default_factory=dict)  # training targets' references (some of the bank's slides)
+    encoder: dict = field(default_factory=dict)  # what made the embeddings (see :func:`encoder_of`)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @cached_property
+    def bank(self) -> ReferenceBank:
+        """The fold's reference bank (its embeddings a copy of the training slides', made once)."""
+        return make_bank([self.slides[s] for s in self.whole.slides], self.expression, self.info.genes,
+                         self.info.normaliser, self.whole.close, self.whole.close_weight, self.encoder)
+
+    def references(self, t: TargetEdges) -> Pool:
+        """The slides ``t`` references, with their close edges."""
+        if t.pool == BANK:
+            return self.whole
+        if t.pool not in self.pools:
+            raise InputError(f"fold '{self.name}': the graph of '{t.target}' names reference pool '{t.pool}', "
+                             f"which the fold does not have")
+        return self.pools[t.pool]
+
+    @property
+    def platform(self) -> str:
+        """The training slides' spot geometry (st, visium; "mixed"), which virtual spots follow."""
+        kinds = {self.slides[s].platform for s in self.info.train if s in self.slides}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def graphs(self, role: str | None = None) -> list[SlideGraph]:
+        return [self.graph(t) for t in self.targets if role is None or t.role == role]
+
+    def graph(self, t: TargetEdges) -> SlideGraph:
+        """The :class:`SlideGraph` of target ``t``: its spots joined to its references."""
+        pool = self.references(t)
+        rows = slice(None) if t.pool == BANK else self.bank.rows(pool.slides)
+        return joined_graph(self.slides[t.target], self.bank, rows, self.name, t.role,
+                            {"near": t.near, "refer": t.refer, "close": pool.close},
+                            {"near": t.near_weight, "refer": t.refer_weight, "close": pool.close_weight},
+                            self.expression.get(t.target))
+
+
+def joined_graph(spot: SlideData, bank: ReferenceBank, rows, fold: str, role: str, edges: dict[str, np.ndarray],
+                 weights: dict[str, np.ndarray], expression: np.ndarray | None) -> SlideGraph:
+    """A target's spots joined to the bank's references ``rows``: the one place graphs are assembled."""
+    return SlideGraph(
+        fold=fold, target=spot.id, role=role, patient=spot.patient,
+        spot_x=spot.x, spot_coords=spot.coords, spot_barcodes=spot.barcodes,
+        ref_x=bank.x[rows], ref_y=bank.y[rows], ref_slide=bank.slide[rows], ref_patient=bank.patient[rows],
+        edges=edges, edge_weight=weights, spot_y=expression, image=spot.image, image_scale=spot.image_scale,
+    )
 
 
 @dataclass
 class GraphSet:
-    """All graphs of a run: assemble :class:`SlideGraph` records with :meth:`graphs`."""
+    """All graphs of a run, fold by fold: assemble :class:`SlideGraph` records with :meth:`graphs`."""
 
     config: GraphConfig
     protocol: str
     slides: dict[str, SlideData]
-    folds: list[FoldGraphs]
+    folds: list[BankGraphs]
     encoder: dict = field(default_factory=dict)  # what made the embeddings (see :func:`encoder_of`)
 
     def graphs(self, fold: str | None = None, role: str | None = None) -> list[SlideGraph]:
-        return list(self.iter_graphs(fold, role))
-
-    def iter_graphs(self, fold: str | None = None, role: str | None = None) -> Iterator[SlideGraph]:
-        for fg in self.folds:
-            if fold is not None and fg.info.name != fold:
-                continue
-            for t in fg.targets:
-                if role is None or t.role == role:
-                    yield assemble(fg, t, self.slides)
+        return [g for f in self.folds if fold is None or f.name == fold for g in f.graphs(role)]
 
 
-def assemble(fg: FoldGraphs, t: TargetEdges, slides: Mapping[str, SlideData]) -> SlideGraph:
-    """The :class:`SlideGraph` of target ``t`` from the shared per-slide and per-pool arrays."""
-    pool = fg.pools[t.pool]
-    refs = [slides[s] for s in pool.slides]
-    spot = slides[t.target]
-    return SlideGraph(
-        fold=fg.info.name,
-        target=t.target,
-        role=t.role,
-        patient=spot.patient,
-        spot_x=spot.x,
-        spot_coords=spot.coords,
-        spot_barcodes=spot.barcodes,
-        ref_x=np.concatenate([r.x for r in refs]),
-        ref_y=np.concatenate([fg.expression[r.id] for r in refs]),
-        ref_slide=np.concatenate([np.full(len(r.barcodes), r.id, dtype=object) for r in refs]),
-        ref_patient=np.concatenate([np.full(len(r.barcodes), r.patient, dtype=object) for r in refs]),
-        edges={"near": t.near, "refer": t.refer, "close": pool.close},
-        edge_weight={"near": t.near_weight, "refer": t.refer_weight, "close": pool.close_weight},
-        spot_y=fg.expression.get(t.target),
-        image=spot.image,
-        image_scale=spot.image_scale,
-    )
-
-
-def fold_bank(graphs: GraphSet, fg: FoldGraphs) -> ReferenceBank | None:
-    """The fold's reference bank (all its training slides), or None for stores without one."""
-    if not fg.bank:
-        return None
-    pool = fg.pools[fg.bank]
-    refs = [graphs.slides[s] for s in pool.slides]
+def make_bank(slides: Sequence[SlideData], expression: Mapping[str, np.ndarray], genes: Sequence[str],
+              normaliser: Mapping[str, object], close: np.ndarray, close_weight: np.ndarray,
+              encoder: Mapping[str, object]) -> ReferenceBank:
+    """The bank of ``slides`` (rows grouped by slide, in that order)."""
     return ReferenceBank(
-        x=np.concatenate([r.x for r in refs]),
-        y=np.concatenate([fg.expression[r.id] for r in refs]),
-        slide=np.concatenate([np.full(len(r.barcodes), r.id, dtype=object) for r in refs]),
-        patient=np.concatenate([np.full(len(r.barcodes), r.patient, dtype=object) for r in refs]),
-        barcode=np.concatenate([np.asarray(r.barcodes, dtype=object) for r in refs]),
-        genes=list(fg.info.genes), normaliser=dict(fg.info.normaliser),
-        close=pool.close, close_weight=pool.close_weight, encoder=dict(graphs.encoder),
+        x=np.concatenate([r.x for r in slides]),
+        y=np.concatenate([expression[r.id] for r in slides]),
+        slide=np.concatenate([np.full(len(r.barcodes), r.id, dtype=object) for r in slides]),
+        patient=np.concatenate([np.full(len(r.barcodes), r.patient, dtype=object) for r in slides]),
+        barcode=np.concatenate([np.asarray(r.barcodes, dtype=object) for r in slides]),
+        genes=list(genes), normaliser=dict(normaliser), close=close, close_weight=close_weight, encoder=dict(encoder),
     )
 
 
@@ -286,14 +320,8 @@ def target_graph(slide: Slide, embeddings: np.ndarray, bank: ReferenceBank, conf
                          f"bank {bank.x.shape[1]}; embed it with the model's encoder")
     near, near_w = near_edges(slide, config)
     refer, refer_w = refer_edges(data.x, bank.x, config)
-    return SlideGraph(
-        fold=fold, target=slide.id, role="test", patient=slide.patient,
-        spot_x=data.x, spot_coords=data.coords, spot_barcodes=data.barcodes,
-        ref_x=bank.x, ref_y=bank.y, ref_slide=bank.slide, ref_patient=bank.patient,
-        edges={"near": near, "refer": refer, "close": bank.close},
-        edge_weight={"near": near_w, "refer": refer_w, "close": bank.close_weight},
-        spot_y=expression, image=data.image, image_scale=data.image_scale,
-    )
+    return joined_graph(data, bank, slice(None), fold, "test", {"near": near, "refer": refer, "close": bank.close},
+                        {"near": near_w, "refer": refer_w, "close": bank.close_weight}, expression)
 
 
 # --- edges -------------------------------------------------------------------------------------
@@ -505,10 +533,10 @@ def build_graphs(
         raise InputError(f"embeddings have different feature sizes across slides: {dims}")
     patients = {s: slides[s].patient for s in used}
     near = {s: near_edges(slides[s], config) for s in used}
-    out = []
-    for fold in progress(folds, desc="folds", unit="fold", leave=False):
-        out.append(_build_fold(fold, slides, data, near, patients, protocol, config, data_root, manifest))
-    return GraphSet(config, protocol, data, out, dict(encoder or {}))
+    encoder = dict(encoder or {})
+    out = [_build_fold(fold, slides, data, near, patients, protocol, config, data_root, manifest, encoder)
+           for fold in progress(folds, desc="folds", unit="fold", leave=False)]
+    return GraphSet(config, protocol, data, out, encoder)
 
 
 #: Embedding attributes that say how a slide was embedded; a model predicts new slides only from
@@ -555,7 +583,7 @@ def _slide_data(slide: Slide, emb: np.ndarray) -> SlideData:
                      float(image.scale) if image else 1.0, slide.platform)
 
 
-def _build_fold(fold, slides, data, near, patients, protocol, config, data_root, manifest) -> FoldGraphs:
+def _build_fold(fold, slides, data, near, patients, protocol, config, data_root, manifest, encoder) -> BankGraphs:
     train = [slides[s] for s in fold.train]
     for s in train:
         s.require_expression(f"training slide of fold '{fold.name}'")
@@ -585,15 +613,17 @@ def _build_fold(fold, slides, data, near, patients, protocol, config, data_root,
             else:
                 info.skipped[t] = "every other training slide is of its own patient (exclude_same_patient)"
                 log.warning("fold %s: training slide %s has no reference slide; no training graph for it", fold.name, t)
-    # test targets (and any identical pools) share one pool and its close edges; the pool of all
-    # training slides is the fold's bank, which new slides are predicted from
-    bank = tuple(fold.train)
-    keys = {pool: f"pool{i}" for i, pool in enumerate(dict.fromkeys([*(p for _, _, p in chosen), bank]))}
+    # the bank (every training slide) is the test targets' references; a training target's pool is
+    # some of its slides, and identical pools are stored once
+    whole = tuple(fold.train)
+    keys = {pool: f"pool{i}" for i, pool in enumerate(dict.fromkeys(p for _, _, p in chosen if p != whole))}
+    keys[whole] = BANK
     feats = close_features(np.concatenate([data[s].x for s in fold.train]),
                            np.concatenate([expression[s] for s in fold.train]), config.metric)
     owner = np.concatenate([np.full(len(data[s].x), s, dtype=object) for s in fold.train])
     pools = {key: Pool(list(pool), *edges)
              for (pool, key), edges in zip(keys.items(), close_edges(feats, owner, list(keys), config))}
+    whole_pool = pools.pop(BANK)
     targets = []
     for t, role, pool in chosen:
         if pool == (t,):
@@ -601,7 +631,7 @@ def _build_fold(fold, slides, data, near, patients, protocol, config, data_root,
         else:
             refer, refer_w = refer_edges(data[t].x, np.concatenate([data[s].x for s in pool]), config)
         targets.append(TargetEdges(t, role, keys[pool], *near[t], refer, refer_w))
-    return FoldGraphs(info, expression, pools, targets, keys[bank])
+    return BankGraphs(info, data, targets, config, whole_pool, expression, pools, encoder)
 
 
 def build_from_manifest(

@@ -9,15 +9,18 @@ Layout (group names are percent-encoded slide / fold ids)::
                                      image (H&E path, "" if none), image_scale, platform
     /folds/<fold>             attrs: info (FoldInfo JSON: protocol, train/val/test, genes, panel,
                                      normaliser, missing_genes, skipped, self_referenced, manifest), targets (JSON),
-                                     bank (the pool of all training slides: what new slides are predicted from)
+                                     bank ("bank": the pool of all training slides, which test slides are predicted from)
     /folds/<fold>/genes       (G,) str
     /folds/<fold>/expression/<slide>   (n, G) f32, the fold's normalised expression of the slide
     /folds/<fold>/pools/<key>          close (2, E) i64, close_weight (E,) f32; attrs: slides (JSON)
     /folds/<fold>/graphs/<target>      near, refer (2, E) i64 and *_weight (E,) f32; attrs: role, pool
 
-Each slide's embedding is stored once for all folds and each normalised expression once per fold;
-a graph stores only its edges and the name of its reference pool, so the test targets of a fold
-share one pool (and its ``close`` edges). The price is a concatenation when a graph is read.
+A fold is read back as a :class:`~hgc.graph.build.BankGraphs`: its reference bank (the pool
+``bank``: the training slides' embeddings from ``/slides``, their expression, the pool's ``close``
+edges), the training targets' pools and every target's edges. Each slide's embedding is stored
+once for all folds and each normalised expression once per fold; a graph stores only its edges and
+the name of its reference pool, so the test targets of a fold share the bank (and its ``close``
+edges). The price is a concatenation when a fold is read.
 The file is written to a temporary name and renamed, so a failed build leaves no file. Readers
 check ``format`` and ``format_version`` and turn a damaged or foreign file into one line that says
 how to rebuild it.
@@ -37,7 +40,7 @@ from .. import __version__
 from .._outputs import atomic_h5, command_line, output_lock, safe_name
 from .._records import record_from_dict
 from ..errors import InputError
-from .build import FoldGraphs, FoldInfo, GraphConfig, GraphSet, Pool, SlideData, TargetEdges
+from .build import BANK, BankGraphs, FoldInfo, GraphConfig, GraphSet, Pool, SlideData, TargetEdges
 from .record import RELATION_NAMES, SlideGraph
 
 FORMAT = "hgc-graphs"
@@ -50,7 +53,7 @@ def _nbytes(graphs: GraphSet) -> int:
     total = sum(s.x.nbytes + s.coords.nbytes + 16 * len(s.barcodes) for s in graphs.slides.values())
     for fg in graphs.folds:
         total += sum(y.nbytes for y in fg.expression.values())
-        total += sum(p.close.nbytes + p.close_weight.nbytes for p in fg.pools.values())
+        total += sum(p.close.nbytes + p.close_weight.nbytes for p in [fg.whole, *fg.pools.values()])
         total += sum(t.near.nbytes + t.near_weight.nbytes + t.refer.nbytes + t.refer_weight.nbytes for t in fg.targets)
     return total
 
@@ -79,11 +82,11 @@ def write_graphs(graphs: GraphSet, out: str | Path) -> Path:
             g = f.create_group(f"folds/{safe_name(fg.info.name)}")
             g.attrs["info"] = json.dumps(asdict(fg.info))
             g.attrs["targets"] = json.dumps([[t.target, t.role] for t in fg.targets])
-            g.attrs["bank"] = fg.bank
+            g.attrs["bank"] = BANK
             g.create_dataset("genes", data=np.asarray(fg.info.genes, dtype=object), dtype=strings)
             for s, y in fg.expression.items():
                 g.create_dataset(f"expression/{safe_name(s)}", data=y)
-            for key, pool in fg.pools.items():
+            for key, pool in {BANK: fg.whole, **fg.pools}.items():
                 p = g.create_group(f"pools/{key}")
                 p.attrs["slides"] = json.dumps(pool.slides)
                 p.create_dataset("close", data=pool.close)
@@ -146,7 +149,11 @@ def _config(f, path) -> GraphConfig:
 
 def read_graph_set(path: str | Path, fold: str | None = None) -> GraphSet:
     """The stored :class:`GraphSet` (all folds, or one)."""
+    def where(name: str) -> str:
+        return f"graph file {path}, fold '{name}'"
+
     with _open(path) as f:
+        config, encoder = _config(f, path), json.loads(f.attrs.get("encoder", "{}"))
         slides = {}
         for g in f["slides"].values():
             slides[g.attrs["id"]] = SlideData(
@@ -167,35 +174,65 @@ def read_graph_set(path: str | Path, fold: str | None = None) -> GraphSet:
                 t = g[f"graphs/{safe_name(target)}"]
                 targets.append(TargetEdges(target, role, t.attrs["pool"], t["near"][()], t["near_weight"][()],
                                            t["refer"][()], t["refer_weight"][()]))
-            bank = str(g.attrs.get("bank", "")) or next(  # stores before banks: the pool of all training slides
+            key = str(g.attrs.get("bank", "")) or next(  # stores before banks: the pool of all training slides
                 (k for k, p in pools.items() if p.slides == list(info.train)), "")
-            folds.append(FoldGraphs(info, expression, pools, targets, bank))
-        graphs = GraphSet(_config(f, path), str(f.attrs["protocol"]), slides, folds,
-                          json.loads(f.attrs.get("encoder", "{}")))
-    _check_consistent(graphs, path)
+            folds.append(_bank_graphs(info, slides, expression, pools, targets, key, config, encoder, where(name)))
+        graphs = GraphSet(config, str(f.attrs["protocol"]), slides, folds, encoder)
     return graphs
 
 
-def _check_consistent(graphs: GraphSet, path) -> None:
-    """Every name a fold refers to exists and edges index existing nodes (a damaged store is refused)."""
-    for fg in graphs.folds:
-        where = f"graph file {path}, fold '{fg.info.name}'"
-        for t in fg.targets:
-            pool = fg.pools.get(t.pool)
-            refs = pool.slides if pool else []
-            absent = [s for s in [t.target, *refs] if s not in graphs.slides]
-            absent += [s for s in refs + ([t.target] if t.role == "train" else []) if s not in fg.expression]
-            if pool is None or absent:
-                raise InputError(f"{where}: the graph of '{t.target}' refers to missing "
-                                 f"{'pool ' + t.pool if pool is None else 'slides ' + str(absent)}; {_REBUILD}")
-            n_spot = len(graphs.slides[t.target].barcodes)
-            n_ref = sum(len(graphs.slides[s].barcodes) for s in pool.slides)
-            bounds = {"near": (n_spot, n_spot), "refer": (n_ref, n_spot), "close": (n_ref, n_ref)}
-            edges = {"near": t.near, "refer": t.refer, "close": pool.close}
-            for rel, e in edges.items():
-                src_n, dst_n = bounds[rel]
-                if e.ndim != 2 or e.shape[0] != 2 or (e.size and (e.min() < 0 or e[0].max() >= src_n or e[1].max() >= dst_n)):
-                    raise InputError(f"{where}: the '{rel}' edges of '{t.target}' do not fit its nodes; {_REBUILD}")
+def _bank_graphs(info: FoldInfo, slides: dict[str, SlideData], expression: dict[str, np.ndarray],
+                 pools: dict[str, Pool], targets: list[TargetEdges], key: str, config: GraphConfig,
+                 encoder: dict, where: str) -> BankGraphs:
+    """A stored fold as its bank and targets; a store whose names or edges do not fit is refused."""
+    whole = pools.pop(key, None)
+    if whole is None:
+        raise InputError(f"{where}: it records no reference bank (no pool of its training slides {info.train}); "
+                         f"{_REBUILD}")
+    if whole.slides != list(info.train):
+        raise InputError(f"{where}: its reference bank holds slides {whole.slides}, not the fold's training slides "
+                         f"{info.train}; {_REBUILD}")
+    absent = [s for s in info.train if s not in slides or s not in expression]
+    if absent:
+        raise InputError(f"{where}: its reference bank lacks the embeddings or expression of {absent}; {_REBUILD}")
+    for t in targets:
+        if t.pool == key:
+            t.pool = BANK
+    fold = BankGraphs(info, slides, targets, config, whole, expression, pools, encoder)
+    _check_consistent(fold, where)
+    return fold
+
+
+def _check_consistent(fold: BankGraphs, where: str) -> None:
+    """Every name a fold refers to exists, pools are slides of the bank in its order, and edges index
+    existing nodes (a damaged store is refused)."""
+    bank = fold.whole.slides
+    for t in fold.targets:
+        if t.pool != BANK and t.pool not in fold.pools:
+            raise InputError(f"{where}: the graph of '{t.target}' refers to missing pool {t.pool}; {_REBUILD}")
+        pool = fold.references(t)
+        absent = [s for s in [t.target, *pool.slides] if s not in fold.slides]
+        if absent:
+            raise InputError(f"{where}: the graph of '{t.target}' refers to missing slides {absent}; {_REBUILD}")
+        tests = [s for s in pool.slides if s in fold.info.test]
+        if tests:
+            raise InputError(f"{where}: the {t.role} graph of '{t.target}' has test slides {tests} among its "
+                             f"references; {_REBUILD}")
+        if t.role == "train" and t.target not in bank:
+            raise InputError(f"{where}: training target '{t.target}' is not one of the fold's training slides "
+                             f"{bank}; {_REBUILD}")
+        order = [bank.index(s) if s in bank else -1 for s in pool.slides]
+        if -1 in order or order != sorted(set(order)):
+            raise InputError(f"{where}: the references of '{t.target}' ({pool.slides}) are not slides of the "
+                             f"fold's reference bank {bank} in its order; {_REBUILD}")
+        n_spot = len(fold.slides[t.target].barcodes)
+        n_ref = sum(len(fold.slides[s].barcodes) for s in pool.slides)
+        bounds = {"near": (n_spot, n_spot), "refer": (n_ref, n_spot), "close": (n_ref, n_ref)}
+        edges = {"near": t.near, "refer": t.refer, "close": pool.close}
+        for rel, e in edges.items():
+            src_n, dst_n = bounds[rel]
+            if e.ndim != 2 or e.shape[0] != 2 or (e.size and (e.min() < 0 or e[0].max() >= src_n or e[1].max() >= dst_n)):
+                raise InputError(f"{where}: the '{rel}' edges of '{t.target}' do not fit its nodes; {_REBUILD}")
 
 
 def read_graphs(path: str | Path, fold: str | None = None, role: str | None = None) -> list[SlideGraph]:

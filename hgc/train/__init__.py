@@ -1,6 +1,6 @@
 """Training SpaHGC per fold, the baselines beside it, and predictions for the held-out slides."""
 from .baselines import BASELINES, KnnBaseline, MeanBaseline, RidgeBaseline, make_baseline
-from .fit import FitConfig, FoldData, check_leakage, fit, fit_folds, load_folds, load_model
+from .fit import FitConfig, check_leakage, fit, fit_folds, load_folds, load_model
 from .predict import METHODS, predict, predict_fold
 from .rundir import Run, open_run
 
@@ -8,7 +8,6 @@ __all__ = [
     "BASELINES",
     "METHODS",
     "FitConfig",
-    "FoldData",
     "KnnBaseline",
     "MeanBaseline",
     "RidgeBaseline",

@@ -21,7 +21,7 @@ from .._outputs import command_line, output_lock
 from ..errors import InputError
 from ..evaluate.metrics import training_gene_sets
 from ..evaluate.predictions import Prediction, check_prediction_output, spatial_entry, writing_predictions
-from .baselines import TrainingSet, make_baseline
+from .baselines import make_baseline, training_set
 from .fit import load_bundle_model, predict_graph
 from .predict import check_methods
 from .rundir import ModelBundle, open_model
@@ -107,8 +107,7 @@ class SlidePredictor:
         self.genes = list(bundle.info["genes"])
         self.heg, self.hvg = training_gene_sets(self.bank.y)
         self.model = load_bundle_model(bundle, backend, device)[:2] if "hgc" in self.methods else None
-        train = TrainingSet(self.bank.x, self.bank.y, np.asarray(self.bank.slide).astype(str))
-        self.baselines = {m: make_baseline(m).fit(train) for m in self.methods if m != "hgc"}
+        self.baselines = {m: make_baseline(m).fit(training_set(self.bank)) for m in self.methods if m != "hgc"}
 
     def predict(self, slide, embeddings: np.ndarray, observed: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """method -> (n_spot, G) predictions for ``slide`` whose spots' embeddings are ``embeddings``."""

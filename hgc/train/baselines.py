@@ -14,18 +14,19 @@
   ``softmax(-d / tau)`` over the spot's k references with ``tau`` = the median distance, a
   scale-free temperature that needs no tuning (see :func:`refer_weights`).
 
-Every baseline is fitted on the fold's training spots only (:func:`training_set`) and predicts one
+Every baseline is fitted on the fold's training spots only (its reference bank, :func:`training_set`) and predicts one
 graph at a time.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from ..errors import InputError
+from ..graph.bank import ReferenceBank
 from ..graph.record import SlideGraph
 
 log = logging.getLogger(__name__)
@@ -45,27 +46,10 @@ class TrainingSet:
     slides: np.ndarray  # (N,) str
 
 
-def training_set(graphs: Sequence[SlideGraph]) -> TrainingSet:
-    """The fold's training spots, taken from the reference pools of ``graphs``.
-
-    Pass the fold's test graphs: their references are the fold's training slides (the leakage
-    guard checks it), including training slides that have no graph of their own, e.g. a lone
-    training slide that no other slide can provide references for. Each slide is taken once.
-    """
-    if not graphs:
-        raise InputError("no graphs to collect training spots from")
-    xs, ys, ids, seen = [], [], [], set()
-    for g in graphs:
-        ref_slide = np.asarray(g.ref_slide).astype(str)
-        for s in dict.fromkeys(ref_slide):
-            if s in seen:
-                continue
-            seen.add(s)
-            rows = ref_slide == s
-            xs.append(g.ref_x[rows])
-            ys.append(g.ref_y[rows])
-            ids.append(ref_slide[rows])
-    return TrainingSet(np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32), np.concatenate(ids))
+def training_set(bank: ReferenceBank) -> TrainingSet:
+    """The training spots of a fold or a model: its reference bank (every training slide's spots,
+    including a lone training slide that has no graph of its own)."""
+    return TrainingSet(np.asarray(bank.x, np.float32), np.asarray(bank.y, np.float32), np.asarray(bank.slide).astype(str))
 
 
 class Baseline(Protocol):

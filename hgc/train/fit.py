@@ -27,8 +27,7 @@ from .._devices import check_device, resolve_device
 from .._outputs import atomic_dir, check_replaceable_folder, command_line, output_lock, safe_name
 from ..errors import InputError
 from ..evaluate.metrics import nan_mean, pearson_per_gene
-from ..graph.bank import ReferenceBank
-from ..graph.build import fold_bank
+from ..graph.build import BankGraphs
 from ..graph.record import RELATION_NAMES, SlideGraph
 from .rundir import ModelBundle, is_run_folder, open_run, user_entries, write_fold, write_record
 
@@ -50,12 +49,11 @@ class FitConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     patience: int | None = 50  # epochs without validation improvement before stopping; None: never stop
-    n_val: int = 1  # validation slides per fold, when the graph store did not record its choice
     contrast: str = "bgrl"  # bgrl | infonce | none
     masking: bool = True
     relations: tuple[str, ...] | None = None  # None: every relation of the graphs
     folds: tuple[str, ...] | None = None  # None: every fold of the store
-    val_slides: tuple[str, ...] | None = None  # early-stopping slides instead of the store's choice
+    val_slides: tuple[str, ...] | None = None  # early-stopping slides instead of the store's choice (() for none)
     model: dict[str, Any] = field(default_factory=dict)  # further ModelConfig overrides
     progress: bool = True
 
@@ -73,8 +71,6 @@ class FitConfig:
             raise InputError(f"weight decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.patience is not None and not (isinstance(self.patience, int) and self.patience >= 1):
             raise InputError(f"patience must be a whole number >= 1 (or None: never stop early), got {self.patience!r}")
-        if not (isinstance(self.n_val, int) and self.n_val >= 0):
-            raise InputError(f"n_val must be a whole number >= 0, got {self.n_val!r}")
         if self.relations is not None:
             self.relations = tuple(self.relations)
             unknown = sorted(set(self.relations) - set(RELATION_NAMES))
@@ -95,36 +91,8 @@ class FitConfig:
         return d
 
 
-@dataclass
-class FoldData:
-    """One fold of a graph store: its settings, slide lists and graphs."""
-
-    name: str
-    protocol: str
-    genes: list[str]
-    normaliser: dict[str, Any]
-    train_slides: list[str]
-    test_slides: list[str]
-    train_graphs: list[SlideGraph]
-    test_graphs: list[SlideGraph]
-    val_slides: list[str] | None = None  # as recorded by the store, if it chose them
-    self_referenced: list[str] = field(default_factory=list)  # sole training slides (see hgc.graph.build)
-    bank: ReferenceBank | None = None  # all training slides' spots: what new slides are predicted from
-    graph_config: dict[str, Any] = field(default_factory=dict)  # how the graphs were built (new slides alike)
-    platform: str = "unknown"  # the training slides' spot geometry (st, visium; "mixed")
-
-    @property
-    def patients(self) -> dict[str, str]:
-        """Slide -> patient for every slide the fold's graphs mention (targets and references)."""
-        out: dict[str, str] = {}
-        for g in self.train_graphs + self.test_graphs:
-            out[g.target] = g.patient
-            out.update(zip(map(str, g.ref_slide), map(str, g.ref_patient)))
-        return out
-
-
-def load_folds(graphs_path: str | Path, folds: Sequence[str] | None = None) -> list[FoldData]:
-    """Read every (or the named) fold of a graph store written by ``hgc build-graph``."""
+def load_folds(graphs_path: str | Path, folds: Sequence[str] | None = None) -> list[BankGraphs]:
+    """Every (or the named) fold of a graph store written by ``hgc build-graph``: a bank and its targets."""
     from ..graph import store
 
     path = Path(graphs_path)
@@ -136,88 +104,60 @@ def load_folds(graphs_path: str | Path, folds: Sequence[str] | None = None) -> l
         if unknown:
             raise InputError(f"folds {unknown} are not in graph store {path}; it has {names}")
         names = [n for n in names if n in set(folds)]
-    out = []
-    for name in names:
-        gs = store.read_graph_set(path, fold=name)
-        (fg,) = gs.folds
-        info = fg.info
-        graphs = gs.graphs()
-        platforms = {gs.slides[s].platform for s in info.train}
-        out.append(
-            FoldData(
-                name=info.name,
-                protocol=info.protocol,
-                genes=list(info.genes),
-                normaliser=dict(info.normaliser),
-                train_slides=list(info.train),
-                test_slides=list(info.test),
-                train_graphs=[g for g in graphs if g.role == "train"],
-                test_graphs=[g for g in graphs if g.role == "test"],
-                val_slides=list(info.val),
-                self_referenced=list(info.self_referenced),
-                bank=fold_bank(gs, fg),
-                graph_config=asdict(gs.config),
-                platform=platforms.pop() if len(platforms) == 1 else "mixed",
-            )
-        )
-    return out
+    return [fold for name in names for fold in store.read_graph_set(path, fold=name).folds]
 
 
-def check_leakage(fold: FoldData) -> None:
-    """Raise :class:`InputError` if test data can reach training or the reference pool.
+def check_leakage(fold: BankGraphs) -> None:
+    """Raise :class:`InputError` if test data can reach training or the reference bank.
 
-    Checked: every training target is a training slide of the fold; no graph references its own
-    target (except a fold's only training slide, whose training graph references only itself); no training target and no reference of any graph (training or test) is a test slide;
-    under ``patient-kfold`` the same for every spot of a test patient. Under ``slide-loso`` other sections of a test slide's
-    patient are references by design (the published protocol); that is logged, not refused.
+    Checked: the bank holds training slides only; every training target is a training slide of
+    the fold; no target references itself (except a fold's only training slide, whose training
+    graph references only itself); no training target and no reference of any graph (training or
+    test) is a test slide; under ``patient-kfold`` the same for every spot of a test patient.
+    Under ``slide-loso`` other sections of a test slide's patient are references by design (the
+    published protocol); that is logged, not refused.
     """
-    test = set(fold.test_slides)
-    test_patients = {g.patient for g in fold.test_graphs} | {
-        p for s, p in fold.patients.items() if s in test
-    }
-    patient_level = fold.protocol == "patient-kfold"
-    where = f"graph store fold '{fold.name}' ({fold.protocol})"
-    for g in fold.train_graphs:
-        if g.target in test or g.target not in set(fold.train_slides):
-            raise InputError(f"{where}: training graph targets slide '{g.target}', which is not a training slide")
-        if patient_level and g.patient in test_patients:
-            raise InputError(f"{where}: training target '{g.target}' belongs to test patient '{g.patient}'")
-    for g in fold.train_graphs + fold.test_graphs:
-        refs = set(map(str, g.ref_slide))
-        own_only = g.role == "train" and g.target in fold.self_referenced and refs == {g.target}
-        if g.target in refs and not own_only:
-            raise InputError(f"{where}: the {g.role} graph of slide '{g.target}' has the slide itself among its references")
-        leaked = sorted(set(map(str, g.ref_slide)) & test)
+    info, bank = fold.info, fold.whole.slides
+    test, train = set(info.test), set(info.train)
+    patient = {s: d.patient for s, d in fold.slides.items()}
+    test_patients = {patient[s] for s in test if s in patient}
+    patient_level = info.protocol == "patient-kfold"
+    where = f"graph store fold '{fold.name}' ({info.protocol})"
+    outside = sorted(set(bank) - train)
+    if outside:
+        raise InputError(f"{where}: the reference bank holds slides {outside}, which are not training slides")
+    for t in fold.targets:
+        if t.role == "train" and (t.target in test or t.target not in train):
+            raise InputError(f"{where}: training graph targets slide '{t.target}', which is not a training slide")
+        if t.role == "train" and patient_level and patient[t.target] in test_patients:
+            raise InputError(f"{where}: training target '{t.target}' belongs to test patient '{patient[t.target]}'")
+        refs = set(fold.references(t).slides)
+        own_only = t.role == "train" and t.target in info.self_referenced and refs == {t.target}
+        if t.target in refs and not own_only:
+            raise InputError(f"{where}: the {t.role} graph of slide '{t.target}' has the slide itself among its references")
+        leaked = sorted(refs & test)
         if leaked:
-            raise InputError(f"{where}: the {g.role} graph of slide '{g.target}' has test slides {leaked} among its references")
+            raise InputError(f"{where}: the {t.role} graph of slide '{t.target}' has test slides {leaked} among its references")
         if patient_level:
-            leaked = sorted(set(map(str, g.ref_patient)) & test_patients)
+            leaked = sorted({patient[s] for s in refs} & test_patients)
             if leaked:
                 raise InputError(
-                    f"{where}: the {g.role} graph of slide '{g.target}' has spots of test patients {leaked} among its references"
+                    f"{where}: the {t.role} graph of slide '{t.target}' has spots of test patients {leaked} among its references"
                 )
     if not patient_level:
-        shared = sum(int(np.isin(g.ref_patient, list(test_patients)).sum()) for g in fold.test_graphs)
+        shared = sum(len(fold.slides[s].barcodes) for s in bank if patient[s] in test_patients)
         if shared:
-            log.info("fold %s: %d reference spots share a patient with the test slide (slide-level protocol)", fold.name, shared)
+            log.info("fold %s: %d reference spots share a patient with a test slide (slide-level protocol)", fold.name, shared)
 
 
-def choose_validation(fold: FoldData, n: int, seed: int, chosen: Sequence[str] | None = None) -> list[str]:
-    """``chosen`` validation slides, else the store's if it recorded them, else ``n`` chosen by seed;
+def choose_validation(fold: BankGraphs, chosen: Sequence[str] | None = None) -> list[str]:
+    """``chosen`` validation slides, else the store's choice (always recorded by the builder);
     always training slides, never test slides."""
-    from ..data.splits import Fold, validation_slides
-
-    if chosen is not None:
-        val = list(chosen)
-    elif fold.val_slides is not None:
-        val = list(fold.val_slides)
-    else:
-        val = validation_slides(Fold(fold.name, list(fold.train_slides), list(fold.test_slides)), fold.patients,
-                                n=n, seed=seed)
-    bad = sorted(set(val) - set(fold.train_slides))
+    val = list(chosen) if chosen is not None else list(fold.info.val)
+    bad = sorted(set(val) - set(fold.info.train))
     if bad:
         raise InputError(f"fold '{fold.name}': validation slides {bad} are not training slides")
-    return list(val)
+    return val
 
 
 @contextlib.contextmanager
@@ -286,34 +226,37 @@ class FoldResult:
     val_predictions: dict[str, np.ndarray]  # the checkpoint's predictions for the validation slides
 
 
-def _split_validation(fold: FoldData, config: FitConfig, seed: int) -> tuple[list[str], list[SlideGraph], list[SlideGraph]]:
-    """(validation slides, training graphs, validation graphs); a validation graph is not trained on."""
-    have = {g.target for g in fold.train_graphs}
-    val = [s for s in choose_validation(fold, config.n_val, seed, config.val_slides) if s in have]
-    train = [g for g in fold.train_graphs if g.target not in set(val)]
+def _split_validation(fold: BankGraphs, graphs: list[SlideGraph], config: FitConfig
+                      ) -> tuple[list[str], list[SlideGraph], list[SlideGraph]]:
+    """(validation slides, training graphs, validation graphs) of the fold's training ``graphs``;
+    a validation graph is not trained on."""
+    have = {g.target for g in graphs}
+    val = [s for s in choose_validation(fold, config.val_slides) if s in have]
+    train = [g for g in graphs if g.target not in set(val)]
     if not train:  # every graph-bearing training slide was chosen for validation
-        val, train = [], list(fold.train_graphs)
+        val, train = [], list(graphs)
     if not val:
         log.warning("fold %s: no validation slide; the last epoch is kept", fold.name)
     log.info("fold %s: training on %s, validating on %s", fold.name, [g.target for g in train], val)
-    return val, train, [g for g in fold.train_graphs if g.target in set(val)]
+    return val, train, [g for g in graphs if g.target in set(val)]
 
 
-def _train_fold(fold: FoldData, config: FitConfig, out_dir: Path, backend, device: str, seed: int) -> FoldResult | None:
+def _train_fold(fold: BankGraphs, config: FitConfig, out_dir: Path, backend, device: str, seed: int) -> FoldResult | None:
     import torch
     from .._progress import progress
 
     check_leakage(fold)
-    if not fold.train_graphs:
+    graphs = fold.graphs("train")
+    if not graphs:
         log.warning("fold %s: no training graph (no training slide has references from another one); "
                     "no model is trained for it, only the baselines will predict its test slides", fold.name)
         return None
-    missing = [g.target for g in fold.train_graphs if g.spot_y is None]
+    missing = [g.target for g in graphs if g.spot_y is None]
     if missing:
-        raise InputError(f"fold '{fold.name}': training graphs of {missing} carry no expression to train on")
-    val, train_graphs, val_graphs = _split_validation(fold, config, seed)
+        raise InputError(f"fold '{fold.name}': training slides {missing} have no expression to train on")
+    val, train_graphs, val_graphs = _split_validation(fold, graphs, config)
 
-    first = fold.train_graphs[0]
+    first = graphs[0]
     dims = {"spot_dim": int(first.spot_x.shape[1]), "ref_dim": int(first.ref_x.shape[1]), "n_genes": int(first.n_genes)}
     mcfg = model_config(config, steps=config.epochs * len(train_graphs))
     with deterministic(seed):
@@ -356,14 +299,13 @@ def _train_fold(fold: FoldData, config: FitConfig, out_dir: Path, backend, devic
 
     best_pcc = float(best["pcc"]) if val_graphs and np.isfinite(best["pcc"]) else float("nan")
     write_fold(out_dir / safe_name(fold.name), best["state"], history, {
-        "fold": fold.name, "protocol": fold.protocol, "genes": list(fold.genes), "normaliser": fold.normaliser,
-        "train_slides": [g.target for g in train_graphs], "validation_slides": val,
-        "test_slides": list(fold.test_slides), **dims, "model": mcfg.to_dict(),
+        "fold": fold.name, "protocol": fold.info.protocol, "genes": list(fold.bank.genes),
+        "normaliser": fold.bank.normaliser, "train_slides": [g.target for g in train_graphs], "validation_slides": val,
+        "test_slides": list(fold.info.test), **dims, "model": mcfg.to_dict(),
         "best_epoch": int(best["epoch"]), "best_val_pcc": None if np.isnan(best_pcc) else best_pcc,
         "epochs_run": len(history), "seed": seed, "backend": backend.name,
-        "graph_config": fold.graph_config, "platform": fold.platform,
-        "encoder": fold.bank.encoder if fold.bank is not None else {},
-        "reference_slides": fold.bank.slides if fold.bank is not None else [],
+        "graph_config": asdict(fold.config), "platform": fold.platform,
+        "encoder": fold.bank.encoder, "reference_slides": fold.bank.slides,
     }, fold.bank)
     return FoldResult(fold.name, val, int(best["epoch"]), best_pcc, len(history), best["val_pred"])
 
@@ -373,7 +315,7 @@ def check_run_output(out_dir: str | Path) -> Path:
     return check_replaceable_folder(out_dir, is_run_folder, "hgc run")
 
 
-def fit_folds(folds: Sequence[FoldData], out_dir: str | Path, config: FitConfig) -> list[FoldResult]:
+def fit_folds(folds: Sequence[BankGraphs], out_dir: str | Path, config: FitConfig) -> list[FoldResult]:
     """Train one model per fold into the run folder ``out_dir`` (see :mod:`hgc.train.rundir`).
 
     Everything is checked first; the run is built in a temporary folder that replaces ``out_dir``

@@ -17,8 +17,10 @@ from .._devices import resolve_device
 from ..errors import InputError
 from ..evaluate.metrics import training_gene_sets
 from ..evaluate.predictions import Prediction, check_prediction_output, writing_predictions
+from ..graph.build import BankGraphs
+from ..graph.record import SlideGraph
 from .baselines import BASELINES, make_baseline, training_set
-from .fit import FoldData, check_leakage, load_folds, load_model, predict_graph
+from .fit import check_leakage, load_folds, load_model, predict_graph
 from .rundir import Run, open_run
 
 log = logging.getLogger(__name__)
@@ -36,25 +38,26 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
-def _model_predictions(run: Run, fold: FoldData, backend: str | None, device: str) -> dict[str, np.ndarray]:
+def _model_predictions(run: Run, fold: BankGraphs, graphs: list[SlideGraph], backend: str | None,
+                       device: str) -> dict[str, np.ndarray]:
     info = run.fold_info(fold.name)  # checked before the weights are loaded
-    if list(info["genes"]) != list(fold.genes):
+    if list(info["genes"]) != list(fold.bank.genes):
         raise InputError(
             f"run {run.path} fold '{fold.name}' was trained on other genes than the graph store has "
-            f"({len(info['genes'])} vs {len(fold.genes)}); predict with the store it was fitted on"
+            f"({len(info['genes'])} vs {len(fold.bank.genes)}); predict with the store it was fitted on"
         )
-    if sorted(info["test_slides"]) != sorted(fold.test_slides):
-        raise InputError(f"run {run.path} fold '{fold.name}' has test slides {info['test_slides']}, the store {fold.test_slides}")
-    dims = {"spot_dim": fold.test_graphs[0].spot_x.shape[1], "ref_dim": fold.test_graphs[0].ref_x.shape[1]}
+    if sorted(info["test_slides"]) != sorted(fold.info.test):
+        raise InputError(f"run {run.path} fold '{fold.name}' has test slides {info['test_slides']}, the store {fold.info.test}")
+    dims = {"spot_dim": graphs[0].spot_x.shape[1], "ref_dim": graphs[0].ref_x.shape[1]}
     if any(info[k] != v for k, v in dims.items()):
         raise InputError(f"run {run.path} fold '{fold.name}' was trained on {info['spot_dim']}-d embeddings, the "
                          f"store has {dims['spot_dim']}-d ones (another encoder?); predict with the store it was fitted on")
     model, be, _ = load_model(run.path, fold.name, backend=backend, device=device)
-    return {g.target: predict_graph(model, be.prepare(g, device)) for g in fold.test_graphs}
+    return {g.target: predict_graph(model, be.prepare(g, device)) for g in graphs}
 
 
 def predict_fold(
-    fold: FoldData,
+    fold: BankGraphs,
     methods: Sequence[str] = METHODS,
     run: Run | None = None,
     backend: str | None = None,
@@ -62,7 +65,11 @@ def predict_fold(
 ) -> list[Prediction]:
     """Every method's prediction for the fold's test slides (``hgc`` needs the ``run``)."""
     check_leakage(fold)
-    train = training_set(fold.test_graphs)  # the test graphs' references: all training spots
+    graphs = fold.graphs("test")
+    if not graphs:
+        raise InputError(f"fold '{fold.name}' has no test slide to predict (a model of all its slides: predict new "
+                         "slides with `hgc predict MODEL TARGETS`)")
+    train = training_set(fold.bank)
     heg, hvg = training_gene_sets(train.y)
     preds: dict[str, dict[str, np.ndarray]] = {}
     for method in check_methods(methods):
@@ -71,20 +78,20 @@ def predict_fold(
                 raise InputError("method 'hgc' needs the run folder of `hgc fit`")
             if fold.name in run.skipped:
                 log.warning("fold %s: run %s has no model for it (%s); no hgc prediction for %s",
-                            fold.name, run.path, run.skipped[fold.name], fold.test_slides)
+                            fold.name, run.path, run.skipped[fold.name], fold.info.test)
                 continue
-            preds[method] = _model_predictions(run, fold, backend, device)
+            preds[method] = _model_predictions(run, fold, graphs, backend, device)
         else:
             b = make_baseline(method).fit(train)
-            preds[method] = {g.target: b.predict(g) for g in fold.test_graphs}
+            preds[method] = {g.target: b.predict(g) for g in graphs}
     return [
         Prediction(
-            method=method, slide=g.target, fold=fold.name, patient=g.patient, protocol=fold.protocol,
-            normalisation=fold.normaliser, genes=np.asarray(fold.genes, dtype=object),
+            method=method, slide=g.target, fold=fold.name, patient=g.patient, protocol=fold.info.protocol,
+            normalisation=fold.bank.normaliser, genes=np.asarray(fold.bank.genes, dtype=object),
             barcodes=g.spot_barcodes, coords=g.spot_coords, predicted=by_slide[g.target],
             observed=g.spot_y, heg=heg, hvg=hvg, image=g.image, image_scale=g.image_scale,
         )
-        for method, by_slide in preds.items() for g in fold.test_graphs
+        for method, by_slide in preds.items() for g in graphs
     ]
 
 

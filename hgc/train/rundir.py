@@ -258,10 +258,16 @@ def write_fold(folder: Path, state: dict, history: Sequence[dict[str, float]], i
     (folder / FOLD_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def early_stopping(info: dict[str, Any]) -> str:
+    """Which slides chose the model's epoch, and its score there (from a bundle's fold.json)."""
+    val = info.get("best_val_pcc")
+    return (f"{', '.join(info['validation_slides']) or 'no validation slide (last epoch kept)'}"
+            + (f", validation PCC-ALL {val:.4f} at epoch {info['best_epoch']}" if val is not None else ""))
+
+
 def model_card(info: dict[str, Any], bank: "ReferenceBank | None") -> str:
     """A short human-readable description of a model bundle."""
     enc = info.get("encoder") or {}
-    val = info.get("best_val_pcc")
     lines = [
         f"# hgc model `{info['fold']}`",
         "",
@@ -269,8 +275,7 @@ def model_card(info: dict[str, Any], bank: "ReferenceBank | None") -> str:
         f"{len(info['genes'])} genes ({info['normaliser'].get('name', '?')} space) from H&E.",
         "",
         f"- Trained on: {', '.join(info['train_slides'])} (protocol {info['protocol']}; seed {info['seed']})",
-        f"- Early stopping on: {', '.join(info['validation_slides']) or 'no validation slide (last epoch kept)'}"
-        + (f", validation PCC-ALL {val:.4f} at epoch {info['best_epoch']}" if val is not None else ""),
+        f"- Early stopping on: {early_stopping(info)}",
         f"- Held out: {', '.join(info['test_slides']) or 'none'}",
         f"- Encoder: {enc.get('encoder', 'unknown')} (weights sha256 {str(enc.get('weights_sha256', '?'))[:12]}...), "
         f"patches of {enc.get('patch_um', '?')} µm at {enc.get('patch_px', '?')} px",
