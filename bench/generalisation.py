@@ -50,7 +50,8 @@ def fold_rows(run: Path, device: str = "cpu") -> list[dict[str, Any]]:
         model, backend, _ = load_model(run / "model", fold.name, device=device)
         everything = training_set(fold.bank)  # every training slide's spots
         keep = ~np.isin(everything.slides, info["validation_slides"])
-        trained_on = TrainingSet(everything.x[keep], everything.y[keep], everything.slides[keep])
+        trained_on = TrainingSet(everything.x[keep], everything.y[keep], everything.slides[keep],
+                                 None if everything.coords is None else everything.coords[keep])
         heg, hvg = training_gene_sets(trained_on.y)
         ridge = make_baseline("ridge").fit(trained_on) if info["validation_slides"] else None
         for g in (g for g in fold.graphs("train") if g.target in info["validation_slides"]):

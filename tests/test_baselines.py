@@ -14,6 +14,7 @@ from hgc.train.baselines import (
     TrainingSet,
     make_baseline,
     refer_weights,
+    spatial_bands,
     training_set,
 )
 
@@ -53,11 +54,26 @@ def test_ridge_learns_and_chooses_alpha_by_grouped_cv(fold_graphs):
 
 
 def test_ridge_with_one_training_slide(fold_graphs):
+    """A lone training slide: alpha by cross-validation over bands of its tissue when spot positions
+    are known, else the middle of the grid."""
     train, test, _ = fold_graphs
     one = train.slides == "A1"
     ridge = RidgeBaseline().fit(TrainingSet(train.x[one], train.y[one], train.slides[one]))
-    assert ridge.alpha_ == float(np.median(ridge.alphas))
+    assert ridge.alpha_ == float(np.median(ridge.alphas)) and ridge.cv_mse_ == {}
     assert ridge.predict(test[0]).shape == test[0].spot_y.shape
+    banded = RidgeBaseline().fit(TrainingSet(train.x[one], train.y[one], train.slides[one], train.coords[one]))
+    assert set(banded.cv_mse_) == set(banded.alphas)
+    assert banded.alpha_ == min(banded.cv_mse_, key=banded.cv_mse_.get)
+
+
+def test_spatial_bands_split_the_longer_side_and_keep_columns_together():
+    xs, ys = np.meshgrid(np.arange(20), np.arange(6))  # 20 columns, 6 rows: bands across x
+    coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(float) * 100
+    bands = spatial_bands(coords, 5)
+    assert sorted(set(bands)) == [0, 1, 2, 3, 4] and np.bincount(bands).tolist() == [24] * 5
+    for x in range(20):  # one grid column, one band
+        assert len(set(bands[coords[:, 0] == x * 100])) == 1
+    assert (np.diff([bands[coords[:, 0] == x * 100][0] for x in range(20)]) >= 0).all()
 
 
 def test_knn_is_weighted_mean_of_retrieved_refs(fold_graphs):

@@ -15,6 +15,7 @@ File layout (HDF5, written whole or not at all)::
     /y           (m, G) float32 normalised expression
     /slide, /patient, /barcode   (m,) UTF-8
     /close       (2, E) int64 [neighbour, reference];  /close_weight (E,) float32
+    /coords      (m, 2) float64 pixel positions on their slides (optional)
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class ReferenceBank:
     close: np.ndarray  # (2, E) int64
     close_weight: np.ndarray  # (E,) float32
     encoder: dict[str, Any] = field(default_factory=dict)
+    coords: np.ndarray | None = None  # (m, 2) float64 pixel positions on their slides (None in older banks)
 
     _spans: dict[str, slice] = field(init=False, repr=False, compare=False)
 
@@ -58,6 +60,8 @@ class ReferenceBank:
         if self.x.ndim != 2 or bad or self.y.shape[1:] != (len(self.genes),):
             raise InputError(f"reference bank arrays do not match: {m} embeddings, {shapes}, "
                              f"{self.y.shape[1:]} expression columns for {len(self.genes)} genes")
+        if self.coords is not None and np.shape(self.coords) != (m, 2):
+            raise InputError(f"reference bank has {np.shape(self.coords)} spot positions for {m} spots")
         if self.close.size and (self.close.min() < 0 or self.close.max() >= m):
             raise InputError(f"reference bank 'close' edges index references outside [0, {m})")
         slide = np.asarray(self.slide).astype(str)
@@ -84,7 +88,7 @@ class ReferenceBank:
         return np.concatenate([np.arange(r.start, r.stop) for r in spans]) if spans else np.zeros(0, np.int64)
 
     def nbytes(self) -> int:
-        return int(self.x.nbytes + self.y.nbytes + self.close.nbytes + self.close_weight.nbytes + 48 * self.n_ref)
+        return int(self.x.nbytes + self.y.nbytes + self.close.nbytes + self.close_weight.nbytes + 64 * self.n_ref)
 
 
 def write_bank(bank: ReferenceBank, path: str | Path) -> Path:
@@ -105,6 +109,8 @@ def write_bank(bank: ReferenceBank, path: str | Path) -> Path:
             f.create_dataset(name, data=np.asarray(getattr(bank, name)).astype(str).astype(object), dtype=strings)
         f.create_dataset("close", data=np.asarray(bank.close, np.int64))
         f.create_dataset("close_weight", data=np.asarray(bank.close_weight, np.float32))
+        if bank.coords is not None:
+            f.create_dataset("coords", data=np.asarray(bank.coords, np.float64))
     return path
 
 
@@ -130,6 +136,7 @@ def read_bank(path: str | Path) -> ReferenceBank:
                 barcode=f["barcode"].asstr()[()].astype(object),
                 genes=list(json.loads(f.attrs["genes"])), normaliser=dict(json.loads(f.attrs["normaliser"])),
                 close=f["close"][()], close_weight=f["close_weight"][()], encoder=dict(json.loads(f.attrs["encoder"])),
+                coords=f["coords"][()] if "coords" in f else None,
             )
     except InputError:
         raise

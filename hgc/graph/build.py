@@ -245,6 +245,7 @@ def make_bank(slides: Sequence[SlideData], expression: Mapping[str, np.ndarray],
         patient=np.concatenate([np.full(len(r.barcodes), r.patient, dtype=object) for r in slides]),
         barcode=np.concatenate([np.asarray(r.barcodes, dtype=object) for r in slides]),
         genes=list(genes), normaliser=dict(normaliser), close=close, close_weight=close_weight, encoder=dict(encoder),
+        coords=np.concatenate([np.asarray(r.coords, np.float64) for r in slides]),
     )
 
 

@@ -5,7 +5,8 @@
 * ``ridge``: the HEST-Benchmark recipe -- StandardScaler, PCA to 256 components (fewer when there
   are fewer samples or features), ridge regression -- on the spots' image embeddings. The ridge
   penalty is chosen by cross-validation on the training slides, grouped by slide (MSE in the
-  normalised space), so the choice never sees a test slide nor splits one slide across folds.
+  normalised space), so the choice never sees a test slide nor splits one slide across folds; a
+  lone training slide is grouped into bands of its tissue instead (:func:`spatial_bands`).
 * ``knn``: retrieval without learning -- each spot's prediction is the weighted mean of the
   expression of the references its ``refer`` edges point from (the graph's k nearest reference
   spots by image embedding). Weights: the edges' similarity ``edge_weight``, which the graph
@@ -44,12 +45,24 @@ class TrainingSet:
     x: np.ndarray  # (N, d) float32
     y: np.ndarray  # (N, G) float32
     slides: np.ndarray  # (N,) str
+    coords: np.ndarray | None = None  # (N, 2) pixel positions on their slides, when known
 
 
 def training_set(bank: ReferenceBank) -> TrainingSet:
     """The training spots of a fold or a model: its reference bank (every training slide's spots,
     including a lone training slide that has no graph of its own)."""
-    return TrainingSet(np.asarray(bank.x, np.float32), np.asarray(bank.y, np.float32), np.asarray(bank.slide).astype(str))
+    return TrainingSet(np.asarray(bank.x, np.float32), np.asarray(bank.y, np.float32), np.asarray(bank.slide).astype(str),
+                       bank.coords)
+
+
+def spatial_bands(coords: np.ndarray, n: int) -> np.ndarray:
+    """Band index (0..n-1) of each spot: ``n`` bands of about equal spot counts across the slide's
+    longer side (spots in one grid column stay together), so a lone slide is cross-validated on
+    blocks of tissue rather than on the neighbours of the spots it was fitted on."""
+    coords = np.asarray(coords, np.float64)
+    c = coords[:, int(np.argmax(np.ptp(coords, axis=0)))]
+    cuts = np.quantile(c, np.linspace(0.0, 1.0, n + 1)[1:-1])
+    return np.searchsorted(cuts, c, side="right").astype(np.int64)
 
 
 class Baseline(Protocol):
@@ -94,6 +107,9 @@ class RidgeBaseline:
 
     def fit(self, train: TrainingSet) -> "RidgeBaseline":
         x, y, groups = train.x, train.y, train.slides
+        if len(set(groups)) < 2 and train.coords is not None:
+            groups = spatial_bands(train.coords, MAX_CV_FOLDS)
+            log.info("ridge: one training slide; alpha by cross-validation over %d spatial bands of it", MAX_CV_FOLDS)
         self.alpha_ = self._choose_alpha(x, y, groups)
         self.model_ = _ridge_pipeline(*x.shape, self.alpha_).fit(x, y)
         return self
@@ -105,7 +121,7 @@ class RidgeBaseline:
         n_groups = len(set(groups))
         if n_groups < 2:
             alpha = float(np.median(self.alphas))
-            log.warning("ridge: one training slide, no grouped cross-validation; alpha = %g", alpha)
+            log.warning("ridge: one training slide and no spot positions, no grouped cross-validation; alpha = %g", alpha)
             return alpha
         sse = np.zeros(len(self.alphas))
         for tr, va in GroupKFold(n_splits=min(MAX_CV_FOLDS, n_groups)).split(x, y, groups):
