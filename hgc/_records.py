@@ -10,9 +10,19 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import numpy as np
+
 from .errors import InputError
 
 T = TypeVar("T")
+
+
+def check_format_version(version: Any, supported: int, what: str, hint: str) -> None:
+    """Refuse a file whose format version this hgc cannot read: missing, not a whole number, or newer
+    than ``supported`` (``what`` names the file in the message, ``hint`` says what to do)."""
+    version = version.item() if isinstance(version, np.generic) else version
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= supported:
+        raise InputError(f"{what} has format version {version!r}; this hgc reads version {supported}: {hint}")
 
 
 def record_from_dict(cls: type[T], data: Any, where: str, hint: str = "") -> T:

@@ -23,6 +23,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from .._outputs import atomic_h5, check_writable, command_line, is_temporary, output_lock, safe_name
+from .._records import check_format_version
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,8 @@ def _check_format(f, path: Path) -> None:
         fmt = fmt.decode()
     if fmt != FORMAT:
         raise InputError(f"{path} is not an hgc embedding file (its format is '{fmt}'; expected '{FORMAT}')")
-    version = f.attrs.get("format_version")
-    version = version.item() if isinstance(version, np.generic) else version
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise InputError(
-            f"embedding file {path} has format version {version!r}; this hgc reads version "
-            f"{FORMAT_VERSION}: upgrade hgc, or {_REBUILD}"
-        )
+    check_format_version(f.attrs.get("format_version"), FORMAT_VERSION, f"embedding file {path}",
+                         f"upgrade hgc, or {_REBUILD}")
 
 
 @contextlib.contextmanager

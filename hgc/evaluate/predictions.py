@@ -34,6 +34,7 @@ from .._outputs import (
     safe_name,
     write_text,
 )
+from .._records import check_format_version
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -281,9 +282,7 @@ def open_predictions(pred_dir: str | Path) -> PredictionSet:
     ok = isinstance(record, dict) and record.get("format") == FORMAT and isinstance(record.get("files"), dict)
     if not ok:
         raise InputError(f"{path} is not an hgc prediction record; {_REPREDICT}")
-    version = record.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise InputError(f"{path} has format version {version!r}; this hgc reads version {FORMAT_VERSION}: {_REPREDICT}")
+    check_format_version(record.get("format_version"), FORMAT_VERSION, str(path), _REPREDICT)
     files: dict[str, dict[str, Path]] = {}
     for method, by_slide in record["files"].items():
         if not isinstance(by_slide, dict):

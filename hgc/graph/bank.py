@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import __version__
 from .._outputs import atomic_h5
+from .._records import check_format_version
 from ..errors import InputError
 
 FORMAT = "hgc-bank"
@@ -125,11 +126,8 @@ def read_bank(path: str | Path) -> ReferenceBank:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise InputError(f"{path} is not an hgc reference bank")
-            version = f.attrs.get("format_version")
-            version = version.item() if isinstance(version, np.generic) else version
-            if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-                raise InputError(f"reference bank {path} has format version {version!r}; this hgc reads version "
-                                 f"{FORMAT_VERSION}: upgrade hgc, or {_REBUILD}")
+            check_format_version(f.attrs.get("format_version"), FORMAT_VERSION, f"reference bank {path}",
+                                 f"upgrade hgc, or {_REBUILD}")
             return ReferenceBank(
                 x=f["x"][()], y=f["y"][()],
                 slide=f["slide"].asstr()[()].astype(object), patient=f["patient"].asstr()[()].astype(object),

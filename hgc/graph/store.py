@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import __version__
 from .._outputs import atomic_h5, command_line, output_lock, safe_name
-from .._records import record_from_dict
+from .._records import check_format_version, record_from_dict
 from ..errors import InputError
 from .build import BANK, BankGraphs, FoldInfo, GraphConfig, GraphSet, Pool, SlideData, TargetEdges
 from .record import RELATION_NAMES, SlideGraph
@@ -115,11 +115,8 @@ def _open(path: str | Path) -> Iterator["h5py.File"]:  # noqa: F821
     try:
         if f.attrs.get("format") != FORMAT:
             raise InputError(f"{path} is not an hgc graph file (made by `hgc build-graph`)")
-        version = f.attrs.get("format_version")
-        version = version.item() if isinstance(version, np.generic) else version
-        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-            raise InputError(f"graph file {path} has format version {version!r}; this hgc reads version "
-                             f"{FORMAT_VERSION}: {_REBUILD} (or use the hgc version that wrote it)")
+        check_format_version(f.attrs.get("format_version"), FORMAT_VERSION, f"graph file {path}",
+                             f"{_REBUILD} (or use the hgc version that wrote it)")
         yield f
     except InputError:
         raise

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .._outputs import is_temporary, safe_name, write_text
+from .._records import check_format_version
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -187,10 +188,7 @@ def open_run(path: str | Path) -> Run:
         if "fit" in record:
             raise InputError(f"run {path} was written by hgc 0.1, which kept no completion record; {_REFIT}")
         raise InputError(f"{path} is not an hgc run folder ({record_file} is not an hgc run record)")
-    version = record.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise InputError(f"run {path} has format version {version!r}; this hgc reads version {FORMAT_VERSION}: "
-                         f"upgrade hgc, or {_REFIT}")
+    check_format_version(record.get("format_version"), FORMAT_VERSION, f"run {path}", f"upgrade hgc, or {_REFIT}")
     folds, skipped = record.get("folds"), record.get("skipped", {})
     if not isinstance(folds, list) or not isinstance(skipped, dict):
         raise InputError(f"run {path}: {record_file} is damaged (folds or skipped malformed); {_REFIT}")
