@@ -33,6 +33,7 @@ from machine import REPO, describe, shared_data_root  # noqa: E402
 from report import accuracy_markdown, summarise_rows  # noqa: E402
 
 from hgc.embed.registry import DEFAULT_ENCODER  # noqa: E402
+from hgc.train.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 
 log = logging.getLogger("bench.accuracy")
 
@@ -111,7 +112,7 @@ def run(
     work_dir: Path,
     *,
     epochs: int,
-    patience: int | None,
+    patience: int | None | str,
     mode: str,
     dataset: str,
     cohort: str | None = None,
@@ -120,8 +121,11 @@ def run(
     data_root: Path | None = None,
     fit_overrides: dict[str, Any] | None = None,
     ablation: str | None = None,
+    preset: str = "hgc",
 ) -> dict[str, Any]:
-    """Run the pipeline once per seed in ``work_dir`` and return the JSON-ready record."""
+    """Run the pipeline once per seed in ``work_dir`` and return the JSON-ready record.
+
+    ``patience`` ``"preset"`` takes the preset's own early-stopping choice."""
     import torch
 
     from hgc.nn import get_backend
@@ -131,8 +135,9 @@ def run(
     t0 = time.perf_counter()
     reports: dict[int, dict[str, Any]] = {}
     runs = []
-    fit = FitConfig(backend=backend, device=device, epochs=epochs, patience=patience, progress=False,
-                    **merge_overrides(fit_overrides or {}, ABLATIONS[ablation] if ablation else {}))
+    given = {"patience": patience} if patience != "preset" else {}
+    fit = FitConfig.from_preset(preset, backend=backend, device=device, epochs=epochs, progress=False, **given,
+                                **merge_overrides(fit_overrides or {}, ABLATIONS[ablation] if ablation else {}))
     for seed in seeds:
         t_seed = time.perf_counter()
         cfg = replace(fit, seed=seed)
@@ -150,6 +155,7 @@ def run(
         "kind": "accuracy",
         "mode": mode,
         "ablation": ablation,
+        "preset": preset,
         "dataset": dataset,
         "cohort": cohort,
         "manifest": str(manifest),
@@ -176,6 +182,34 @@ def run(
     }
 
 
+#: What records merged by ``--combine`` must share (seeds and timings may differ).
+SAME_RUN = ("kind", "mode", "ablation", "preset", "dataset", "manifest", "protocol", "genes", "encoder", "backend", "fit")
+
+
+def combine_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One record from records of the same run made for different seeds (e.g. in parallel)."""
+    from hgc.evaluate.report import json_safe
+
+    first = records[0]
+    for r in records[1:]:
+        differ = [k for k in SAME_RUN if r.get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"records differ in {differ}; only seeds of one run can be combined")
+    seeds = [s for r in records for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"records repeat seeds {seeds}")
+    methods: dict[str, Any] = {}
+    for name in first["methods"]:
+        rows = [row for r in records for row in r["methods"][name]["per_slide"]]
+        mean, std = summarise_rows(rows)
+        seed_means = {k: v for r in records for k, v in r["methods"][name]["seed_means"].items()}
+        methods[name] = {"per_slide": rows, "mean": mean, "std": std, "seed_means": seed_means, "n": len(rows)}
+    first = {k: v for k, v in first.items() if k != "_source"}
+    return {**first, "seeds": seeds, "runs": [x for r in records for x in r["runs"]],
+            "wall_s": round(sum(r["wall_s"] for r in records), 2), "methods": json_safe(methods),
+            "combined_from": [r.get("_source", "") for r in records]}  # wall_s: their sum (compute, not elapsed)
+
+
 def merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """``hgc fit`` options with ``extra`` on top; ``model`` overrides merge key by key."""
     model = {**base.get("model", {}), **extra.get("model", {})}
@@ -200,14 +234,19 @@ def reuse_inputs(source: Path, work: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--combine", type=Path, nargs="+", default=None,
+                     help="Merge records of one run made for different seeds (parallel runs) into --out.")
     src.add_argument("--dataset", choices=sorted(DATASETS), help="A named dataset (manifest in examples/).")
     src.add_argument("--manifest", type=Path, help="Any hgc manifest.")
-    p.add_argument("--protocol", choices=PROTOCOLS, required=True)
+    p.add_argument("--protocol", choices=PROTOCOLS, help="Required unless --combine.")
     p.add_argument("--genes", default=None, help="Gene panel (default for a dataset: its panel for the protocol).")
     p.add_argument("--encoder", default=DEFAULT_ENCODER)
     p.add_argument("--seeds", default=None, help=f"Comma-separated (default: {FULL_SEEDS}; quick: {QUICK_SEEDS}).")
     p.add_argument("--epochs", type=int, default=None, help=f"Default 200 (quick: {QUICK_EPOCHS}).")
-    p.add_argument("--patience", type=int, default=50, help="Early-stopping patience in epochs (0: none).")
+    p.add_argument("--patience", type=int, default=None,
+                   help="Early-stopping patience in epochs (0: none; default: the preset's).")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help="Model and training choices (hgc.train.presets); a non-default preset names the record.")
     p.add_argument("--quick", action="store_true", help="One seed, few epochs: a smoke run, not figures to quote.")
     p.add_argument("--ablation", choices=sorted(ABLATIONS), default=None,
                    help="Train the model with one part taken out (features and graphs are reused from the "
@@ -222,6 +261,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="JSON to write (default: bench/results/<name>.json).")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.combine:
+        records = [{**json.loads(f.read_text()), "_source": f.name} for f in a.combine]
+        if not a.out:
+            p.error("--combine needs --out")
+        record = combine_records(records)
+        a.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(accuracy_markdown({**record, "_file": a.out.name}))
+        return
+    if not a.protocol:
+        p.error("--protocol is required")
     if a.threads:
         import torch
 
@@ -243,15 +292,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(QUICK_SEEDS if quick else FULL_SEEDS)
     epochs = a.epochs or (QUICK_EPOCHS if quick else 200)
     base = f"accuracy-{dataset}-{a.protocol}-{a.encoder}" + (f"-{genes}" if genes != ds_genes else "")
-    name = a.name or base + (f"-{a.ablation}" if a.ablation else "") + ("-quick" if quick else "")
+    name = a.name or base + (f"-{a.preset}" if a.preset != DEFAULT_PRESET else "") + (
+        f"-{a.ablation}" if a.ablation else "") + ("-quick" if quick else "")
     work = a.work_dir or REPO / "runs" / "bench" / name
     out = a.out or HERE / "results" / f"{name}.json"
-    if a.ablation:
+    if a.ablation or a.preset != DEFAULT_PRESET:
         reuse_inputs(REPO / "runs" / "bench" / base, work)
 
+    patience = "preset" if a.patience is None else (a.patience or None)
     record = run(manifest, a.protocol, genes, a.encoder, seeds, work, epochs=epochs,
-                 patience=a.patience or None, mode="quick" if quick else "full", dataset=dataset, cohort=cohort,
-                 backend=a.backend, device=a.device, data_root=data_root, ablation=a.ablation)
+                 patience=patience, mode="quick" if quick else "full", dataset=dataset, cohort=cohort,
+                 backend=a.backend, device=a.device, data_root=data_root, ablation=a.ablation, preset=a.preset)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     record["_file"] = out.name

@@ -182,7 +182,7 @@ def run(work: Path, encoder: str) -> dict[str, Any]:
     t = time.perf_counter()
     with writing_predictions(work / "pred", protocol="new-slide", methods=["hgc"]) as out:
         spatial = spatial_entry(slide.image, _spot_diameter_px(slide, "visium"))
-        for p in predictor.predictions(slide, {"hgc": predicted}, None, spatial):
+        for p in predictor.predictions(slide, {"hgc": (predicted, None)}, None, spatial):
             out.add(p)
     stage("write", t)
     tissue = targets.tissue["synthetic"]

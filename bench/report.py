@@ -32,7 +32,7 @@ EXPECTED_ACCURACY: tuple[tuple[str, str], ...] = (("her2st", "slide-loso"), ("he
 #: What an ablation record shares with the full run it is shown beside (which ran its seeds too),
 #: at the top level and in its training settings.
 ABLATION_MATCH = ("dataset", "protocol", "genes", "encoder", "backend")
-ABLATION_MATCH_FIT = ("epochs", "patience", "lr", "weight_decay")
+ABLATION_MATCH_FIT = ("epochs", "patience", "lr", "weight_decay", "preset")
 GPU_COMMAND = "bash bench/gpu.sh OUTDIR"
 
 
@@ -66,7 +66,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "throughput": ("schema", "set", "device", "machine", "wall_s", "stages"),
     "predict-wsi": ("schema", "encoder", "machine", "slide", "n_spots", "n_ref", "stages", "wall_s", "peak_mib"),
     "virtual-spots": ("slide", "method", "n_real", "n_virtual", "median_distance_px", "space", "scores", "machine"),
+    "variant-ablation": ("schema", "dataset", "encoder", "protocol", "n_genes", "metric", "variants", "rows", "backend",
+                 "epochs", "machine"),
 }
+ABLATION_ROW_KEYS = ("variant", "seed", "fold", "val_slides", "val_pcc", "best_epoch", "epochs_run")
 #: Stages of a predict-wsi record, in order, with what each one does.
 PREDICT_STAGES = (("read_mask", "open, tissue mask, virtual spots"), ("embed", "patches + embedding"),
                   ("graph", "near + refer edges"), ("model", "forward pass"), ("write", "prediction .h5ad"))
@@ -97,6 +100,11 @@ def check_record(r: dict[str, Any]) -> list[str]:
                          if "seed" not in row or "slide" not in row][:1]
         problems += [f"published row {p} lacks method/pcc_all/note" for p in r.get("published", [])
                      if not {"method", "pcc_all", "note"} <= set(p)]
+    elif kind == "variant-ablation":
+        problems += [f"ablation row lacks {k!r}" for row in r.get("rows", [])[:1] for k in ABLATION_ROW_KEYS
+                     if k not in row]
+        problems += [f"row of unknown variant {row.get('variant')!r}" for row in r.get("rows", [])
+                     if row.get("variant") not in r.get("variants", {})][:1]
     elif kind == "virtual-spots":
         problems += [f"scores of {name} lack {k}" for name, sc in r.get("scores", {}).items()
                      for k in ("pcc_all", "pcc_heg", "pcc_hvg") if k not in sc]
@@ -180,6 +188,42 @@ def ablation_markdown(full: dict[str, Any], ablations: list[dict[str, Any]]) -> 
                f"loss; `no-masking`: no feature masking or edge dropping; `no-near` / `no-refer`: the graphs "
                f"without that relation; `no-masked-supervision`: masked views for the contrast only, the "
                f"supervised terms on the unmasked graph (as at inference).")
+    return "\n".join([caption, "", *table(head, rows)]) + "\n"
+
+
+def variant_ablation_markdown(r: dict[str, Any]) -> str:
+    """Validation-slide scores per variant (mean ± std over seeds and folds), beside hgc's default."""
+    import statistics
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for row in r["rows"]:
+        by.setdefault(row["variant"], []).append(row)
+    reference = r.get("reference", "hgc")
+    base = [x["val_pcc"] for x in by.get(reference, [])]
+    ref = statistics.fmean(base) if base else float("nan")
+    head = ["variant", "changes", "validation PCC-ALL", f"Δ vs {reference}", "best epoch", "epochs run", "runs"]
+    rows = []
+    for name, v in r["variants"].items():
+        got = by.get(name)
+        if not got:
+            continue
+        pcc = [x["val_pcc"] for x in got]
+        sd = statistics.stdev(pcc) if len(pcc) > 1 else float("nan")
+        changes = v["preset"] if not v["options"] else ", ".join(
+            f"{k}={val}" for k, val in {**v["options"].get("model", {}),
+                                        **{k: x for k, x in v["options"].items() if k != "model"}}.items())
+        rows.append([f"**{name}**" if name == v["preset"] and not v["options"] else name, f"`{changes}`",
+                     f"{fmt(statistics.fmean(pcc))} ± {fmt(sd)}", fmt(statistics.fmean(pcc) - ref),
+                     fmt(statistics.fmean(x["best_epoch"] for x in got), 0),
+                     fmt(statistics.fmean(x["epochs_run"] for x in got), 0), len(got)])
+    folds = sorted({(x["fold"], ",".join(x["val_slides"])) for x in r["rows"]})
+    seeds = sorted({x["seed"] for x in r["rows"]})
+    caption = (f"`bench/ablation.py`: **{r['dataset']}**, {r['protocol']}, folds "
+               f"{', '.join(f'{f} (validation {v})' for f, v in folds)}, {r['n_genes']} genes, encoder "
+               f"`{r['encoder']}`, backend {r['backend']}, up to {r['epochs']} epochs, seeds {seeds}. Score: "
+               f"{r['metric']}; no test slide is read. Each row is `{reference}` with the published code's "
+               f"choice (or another option) switched in, or a preset (whole or with one option); "
+               f"{short(r['machine'])}. Source: `bench/results/{r['_file']}`.")
     return "\n".join([caption, "", *table(head, rows)]) + "\n"
 
 
@@ -299,7 +343,12 @@ def generated(records: list[dict[str, Any]]) -> str:
         out += [f"### {r['dataset']}, {r['protocol']}", ""] + with_ablations(r, ablated)
     orphans = [a for a in ablated if not any(ablation_of(a, r) for r in full)]
     if orphans:
-        out += ["### Ablation runs without a matching full run", ""] + [accuracy_markdown(a) for a in orphans]
+        out += ["### Ablation runs without a matching full run (other model settings or hgc versions)", ""] + [
+            accuracy_markdown(a) for a in orphans]
+    variant_runs = [r for r in records if r.get("kind") == "variant-ablation"]
+    if variant_runs:
+        out += ["## Model and training choices, on validation slides", ""]
+        out += [variant_ablation_markdown(r) for r in variant_runs]
     out += ["## Throughput", ""]
     for set_name in ("cpu", "gpu"):
         runs = [r for r in thr if r.get("set") == set_name]

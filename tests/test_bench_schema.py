@@ -15,6 +15,7 @@ from _backends import require_dgl
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import ablation  # noqa: E402
 import accuracy  # noqa: E402
 import generalisation  # noqa: E402
 import graph_throughput  # noqa: E402
@@ -189,6 +190,44 @@ def test_ablation_reuses_inputs_and_is_tabled_beside_the_full_model(tiny_accurac
     full_row = next(line for line in text.splitlines() if line.startswith("| full model |"))
     pcc = full["methods"]["hgc"]["seed_means"]["1"]["pcc_all"]
     assert full_row.split(" | ")[1].startswith(report.fmt(pcc)) and " | 4 | " in full_row
+
+
+def test_variant_ablation_scores_validation_slides_and_is_tabled(tiny_accuracy, tmp_path):
+    path, _ = tiny_accuracy
+    out = tmp_path / "results" / "ablation-tiny.json"
+    args = ["--graphs", str(path.parent / "work" / "graphs.h5"), "--fold", "patient-P1", "--epochs", "2",
+            "--backend", "pyg", "--dataset", "tiny", "--encoder", "effnet-lite0", "--out", str(out)]
+    ablation.main([*args, "--variants", "hgc-0.1,+feature masks", "--seeds", "0,1"])
+    ablation.main([*args, "--variants", "spahgc-published", "--seeds", "0"])  # rows are added to the record
+    record = json.loads(out.read_text())
+    assert report.check_record(record) == [] and record["kind"] == "variant-ablation"
+    rows = record["rows"]
+    assert sorted((r["variant"], r["seed"]) for r in rows) == [
+        ("+feature masks", 0), ("+feature masks", 1), ("hgc-0.1", 0), ("hgc-0.1", 1), ("spahgc-published", 0)]
+    for r in rows:  # scored on the fold's validation slide, a training slide of patient P2
+        assert r["fold"] == "patient-P1" and r["val_slides"] and set(r["val_slides"]) <= {"S3", "S4"}
+        assert -1 <= r["val_pcc"] <= 1 and r["epochs_run"] == 2
+    assert rows[0]["val_pcc"] != next(r for r in rows if r["variant"] == "+feature masks" and r["seed"] == 0)["val_pcc"]
+    readme = tmp_path / "README.md"
+    assert report.main(["--results", str(out.parent), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| **spahgc-published** | `spahgc-published` |" in text and "| +feature masks | `mask_unit=feature` |" in text
+
+
+def test_seed_records_combine_into_one(tiny_accuracy, tmp_path):
+    path, full = tiny_accuracy
+    one = accuracy.run(path.parent / "m.tsv", "patient-kfold", "top-mean:5", "effnet-lite0", [2], path.parent / "work",
+                       epochs=1, patience=None, mode="quick", dataset="tiny", cohort="HER2+", backend="pyg",
+                       device="cpu", fit_overrides={"model": TINY_MODEL})
+    merged = accuracy.combine_records([full, one])
+    assert report.check_record(merged) == [] and merged["seeds"] == [0, 1, 2]
+    assert merged["methods"]["hgc"]["n"] == 3 * 4 and set(merged["methods"]["hgc"]["seed_means"]) == {"0", "1", "2"}
+    # deterministic baselines: three seeds average to what two did (up to summation order)
+    assert merged["methods"]["ridge"]["mean"] == pytest.approx(full["methods"]["ridge"]["mean"], nan_ok=True)
+    with pytest.raises(SystemExit, match="repeat seeds"):
+        accuracy.combine_records([full, full])
+    with pytest.raises(SystemExit, match="differ in"):
+        accuracy.combine_records([full, {**one, "protocol": "slide-loso"}])
 
 
 def test_ablation_overrides_merge_with_the_callers():

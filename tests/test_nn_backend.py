@@ -9,6 +9,7 @@ from _backends import backend, dgl_importable, her2st_graph, one_torch_thread, r
 from hgc.errors import InputError, MissingDependencyError
 from hgc.nn import ModelConfig, SpaHGC, get_backend
 from hgc.nn.backend import dgl_supports, reverse_key
+from hgc.train.presets import PRESETS
 
 SMALL = dict(hidden=32, layers=2, heads=4, predictor_hidden=32, proj_dim=16)
 
@@ -74,11 +75,11 @@ def _outputs_and_grads(model: SpaHGC, pg, seed: int):
     return pred.detach(), loss.detach(), grads
 
 
-@pytest.mark.parametrize("contrast", ["bgrl", "infonce"])
-def test_same_weights_same_outputs_and_gradients_under_dgl_and_pyg(graph, contrast):
+@pytest.mark.parametrize(("contrast", "preset"), [("bgrl", "hgc"), ("infonce", "hgc"), ("bgrl", "spahgc-published")])
+def test_same_weights_same_outputs_and_gradients_under_dgl_and_pyg(graph, contrast, preset):
     """Agreement to 1e-5 absolute in float64 (measured ~1e-15) and float32 (measured ~6e-7)."""
     require_dgl()
-    cfg = ModelConfig(contrast=contrast, **SMALL)
+    cfg = ModelConfig(contrast=contrast, **{**PRESETS[preset].model, **SMALL})
     dims = (graph.spot_x.shape[1], graph.ref_x.shape[1], graph.n_genes)
     for dtype, tol in ((torch.float64, 1e-5), (torch.float32, 1e-5)):
         pyg, dgl = get_backend("pyg"), get_backend("dgl")

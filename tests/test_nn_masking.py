@@ -25,10 +25,23 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 def test_complementary_masks_have_exact_sizes():
-    m1, m2 = complementary_masks({"spot": 187, "ref": 545}, {"spot": 0.1, "ref": 0.9}, _gen(), torch.device("cpu"))
+    shapes = {"spot": (187, 8), "ref": (545, 12)}
+    m1, m2 = complementary_masks(shapes, {"spot": 0.1, "ref": 0.9}, _gen(), torch.device("cpu"))
+    assert m1["spot"].shape == (187,) and m1["ref"].shape == (545,)
     assert int(m1["spot"].sum()) == round(0.1 * 187) and int(m1["ref"].sum()) == round(0.9 * 545)
     for t in ("spot", "ref"):
         assert torch.equal(m2[t], ~m1[t])  # every node is masked in exactly one view
+
+
+def test_feature_masks_are_complementary_per_entry():
+    shapes = {"spot": (400, 50), "ref": (300, 60)}
+    m1, m2 = complementary_masks(shapes, {"spot": 0.1, "ref": 0.9}, _gen(), torch.device("cpu"), unit="feature")
+    assert m1["spot"].shape == (400, 50) and m1["ref"].shape == (300, 60)
+    assert abs(float(m1["spot"].float().mean()) - 0.1) < 0.01 and abs(float(m1["ref"].float().mean()) - 0.9) < 0.01
+    for t in ("spot", "ref"):
+        assert torch.equal(m2[t], ~m1[t])  # every entry is masked in exactly one view
+    # nodes are partly masked, not whole rows: each spot keeps entries in view 1, each ref in view 2
+    assert bool((~m1["spot"]).any(1).all()) and bool((~m2["ref"]).any(1).all())
 
 
 @pytest.mark.parametrize("name", ["pyg", "dgl"])
@@ -68,7 +81,7 @@ def test_dropped_edges_carry_no_message(graph, name, rel):
     keep = torch.rand(graph.edges[rel].shape[1], generator=_gen(2)) > 0.5
     view = be.drop_edges(pg, {rel: keep})
     torch.manual_seed(0)
-    layer = RelationalLayer(8, 2, graph.n_genes, ("near", "refer", "close"), 0.01, True, True).double()
+    layer = RelationalLayer(ModelConfig(hidden=8, heads=2), graph.n_genes).double()
     h = {"spot": torch.randn(graph.n_spot, 8, dtype=torch.float64), "ref": torch.randn(graph.n_ref, 8, dtype=torch.float64)}
     src_t, dst_t = {"near": ("spot", "spot"), "refer": ("ref", "spot"), "close": ("ref", "ref")}[rel]
     s, d = _dropped_sources(pg.edge_index[rel], view.edge_index[rel], pg.num_nodes[dst_t])

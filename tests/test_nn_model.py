@@ -16,6 +16,7 @@ from hgc.errors import InputError
 from hgc.graph.record import RELATION_NAMES
 from hgc.nn import ModelConfig, SpaHGC, get_backend
 from hgc.nn.contrastive import ema_momentum
+from hgc.train.presets import PRESETS
 
 SMALL = dict(hidden=32, layers=2, heads=4, predictor_hidden=32, proj_dim=16)
 
@@ -185,3 +186,89 @@ def test_checkpoint_and_config_round_trip(graph, be, pg):
         with pytest.raises(InputError):
             ModelConfig(**bad)
     assert ModelConfig().relations == RELATION_NAMES
+
+
+def test_published_choices_build_train_and_differ_from_hgc(graph, be, pg):
+    opts = dict(PRESETS["spahgc-published"].model)
+    model = _model(graph, be, **opts)
+    assert isinstance(model.encoder.layers[0].norm["spot"], torch.nn.Identity)  # no post-LayerNorm
+    assert model.encoder.expr is not None and model.head.kind == "published"
+    l1, p1 = model.training_loss(pg, _gen(5))
+    _, p2 = model.training_loss(pg, _gen(5))
+    assert p1 == p2 and p1["contrast_spot"] > 0
+    l1.backward()
+    # feature masks zero entries: the mask tokens are unused, every other parameter learns
+    no_grad = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert no_grad == {"encoder.mask_token.spot", "encoder.mask_token.ref"}
+    model.eval()
+    assert torch.equal(model(pg), model(pg))
+    assert not torch.allclose(model(pg), _model(graph, be, **PRESETS["hgc-0.1"].model)(pg))
+
+
+def test_feature_masks_zero_entries_not_rows(graph, be, pg):
+    from hgc.nn.masking import make_views
+
+    v1, v2 = make_views(be, pg, {"spot": 0.1, "ref": 0.9}, {}, _gen(2), unit="feature")
+    assert v1.mask["spot"].shape == pg.x["spot"].shape
+    assert v1.mask["ref"].shape == (graph.n_ref, graph.ref_x.shape[1] + graph.n_genes)
+    model = _model(graph, be, mask_unit="feature")
+    seen = []
+    hook = model.encoder.inp["spot"].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    model.encoder(be, pg, v1.mask)
+    hook.remove()
+    x = pg.x["spot"]
+    assert torch.equal(seen[0], x.masked_fill(v1.mask["spot"], 0.0))
+
+
+@pytest.mark.parametrize(("option", "value"), [("head", "mlp"), ("mask_unit", "spot"), ("expression", "log"),
+                                               ("attention_logits", "relu"), ("input_block", "conv"),
+                                               ("attention_dropout", 1.0)])
+def test_unknown_model_choices_are_refused(option, value):
+    with pytest.raises(InputError, match=option):
+        ModelConfig(**{option: value})
+
+
+def test_low_rank_head_predicts_in_the_span_of_the_training_expression(graph, be, pg):
+    model = _model(graph, be, gene_rank=3)
+    y = torch.as_tensor(graph.ref_y)
+    model.fit_gene_basis(y)
+    axes, mean = model.head.gene_axes, model.head.gene_mean
+    assert axes.shape == (3, graph.n_genes)
+    torch.testing.assert_close(axes @ axes.T, torch.eye(3), atol=1e-5, rtol=0)  # orthonormal axes
+    torch.testing.assert_close(mean, y.mean(0))
+    pred = model(pg).detach()
+    centred = pred - mean
+    torch.testing.assert_close(centred @ axes.T @ axes, centred, atol=1e-4, rtol=0)
+    # the basis travels in the checkpoint
+    twin = _model(graph, be, gene_rank=3)
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(twin(pg), model(pg))
+    # a rank at or above the number of genes is the full rank
+    full = _model(graph, be, gene_rank=graph.n_genes)
+    assert not full.head.low_rank and full.head.out.out_features == graph.n_genes
+    with pytest.raises(InputError, match="gene_rank"):
+        ModelConfig(gene_rank=0)
+
+
+def test_supervised_terms_ignore_held_out_rows(graph, be, pg):
+    model = _model(graph, be)
+    rows = torch.zeros(graph.n_spot, dtype=torch.bool)
+    rows[: graph.n_spot // 2] = True
+    _, a = model.training_loss(pg, _gen(3), rows=rows)
+    other = graph.spot_y.copy()
+    other[graph.n_spot // 2 :] += 5.0  # change only the held-out spots' expression
+    _, b = model.training_loss(be.prepare(dataclasses.replace(graph, spot_y=other)), _gen(3), rows=rows)
+    assert a == b
+    _, c = model.training_loss(pg, _gen(3))
+    assert c["mse"] != a["mse"]
+
+
+def test_stored_configs_without_newer_options_rebuild_the_network_they_described():
+    from hgc.nn.model import BEFORE_OPTION
+
+    old = {k: v for k, v in ModelConfig(hidden=64).to_dict().items() if k not in BEFORE_OPTION}
+    cfg = ModelConfig.from_stored(old)
+    assert cfg.hidden == 64 and all(getattr(cfg, k) == v for k, v in BEFORE_OPTION.items())
+    assert ModelConfig.from_stored({**old, "head": "published"}).head == "published"  # stored values win
+    with pytest.raises(InputError, match="unknown options"):
+        ModelConfig.from_stored({**old, "heads_per_layer": 2})

@@ -174,7 +174,11 @@ def test_cli_fit_predict_evaluate_on_her2st(tmp_path, her2st_store, her2st_manif
     assert r.exit_code == 0, r.output
     # Fold patient-C trains on B4 alone, whose training graph references B4's own distant spots.
     assert "fold patient-B" in r.output and "fold patient-C" in r.output
-    assert json.loads((run / "patient-C" / "fold.json").read_text())["train_slides"] == ["B4"]
+    lone = json.loads((run / "patient-C" / "fold.json").read_text())
+    assert lone["train_slides"] == ["B4"] and lone["validation_slides"] == []
+    # ... and stops early on a band of B4's own tissue (seed 0 + fold index 1: band 1 of 5)
+    assert lone["validation_block"] == {"slide": "B4", "band": 1, "n_bands": 5, "n_spots": lone["validation_block"]["n_spots"]}
+    assert 40 < lone["validation_block"]["n_spots"] < 80 and lone["best_val_pcc"] is not None
     info = json.loads((run / "patient-B" / "fold.json").read_text())
     assert info["test_slides"] == ["B4"] and info["validation_slides"]
     assert not {"B4"} & set(info["train_slides"] + info["validation_slides"])
@@ -203,6 +207,49 @@ def test_cli_fit_predict_evaluate_on_her2st(tmp_path, her2st_store, her2st_manif
     with Image.open(tmp_path / "B4.png") as fig:  # the H&E underneath: mostly pink, not a white canvas
         rgb = np.asarray(fig.convert("RGB"), dtype=float)
     assert (rgb[..., 0] - rgb[..., 1] > 20).mean() > 0.05
+
+
+def test_presets_set_training_defaults_that_options_override(tmp_path, her2st_store):
+    from hgc.train.fit import model_config
+
+    published = FitConfig.from_preset("spahgc-published")
+    assert published.patience is None and published.preset == "spahgc-published"
+    assert FitConfig.from_preset("spahgc-published", patience=7).patience == 7
+    m = model_config(FitConfig.from_preset("hgc-0.1", model={"head": "published"}))
+    assert (m.mask_unit, m.residual, m.head) == ("node", True, "published")  # config.model wins over the preset
+    assert model_config(FitConfig()).mask_unit == "feature"
+    with pytest.raises(InputError, match="preset 'nope' is unknown"):
+        FitConfig(preset="nope")
+    # on the command line: the preset's patience unless --patience is given; recorded in the run
+    for extra, patience in (((), None), (("--patience", 3), 3)):
+        run = tmp_path / f"run{len(extra)}"
+        r = _cli("fit", her2st_store, "--out", run, "--epochs", 1, "--backend", "pyg", "--device", "cpu",
+                 "--hidden", 16, "--layers", 1, "--fold", "patient-B", "--preset", "spahgc-published", *extra)
+        assert r.exit_code == 0, r.output
+        fit_record = open_run(run).record["fit"]
+        assert fit_record["preset"] == "spahgc-published" and fit_record["patience"] == patience
+        info = json.loads((run / "patient-B" / "fold.json").read_text())
+        assert info["model"]["head"] == "published" and info["model"]["hidden"] == 16
+    model, _, _ = load_model(run, "patient-B", backend="pyg")
+    assert model.cfg.mask_unit == "feature"
+
+
+def test_a_lone_slide_holds_out_a_band_that_no_edge_carries(her2st_store):
+    from hgc.train.fit import BLOCK_BANDS, hold_out_block, load_folds
+
+    fold = next(f for f in load_folds(her2st_store) if f.name == "patient-C")
+    (graph,) = fold.graphs("train")
+    assert graph.target == "B4" and graph.target in fold.info.self_referenced
+    held, block = hold_out_block(graph, seed=7)
+    assert block.band == 7 % BLOCK_BANDS and 0 < block.rows.sum() < graph.n_spot / 3
+    band = np.flatnonzero(block.rows)
+    refer, close = held.edges["refer"], held.edges["close"]
+    assert not np.isin(refer[0], band).any()  # no reference from the band
+    assert not (np.isin(close[0], band) | np.isin(close[1], band)).any()
+    assert np.isin(refer[1], band).any()  # the band's spots still retrieve (other) references
+    np.testing.assert_array_equal(held.edges["near"], graph.edges["near"])
+    assert held.edge_weight["refer"].shape[0] == refer.shape[1]
+    assert hold_out_block(fold.graphs("test")[0], seed=0) is None  # another slide's references: nothing held out
 
 
 def test_cli_fit_refuses_tampered_store(tmp_path, her2st_store):
@@ -277,3 +324,41 @@ def test_predict_refuses_run_fitted_on_other_genes(tmp_path, run, fold):
     path.write_text(json.dumps({**info, "genes": info["genes"][::-1]}))
     with pytest.raises(InputError, match="other genes"):
         predict_fold(fold, methods=["hgc"], run=open_run(tmp_path / "run"))
+
+
+def test_seed_ensemble_averages_members_and_writes_their_spread(tmp_path, fold):
+    from hgc.evaluate import read_prediction
+    from hgc.nn import Ensemble
+    from hgc.train.fit import member_seed, predict_with_spread
+
+    out = tmp_path / "ens"
+    (r,) = fit_folds([fold], out, _cfg(ensemble=3))
+    info = json.loads((out / fold.name / "fold.json").read_text())
+    assert info["ensemble"] == 3 and [m["seed"] for m in info["members"]] == [member_seed(0, k) for k in range(3)]
+    model, backend, _ = load_model(out, fold.name)
+    assert isinstance(model, Ensemble) and len(model.members) == 3
+    (g,) = fold.graphs("test")
+    prepared = backend.prepare(g)
+    mean, spread = predict_with_spread(model, prepared)
+    members = np.stack([predict_graph(m, prepared) for m in model.members])
+    np.testing.assert_allclose(mean, members.mean(0), atol=1e-6)
+    np.testing.assert_allclose(spread, members.std(0), atol=1e-6)
+    assert (spread > 0).mean() > 0.99  # seeds differ, so members disagree
+    # the validation score is the ensemble's own (members' mean prediction on the validation slide)
+    slide = r.val_slides[0]
+    val = next(x for x in fold.graphs("train") if x.target == slide)
+    from hgc.evaluate.metrics import nan_mean, pearson_per_gene
+
+    assert r.best_val_pcc == pytest.approx(nan_mean(pearson_per_gene(val.spot_y, predict_graph(model, backend.prepare(val)))), abs=1e-5)
+    files = predict_fold(fold, ["hgc", "ridge"], open_run(out))
+    by = {p.method: p for p in files}
+    np.testing.assert_allclose(by["hgc"].uncertainty, spread, atol=1e-6)
+    assert by["ridge"].uncertainty is None
+    with writing_predictions(tmp_path / "pred", protocol=fold.info.protocol, methods=["hgc", "ridge"]) as w:
+        for p in files:
+            w.add(p)
+    np.testing.assert_allclose(read_prediction(tmp_path / "pred" / "hgc" / f"{g.target}.h5ad").uncertainty, spread,
+                               atol=1e-6)
+    assert read_prediction(tmp_path / "pred" / "ridge" / f"{g.target}.h5ad").uncertainty is None
+    with pytest.raises(InputError, match="ensemble"):
+        _cfg(ensemble=0)

@@ -6,6 +6,7 @@ import json
 import click
 
 from ..embed.registry import DEFAULT_ENCODER
+from ..train.presets import DEFAULT_PRESET, PRESETS
 from . import data_root_option, device_option
 
 METHOD_CHOICES = "hgc,ridge,knn,mean"
@@ -34,6 +35,12 @@ def _fit_options(f):
         click.option("--layers", type=click.IntRange(min=0), default=4, show_default=True, help="Relational layers."),
         click.option("--val-slides", default=None,
                      help="Comma-separated training slides to stop early on (default: chosen by seed, per fold)."),
+        click.option("--ensemble", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Models per fold, trained from successive seeds and averaged; predictions then carry "
+                          "their spread across members as layers['uncertainty'] (per spot and gene)."),
+        click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
+                     help="Named model and training choices: " + "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items())
+                     + ". Options given on the command line override the preset's training defaults."),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -47,14 +54,20 @@ def _fold_option(f):
 def _fit_config(kw: dict):
     from ..train.fit import FitConfig
 
-    return FitConfig(
+    options = dict(
         backend=kw["backend"], device=kw["device"], epochs=kw["epochs"], seed=kw["seed"], lr=kw["lr"],
         weight_decay=kw["weight_decay"], patience=kw["patience"] or None,
         contrast=kw["contrast"], masking=not kw["no_masking"],
         relations=tuple(_split_csv(kw["relations"])) if kw["relations"] else None,
         folds=tuple(kw.get("folds", ())) or None, model={"hidden": kw["hidden"], "layers": kw["layers"]},
-        val_slides=tuple(_split_csv(kw["val_slides"])) if kw["val_slides"] else None,
+        val_slides=tuple(_split_csv(kw["val_slides"])) if kw["val_slides"] else None, ensemble=kw["ensemble"],
     )
+    # the preset's training defaults replace the options left at their command-line defaults
+    ctx = click.get_current_context()
+    for name in PRESETS[kw["preset"]].fit:
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+            del options[name]
+    return FitConfig.from_preset(kw["preset"], **options)
 
 
 def register(main: click.Group) -> None:

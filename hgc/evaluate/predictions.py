@@ -69,6 +69,7 @@ class Prediction:
     obs: dict[str, np.ndarray] = field(default_factory=dict)  # more per-spot columns (array_row, virtual, ...)
     spatial: dict[str, Any] | None = None  # uns["spatial"][slide] in scanpy's Visium layout (see spatial_entry)
     model: dict[str, Any] = field(default_factory=dict)  # the model bundle that predicted: id, path, references
+    uncertainty: np.ndarray | None = None  # (n, G) float32: spread of a seed ensemble's members
 
     @property
     def space(self) -> str:
@@ -85,7 +86,7 @@ def prediction_path(pred_dir: str | Path, method: str, slide: str) -> Path:
 
 
 def write_prediction(path: str | Path, p: Prediction) -> Path:
-    """Write ``p`` as one ``.h5ad`` file (X = prediction, layers["observed"])."""
+    """Write ``p`` as one ``.h5ad`` file (X = prediction, layers["observed"], layers["uncertainty"])."""
     import anndata as ad
     import pandas as pd
 
@@ -98,6 +99,8 @@ def write_prediction(path: str | Path, p: Prediction) -> Path:
     )
     if p.observed is not None:
         adata.layers["observed"] = np.asarray(p.observed, dtype=np.float32)
+    if p.uncertainty is not None:
+        adata.layers["uncertainty"] = np.asarray(p.uncertainty, dtype=np.float32)
     adata.obsm["spatial"] = np.asarray(p.coords, dtype=np.float64)
     adata.uns.update(
         method=p.method,
@@ -151,6 +154,7 @@ def read_prediction(path: str | Path) -> Prediction:
         raise InputError(f"prediction file {path} lacks {missing or ['obsm spatial']}; was it written by `hgc predict`?")
     try:
         observed = adata.layers["observed"] if "observed" in adata.layers else None
+        spread = adata.layers["uncertainty"] if "uncertainty" in adata.layers else None
         p = Prediction(
             method=str(uns["method"]),
             slide=str(uns["slide"]),
@@ -167,6 +171,7 @@ def read_prediction(path: str | Path) -> Prediction:
             hvg=np.asarray(uns["hvg"], dtype=np.int64),
             image=str(uns.get("image", "")),
             image_scale=float(uns.get("image_scale", 1.0)),
+            uncertainty=None if spread is None else _dense(spread),
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise InputError(f"prediction file {path} holds a malformed field ({exc}); {_REPREDICT}") from None

@@ -21,9 +21,10 @@ initialises the weights from ``s`` without touching the global RNG. ``model(prep
 masks, drops edges or applies dropout, in either train or eval mode. ``parts`` holds floats ``loss, mse, pcc, contrast_spot, contrast_ref``. ``ModelConfig.to_dict()``
 / ``from_dict()`` round-trip the configuration for checkpoints beside ``model.state_dict()``
 (which includes the EMA target encoder). A graph carrying relations the model does not know, or
-lacking ones it uses, is an :class:`~hgc.errors.InputError`.
+lacking ones it uses, is an :class:`~hgc.errors.InputError`. ``Ensemble([...])`` averages
+seed members and reports their spread (``predict_with_spread``).
 """
 from .backend import Backend, PreparedGraph, get_backend
-from .model import ModelConfig, SpaHGC, pearson_per_gene
+from .model import Ensemble, ModelConfig, SpaHGC, pearson_per_gene
 
-__all__ = ["Backend", "ModelConfig", "PreparedGraph", "SpaHGC", "get_backend", "pearson_per_gene"]
+__all__ = ["Backend", "Ensemble", "ModelConfig", "PreparedGraph", "SpaHGC", "get_backend", "pearson_per_gene"]

@@ -12,6 +12,9 @@ Definition (SpaHGC's "complementary random feature masks", made precise):
 - **Edges are dropped per relation, independently in each view**: exactly
   ``round(p_rel * E_rel)`` uniformly random edges of relation ``rel`` are removed from the library
   graph, so they carry no message in either direction (``refer`` is used both ways).
+- **Or feature masks** (``unit="feature"``, the published code's form): every input entry of every
+  node is masked independently with probability ``r_t`` in view 1 and view 2 masks exactly the
+  other entries; masked entries are set to zero, so each node is partly seen by both views.
 
 Random numbers come only from the generator the trainer passes (see :func:`on_device`), so a
 seeded generator reproduces the views exactly under either backend.
@@ -31,7 +34,9 @@ class View:
     """One augmented view: a graph with dropped edges and the nodes whose features are masked."""
 
     graph: PreparedGraph
-    mask: dict[str, torch.Tensor] | None  # node type -> (n,) bool, True = replaced by mask token
+    #: node type -> (n,) bool (True: the row is replaced by the mask token) or, for feature masks,
+    #: (n, d) bool (True: the entry is zeroed)
+    mask: dict[str, torch.Tensor] | None
 
 
 def on_device(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -66,11 +71,24 @@ def random_subset(n: int, ratio: float, generator: torch.Generator | None, devic
     return chosen
 
 
+MASK_UNITS = ("node", "feature")
+
+
 def complementary_masks(
-    num_nodes: Mapping[str, int], ratios: Mapping[str, float], generator: torch.Generator | None, device: torch.device
+    shapes: Mapping[str, tuple[int, int]],
+    ratios: Mapping[str, float],
+    generator: torch.Generator | None,
+    device: torch.device,
+    unit: str = "node",
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """View 1 masks ``ratios[t]`` of each node type, view 2 masks exactly the rest."""
-    m1 = {t: random_subset(num_nodes[t], ratios[t], generator, device) for t in ratios}
+    """View 1 masks ``ratios[t]`` of each node type's nodes (or entries), view 2 exactly the rest.
+
+    ``shapes[t]`` is (nodes, input features) of node type ``t``.
+    """
+    if unit == "node":
+        m1 = {t: random_subset(shapes[t][0], ratios[t], generator, device) for t in ratios}
+    else:
+        m1 = {t: rand(tuple(shapes[t]), generator, device, torch.float32) < ratios[t] for t in ratios}
     return m1, {t: ~m for t, m in m1.items()}
 
 
@@ -93,12 +111,14 @@ def make_views(
     drop_ratios: Mapping[str, float],
     generator: torch.Generator | None,
     second: bool = True,
+    unit: str = "node",
 ) -> tuple[View, View | None]:
-    """Two views of ``g``: complementary node masks, independently dropped edges.
+    """Two views of ``g``: complementary node (or feature) masks, independently dropped edges.
 
     With ``second=False`` (no contrast term) view 2 is not built; view 1 is drawn identically.
     """
     device = g.x["spot"].device
-    m1, m2 = complementary_masks(g.num_nodes, mask_ratios, generator, device)
+    shapes = {"spot": tuple(g.x["spot"].shape), "ref": (g.num_nodes["ref"], g.x["ref"].shape[1] + g.ref_y.shape[1])}
+    m1, m2 = complementary_masks(shapes, mask_ratios, generator, device, unit)
     v1 = View(drop_edges(backend, g, drop_ratios, generator), m1)
     return v1, (View(drop_edges(backend, g, drop_ratios, generator), m2) if second else None)

@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..evaluate.metrics import training_gene_sets
 from ..evaluate.predictions import Prediction, check_prediction_output, spatial_entry, writing_predictions
 from .baselines import make_baseline, training_set
-from .fit import load_bundle_model, predict_graph
+from .fit import load_bundle_model, predict_with_spread
 from .predict import check_methods
 from .rundir import ModelBundle, open_model
 
@@ -109,8 +109,10 @@ class SlidePredictor:
         self.model = load_bundle_model(bundle, backend, device)[:2] if "hgc" in self.methods else None
         self.baselines = {m: make_baseline(m).fit(training_set(self.bank)) for m in self.methods if m != "hgc"}
 
-    def predict(self, slide, embeddings: np.ndarray, observed: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """method -> (n_spot, G) predictions for ``slide`` whose spots' embeddings are ``embeddings``."""
+    def predict(self, slide, embeddings: np.ndarray, observed: np.ndarray | None = None
+                ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """method -> ((n_spot, G) predictions, their ensemble spread or None) for ``slide`` whose
+        spots' embeddings are ``embeddings``."""
         from ..graph.build import target_graph
 
         g = target_graph(slide, embeddings, self.bank, self.config, self.bundle.name, observed)
@@ -118,16 +120,16 @@ class SlidePredictor:
         for method in self.methods:
             if method == "hgc":
                 model, backend = self.model
-                out[method] = predict_graph(model, backend.prepare(g, self.device))
+                out[method] = predict_with_spread(model, backend.prepare(g, self.device))
             else:
-                out[method] = self.baselines[method].predict(g)
+                out[method] = (self.baselines[method].predict(g), None)
         return out
 
     def observed(self, slide) -> np.ndarray | None:
         """The slide's expression in the model's space and genes, when it has counts."""
         return self.normaliser.transform(slide, self.genes) if slide.has_expression else None
 
-    def predictions(self, slide, by_method: dict[str, np.ndarray], observed: np.ndarray | None,
+    def predictions(self, slide, by_method: dict[str, tuple[np.ndarray, np.ndarray | None]], observed: np.ndarray | None,
                     spatial: dict | None) -> list[Prediction]:
         """The prediction records of one slide, one per method."""
         info = self.bundle.info
@@ -138,11 +140,11 @@ class SlidePredictor:
             Prediction(
                 method=method, slide=slide.id, fold=self.bundle.name, patient=slide.patient, protocol="new-slide",
                 normalisation=info["normaliser"], genes=np.asarray(self.genes, dtype=object),
-                barcodes=slide.barcodes, coords=slide.coords, predicted=pred, observed=observed,
+                barcodes=slide.barcodes, coords=slide.coords, predicted=pred, observed=observed, uncertainty=spread,
                 heg=self.heg, hvg=self.hvg, image=str(image.path.resolve()) if image else "",
                 image_scale=float(image.scale) if image else 1.0, obs=spot_obs(slide), spatial=spatial, model=model,
             )
-            for method, pred in by_method.items()
+            for method, (pred, spread) in by_method.items()
         ]
 
 

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -29,6 +29,7 @@ from ..errors import InputError
 from ..evaluate.metrics import nan_mean, pearson_per_gene
 from ..graph.build import BankGraphs
 from ..graph.record import RELATION_NAMES, SlideGraph
+from .presets import DEFAULT_PRESET, get_preset
 from .rundir import ModelBundle, is_run_folder, open_run, user_entries, write_fold, write_record
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ class FitConfig:
     relations: tuple[str, ...] | None = None  # None: every relation of the graphs
     folds: tuple[str, ...] | None = None  # None: every fold of the store
     val_slides: tuple[str, ...] | None = None  # early-stopping slides instead of the store's choice (() for none)
-    model: dict[str, Any] = field(default_factory=dict)  # further ModelConfig overrides
+    model: dict[str, Any] = field(default_factory=dict)  # further ModelConfig overrides (over the preset's)
+    preset: str = DEFAULT_PRESET  # named model/training choices (hgc.train.presets); see from_preset
+    ensemble: int = 1  # seeds trained per fold and averaged; their spread is the predictions' uncertainty
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -69,6 +72,8 @@ class FitConfig:
             raise InputError(f"lr (the learning rate) must be a finite number > 0, got {self.lr!r}")
         if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
             raise InputError(f"weight decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.ensemble, int) and self.ensemble >= 1):
+            raise InputError(f"ensemble must be a whole number >= 1 (models per fold), got {self.ensemble!r}")
         if self.patience is not None and not (isinstance(self.patience, int) and self.patience >= 1):
             raise InputError(f"patience must be a whole number >= 1 (or None: never stop early), got {self.patience!r}")
         if self.relations is not None:
@@ -81,7 +86,13 @@ class FitConfig:
             self.folds = tuple(self.folds)
         if self.val_slides is not None:
             self.val_slides = tuple(self.val_slides)
+        get_preset(self.preset)
         model_config(self)  # the model options (and contrast, masking) are checked by ModelConfig
+
+    @classmethod
+    def from_preset(cls, name: str, **options: Any) -> "FitConfig":
+        """A config with preset ``name``'s training defaults; ``options`` override them."""
+        return cls(**{**get_preset(name).fit, **options, "preset": name})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -176,11 +187,11 @@ def deterministic(seed: int) -> Iterator[None]:
 
 
 def model_config(config: FitConfig, steps: int | None = None):
-    """The :class:`hgc.nn.ModelConfig` a FitConfig asks for; ``steps`` (epochs x graphs) drives
-    BGRL's momentum schedule unless ``config.model`` sets it."""
+    """The :class:`hgc.nn.ModelConfig` a FitConfig asks for: its preset's model choices, then
+    ``config.model``; ``steps`` (epochs x graphs) drives BGRL's momentum schedule unless set."""
     from ..nn import ModelConfig
 
-    overrides: dict[str, Any] = {"ema_total_steps": steps, **config.model}
+    overrides: dict[str, Any] = {"ema_total_steps": steps, **get_preset(config.preset).model, **config.model}
     overrides.update(contrast=config.contrast, masking=config.masking)
     if config.relations is not None:
         overrides["relations"] = tuple(config.relations)
@@ -195,21 +206,71 @@ def build_model(cfg_model, spot_dim: int, ref_dim: int, n_genes: int, backend, s
 
 def predict_graph(model, prepared) -> np.ndarray:
     """Deterministic prediction on the unmasked graph in eval mode, (n_spot, G) float32."""
+    return predict_with_spread(model, prepared)[0]
+
+
+def predict_with_spread(model, prepared) -> tuple[np.ndarray, np.ndarray | None]:
+    """(prediction, spread across ensemble members or None for one model), (n_spot, G) float32 each."""
     import torch
 
     model.eval()
     with torch.no_grad():
-        return model(prepared).detach().cpu().numpy().astype(np.float32)
+        if hasattr(model, "predict_with_spread"):
+            mean, spread = model.predict_with_spread(prepared)
+            return mean.cpu().numpy().astype(np.float32), spread.cpu().numpy().astype(np.float32)
+        return model(prepared).detach().cpu().numpy().astype(np.float32), None
 
 
-def _validate(model, prepared: list, graphs: list[SlideGraph]) -> tuple[float, float, dict[str, np.ndarray]]:
-    """Mean over validation slides of PCC-ALL (NaN genes excluded) and MSE, and the predictions."""
+def _validate(model, prepared: list, graphs: list[SlideGraph], block: "Block | None" = None
+              ) -> tuple[float, float, dict[str, np.ndarray]]:
+    """Mean over validation slides (or the held-out block) of PCC-ALL (NaN genes excluded) and
+    MSE, and the predictions (for a block: of its spots only)."""
+    if block is not None:
+        pred = predict_graph(model, prepared[0])[block.rows]
+        y = graphs[0].spot_y[block.rows]
+        return nan_mean(pearson_per_gene(y, pred)), float(((pred - y) ** 2).mean()), {block.slide: pred}
     pccs, mses, preds = [], [], {}
     for p, g in zip(prepared, graphs):
         pred = preds[g.target] = predict_graph(model, p)
         pccs.append(nan_mean(pearson_per_gene(g.spot_y, pred)))
         mses.append(float(((pred - g.spot_y) ** 2).mean()))
     return nan_mean(pccs), float(np.mean(mses)), preds
+
+
+#: A lone training slide stops early on one of this many spatial bands of its own tissue.
+BLOCK_BANDS = 5
+
+
+@dataclass
+class Block:
+    """Spots of a lone training slide held out for early stopping: one spatial band of it."""
+
+    slide: str
+    band: int
+    rows: np.ndarray  # (n_spot,) bool
+
+    def describe(self) -> dict[str, Any]:
+        return {"slide": self.slide, "band": self.band, "n_bands": BLOCK_BANDS, "n_spots": int(self.rows.sum())}
+
+
+def hold_out_block(graph: SlideGraph, seed: int) -> tuple[SlideGraph, Block] | None:
+    """A self-referenced training graph (a fold's lone training slide) with one spatial band of
+    its spots held out: the graph without every edge that would carry the band's expression
+    (``refer`` edges from the band's spots as references, ``close`` edges touching them), and the
+    band. None when the graph's references are not its own spots in order (then nothing is held out)."""
+    from .baselines import spatial_bands
+
+    if graph.n_ref != graph.n_spot or not np.array_equal(graph.ref_x, graph.spot_x) or graph.spot_y is None:
+        return None
+    band = seed % BLOCK_BANDS
+    rows = spatial_bands(graph.spot_coords, BLOCK_BANDS) == band
+    refer, close = graph.edges["refer"], graph.edges["close"]
+    keep_refer = ~rows[refer[0]]
+    keep_close = ~(rows[close[0]] | rows[close[1]])
+    edges = {**graph.edges, "refer": refer[:, keep_refer], "close": close[:, keep_close]}
+    weights = {**graph.edge_weight, "refer": graph.edge_weight["refer"][keep_refer],
+               "close": graph.edge_weight["close"][keep_close]}
+    return replace(graph, edges=edges, edge_weight=weights), Block(graph.target, band, rows)
 
 
 def _state_dict_cpu(model) -> dict:
@@ -223,7 +284,8 @@ class FoldResult:
     best_epoch: int
     best_val_pcc: float
     epochs_run: int
-    val_predictions: dict[str, np.ndarray]  # the checkpoint's predictions for the validation slides
+    val_predictions: dict[str, np.ndarray]  # the checkpoint's predictions for the validation slides (block spots)
+    val_block: dict[str, Any] | None = None  # a lone training slide's held-out band (Block.describe)
 
 
 def _split_validation(fold: BankGraphs, graphs: list[SlideGraph], config: FitConfig
@@ -235,16 +297,12 @@ def _split_validation(fold: BankGraphs, graphs: list[SlideGraph], config: FitCon
     train = [g for g in graphs if g.target not in set(val)]
     if not train:  # every graph-bearing training slide was chosen for validation
         val, train = [], list(graphs)
-    if not val:
-        log.warning("fold %s: no validation slide; the last epoch is kept", fold.name)
     log.info("fold %s: training on %s, validating on %s", fold.name, [g.target for g in train], val)
     return val, train, [g for g in graphs if g.target in set(val)]
 
 
 def _train_fold(fold: BankGraphs, config: FitConfig, out_dir: Path, backend, device: str, seed: int) -> FoldResult | None:
-    import torch
-    from .._progress import progress
-
+    """Train the fold's model (or seed ensemble) and write its bundle into ``out_dir``."""
     check_leakage(fold)
     graphs = fold.graphs("train")
     if not graphs:
@@ -255,27 +313,100 @@ def _train_fold(fold: BankGraphs, config: FitConfig, out_dir: Path, backend, dev
     if missing:
         raise InputError(f"fold '{fold.name}': training slides {missing} have no expression to train on")
     val, train_graphs, val_graphs = _split_validation(fold, graphs, config)
+    block = None
+    lone = len(train_graphs) == 1 and train_graphs[0].target in fold.info.self_referenced
+    if not val and config.val_slides is None and lone:
+        held = hold_out_block(train_graphs[0], seed)
+        if held is not None:
+            train_graphs, block = [held[0]], held[1]
+            val_graphs = train_graphs
+            log.info("fold %s: %s is the only training slide; early stopping on band %d of %d of it (%d spots, "
+                     "never trained on nor referenced)", fold.name, block.slide, block.band + 1, BLOCK_BANDS,
+                     int(block.rows.sum()))
+    if not val_graphs:
+        log.warning("fold %s: no validation slide; the last epoch is kept", fold.name)
 
     first = graphs[0]
     dims = {"spot_dim": int(first.spot_x.shape[1]), "ref_dim": int(first.ref_x.shape[1]), "n_genes": int(first.n_genes)}
     mcfg = model_config(config, steps=config.epochs * len(train_graphs))
+    members = []
+    for k in range(config.ensemble):
+        name = fold.name if config.ensemble == 1 else f"{fold.name} member {k + 1}/{config.ensemble}"
+        members.append(_train_member(fold, mcfg, dims, train_graphs, val_graphs, block, config, backend, device,
+                                     member_seed(seed, k), name))
+    if config.ensemble == 1:
+        best, state = members[0], members[0].state
+        history, best_pcc = best.history, best.pcc
+    else:
+        best = max(members, key=lambda m: m.pcc if np.isfinite(m.pcc) else -np.inf)
+        state = {f"members.{k}.{n}": t for k, m in enumerate(members) for n, t in m.state.items()}
+        history = [{"member": k, **row} for k, m in enumerate(members) for row in m.history]
+        best_pcc = _ensemble_score(members, val_graphs, block)
+    best_pcc = best_pcc if val_graphs and np.isfinite(best_pcc) else float("nan")
+    write_fold(out_dir / safe_name(fold.name), state, history, {
+        "fold": fold.name, "protocol": fold.info.protocol, "genes": list(fold.bank.genes),
+        "normaliser": fold.bank.normaliser, "train_slides": [g.target for g in train_graphs], "validation_slides": val,
+        "test_slides": list(fold.info.test), **dims, "model": mcfg.to_dict(),
+        "validation_block": None if block is None else block.describe(),
+        "best_epoch": int(best.epoch), "best_val_pcc": None if np.isnan(best_pcc) else best_pcc,
+        "epochs_run": max(len(m.history) for m in members), "seed": seed, "backend": backend.name,
+        "ensemble": config.ensemble,
+        "members": [{"seed": member_seed(seed, k), "best_epoch": m.epoch, "epochs_run": len(m.history),
+                     "best_val_pcc": float(m.pcc) if np.isfinite(m.pcc) else None} for k, m in enumerate(members)],
+        "graph_config": asdict(fold.config), "platform": fold.platform,
+        "encoder": fold.bank.encoder, "reference_slides": fold.bank.slides,
+    }, fold.bank)
+    val_pred = members[0].val_pred if config.ensemble == 1 else {
+        s: np.mean([m.val_pred[s] for m in members], axis=0) for s in members[0].val_pred}
+    return FoldResult(fold.name, val, int(best.epoch), best_pcc, max(len(m.history) for m in members), val_pred,
+                      None if block is None else block.describe())
+
+
+#: Member k of a seed ensemble trains with seed ``seed + ENSEMBLE_SEED_STEP * k`` (member 0: the fold's seed).
+ENSEMBLE_SEED_STEP = 1009
+
+
+def member_seed(seed: int, k: int) -> int:
+    return seed + ENSEMBLE_SEED_STEP * k
+
+
+@dataclass
+class _Member:
+    """One trained model of a fold: its best validation epoch, score, weights and predictions there."""
+
+    epoch: int
+    pcc: float
+    state: dict
+    val_pred: dict[str, np.ndarray]
+    history: list[dict[str, float]]
+
+
+def _train_member(fold: BankGraphs, mcfg, dims: dict[str, int], train_graphs: list[SlideGraph],
+                  val_graphs: list[SlideGraph], block: Block | None, config: FitConfig, backend, device: str,
+                  seed: int, name: str) -> _Member:
+    """Train one model from ``seed`` and keep its best validation epoch (the last without validation)."""
+    import torch
+    from .._progress import progress
+
     with deterministic(seed):
         model = build_model(mcfg, dims["spot_dim"], dims["ref_dim"], dims["n_genes"], backend, seed).to(device)
+        model.fit_gene_basis(torch.as_tensor(fold.bank.y))  # the training spots' expression (low-rank head)
         prepared = [backend.prepare(g, device) for g in train_graphs]
-        prepared_val = [backend.prepare(g, device) for g in val_graphs]
+        prepared_val = prepared if block is not None else [backend.prepare(g, device) for g in val_graphs]
+        supervised = None if block is None else torch.as_tensor(~block.rows, device=device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                 weight_decay=config.weight_decay)
         gen = torch.Generator(device=device).manual_seed(seed)
         order = np.random.default_rng(seed)
         best: dict[str, Any] = {"epoch": -1, "pcc": -np.inf, "state": None, "val_pred": {}}
         history: list[dict[str, float]] = []
-        bar = progress(range(config.epochs), desc=f"fold {fold.name}", disable=None if config.progress else True,
+        bar = progress(range(config.epochs), desc=f"fold {name}", disable=None if config.progress else True,
                        leave=False)
         for epoch in bar:
             model.train()
             sums: dict[str, float] = {}
             for i in order.permutation(len(prepared)):
-                loss, parts = model.training_loss(prepared[i], generator=gen)
+                loss, parts = model.training_loss(prepared[i], generator=gen, rows=supervised)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -285,7 +416,7 @@ def _train_fold(fold: BankGraphs, config: FitConfig, out_dir: Path, backend, dev
             row = {"epoch": epoch, **{k: v / len(prepared) for k, v in sums.items()}}
             val_pred: dict[str, np.ndarray] = {}
             if val_graphs:
-                row["val_pcc"], row["val_mse"], val_pred = _validate(model, prepared_val, val_graphs)
+                row["val_pcc"], row["val_mse"], val_pred = _validate(model, prepared_val, val_graphs, block)
             history.append(row)
             score = row.get("val_pcc", float("nan"))
             # Without validation every epoch replaces the last; an undefined PCC never beats a defined one.
@@ -293,21 +424,22 @@ def _train_fold(fold: BankGraphs, config: FitConfig, out_dir: Path, backend, dev
                 best.update(epoch=epoch, pcc=score, state=_state_dict_cpu(model), val_pred=val_pred)
             bar.set_postfix(loss=f"{row['loss']:.4f}", val_pcc=f"{score:.3f}")
             if val_graphs and config.patience is not None and epoch - best["epoch"] >= config.patience:
-                log.info("fold %s: early stop at epoch %d (best %d)", fold.name, epoch, best["epoch"])
+                log.info("fold %s: early stop at epoch %d (best %d)", name, epoch, best["epoch"])
                 break
         bar.close()
+    return _Member(int(best["epoch"]), float(best["pcc"]), best["state"], best["val_pred"], history)
 
-    best_pcc = float(best["pcc"]) if val_graphs and np.isfinite(best["pcc"]) else float("nan")
-    write_fold(out_dir / safe_name(fold.name), best["state"], history, {
-        "fold": fold.name, "protocol": fold.info.protocol, "genes": list(fold.bank.genes),
-        "normaliser": fold.bank.normaliser, "train_slides": [g.target for g in train_graphs], "validation_slides": val,
-        "test_slides": list(fold.info.test), **dims, "model": mcfg.to_dict(),
-        "best_epoch": int(best["epoch"]), "best_val_pcc": None if np.isnan(best_pcc) else best_pcc,
-        "epochs_run": len(history), "seed": seed, "backend": backend.name,
-        "graph_config": asdict(fold.config), "platform": fold.platform,
-        "encoder": fold.bank.encoder, "reference_slides": fold.bank.slides,
-    }, fold.bank)
-    return FoldResult(fold.name, val, int(best["epoch"]), best_pcc, len(history), best["val_pred"])
+
+def _ensemble_score(members: list[_Member], val_graphs: list[SlideGraph], block: Block | None) -> float:
+    """Validation PCC-ALL of the members' mean prediction (each member at its best epoch)."""
+    if not val_graphs:
+        return float("nan")
+    scores = []
+    for g in val_graphs:
+        y = g.spot_y if block is None else g.spot_y[block.rows]
+        pred = np.mean([m.val_pred[g.target] for m in members], axis=0)
+        scores.append(nan_mean(pearson_per_gene(y, pred)))
+    return nan_mean(scores)
 
 
 def check_run_output(out_dir: str | Path) -> Path:
@@ -369,10 +501,14 @@ def load_bundle_model(bundle: ModelBundle, backend: str | None = None, device: s
     """(model in eval mode, backend, fold info) of a model bundle; backend defaults to its training's."""
     from ..nn import ModelConfig, get_backend
 
+    from ..nn import Ensemble
+
     info = bundle.info
     be = get_backend(backend or info.get("backend", "auto"))
-    mcfg = ModelConfig.from_dict(info["model"])
-    model = build_model(mcfg, info["spot_dim"], info["ref_dim"], info["n_genes"], be)
+    mcfg = ModelConfig.from_stored(info["model"])
+    members = [build_model(mcfg, info["spot_dim"], info["ref_dim"], info["n_genes"], be)
+               for _ in range(int(info.get("ensemble", 1)))]
+    model = members[0] if len(members) == 1 else Ensemble(members)
     try:
         model.load_state_dict(bundle.checkpoint())
     except RuntimeError as exc:  # tensors of another shape or name than fold.json describes

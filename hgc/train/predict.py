@@ -20,7 +20,7 @@ from ..evaluate.predictions import Prediction, check_prediction_output, writing_
 from ..graph.build import BankGraphs
 from ..graph.record import SlideGraph
 from .baselines import BASELINES, make_baseline, training_set
-from .fit import check_leakage, load_folds, load_model, predict_graph
+from .fit import check_leakage, load_folds, load_model, predict_with_spread
 from .rundir import Run, open_run
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def check_methods(methods: Sequence[str]) -> list[str]:
 
 
 def _model_predictions(run: Run, fold: BankGraphs, graphs: list[SlideGraph], backend: str | None,
-                       device: str) -> dict[str, np.ndarray]:
+                       device: str) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     info = run.fold_info(fold.name)  # checked before the weights are loaded
     if list(info["genes"]) != list(fold.bank.genes):
         raise InputError(
@@ -53,7 +53,7 @@ def _model_predictions(run: Run, fold: BankGraphs, graphs: list[SlideGraph], bac
         raise InputError(f"run {run.path} fold '{fold.name}' was trained on {info['spot_dim']}-d embeddings, the "
                          f"store has {dims['spot_dim']}-d ones (another encoder?); predict with the store it was fitted on")
     model, be, _ = load_model(run.path, fold.name, backend=backend, device=device)
-    return {g.target: predict_graph(model, be.prepare(g, device)) for g in graphs}
+    return {g.target: predict_with_spread(model, be.prepare(g, device)) for g in graphs}
 
 
 def predict_fold(
@@ -71,7 +71,7 @@ def predict_fold(
                          "slides with `hgc predict MODEL TARGETS`)")
     train = training_set(fold.bank)
     heg, hvg = training_gene_sets(train.y)
-    preds: dict[str, dict[str, np.ndarray]] = {}
+    preds: dict[str, dict[str, tuple[np.ndarray, np.ndarray | None]]] = {}  # method -> slide -> (pred, spread)
     for method in check_methods(methods):
         if method == "hgc":
             if run is None:
@@ -83,13 +83,14 @@ def predict_fold(
             preds[method] = _model_predictions(run, fold, graphs, backend, device)
         else:
             b = make_baseline(method).fit(train)
-            preds[method] = {g.target: b.predict(g) for g in graphs}
+            preds[method] = {g.target: (b.predict(g), None) for g in graphs}
     return [
         Prediction(
             method=method, slide=g.target, fold=fold.name, patient=g.patient, protocol=fold.info.protocol,
             normalisation=fold.bank.normaliser, genes=np.asarray(fold.bank.genes, dtype=object),
-            barcodes=g.spot_barcodes, coords=g.spot_coords, predicted=by_slide[g.target],
+            barcodes=g.spot_barcodes, coords=g.spot_coords, predicted=by_slide[g.target][0],
             observed=g.spot_y, heg=heg, hvg=hvg, image=g.image, image_scale=g.image_scale,
+            uncertainty=by_slide[g.target][1],
         )
         for method, by_slide in preds.items() for g in graphs
     ]

@@ -258,9 +258,17 @@ def write_fold(folder: Path, state: dict, history: Sequence[dict[str, float]], i
 
 def early_stopping(info: dict[str, Any]) -> str:
     """Which slides chose the model's epoch, and its score there (from a bundle's fold.json)."""
-    val = info.get("best_val_pcc")
-    return (f"{', '.join(info['validation_slides']) or 'no validation slide (last epoch kept)'}"
-            + (f", validation PCC-ALL {val:.4f} at epoch {info['best_epoch']}" if val is not None else ""))
+    val, block = info.get("best_val_pcc"), info.get("validation_block")
+    where = ", ".join(info["validation_slides"]) or (
+        f"band {block['band'] + 1} of {block['n_bands']} of {block['slide']} ({block['n_spots']} spots held out)"
+        if block else "no validation slide (last epoch kept)")
+    if val is None:
+        return where
+    members = info.get("members") or []
+    if len(members) > 1:
+        epochs = ", ".join(str(m["best_epoch"]) for m in members)
+        return f"{where}, validation PCC-ALL {val:.4f} of the {len(members)}-seed ensemble (members' epochs {epochs})"
+    return f"{where}, validation PCC-ALL {val:.4f} at epoch {info['best_epoch']}"
 
 
 def model_card(info: dict[str, Any], bank: "ReferenceBank | None") -> str:
@@ -281,7 +289,9 @@ def model_card(info: dict[str, Any], bank: "ReferenceBank | None") -> str:
         f"- Reference bank: {bank.n_ref if bank is not None else 0} spots of "
         f"{', '.join(bank.slides) if bank is not None else 'no slide'}",
         f"- Model: {info['model'].get('layers')} layers of {info['model'].get('hidden')}, relations "
-        f"{', '.join(info['model'].get('relations', []))}, contrast {info['model'].get('contrast')}",
+        f"{', '.join(info['model'].get('relations', []))}, contrast {info['model'].get('contrast')}"
+        + (f"; a seed ensemble of {info['ensemble']} (predictions carry their spread as layers['uncertainty'])"
+           if info.get("ensemble", 1) > 1 else ""),
         "",
         "Predict new slides with `hgc predict <this folder> TARGETS.tsv --out PRED/`.",
     ]
