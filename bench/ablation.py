@@ -58,7 +58,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "+no residual or LayerNorm +gene-PCA head (rank 10)": (REFERENCE, {"model": {
         "residual": False, "layer_norm": False, "gene_rank": 10}}),
     "hgc +gene-PCA head (rank 10)": ("hgc", {"model": {"gene_rank": 10}}),
-    "hgc, seed ensemble of 3": ("hgc", {"ensemble": 3}),
+    "hgc (seed ensemble of 3)": ("hgc", {"ensemble": 3}),
 }
 
 

@@ -43,7 +43,8 @@ PROTOCOLS = ("patient-kfold", "slide-loso")
 QUICK_EPOCHS = 2
 QUICK_SEEDS = (0,)
 FULL_SEEDS = (0, 1, 2)
-#: ``--ablation``: the model with one part taken out (``hgc fit`` options); the full model is ``None``.
+#: ``--ablation``: the model with one part taken out, or one option added (``hgc fit`` options); the
+#: full model is ``None``.
 #: ``no-masked-supervision`` keeps the masked views for the contrast only: the supervised terms see
 #: the unmasked graph, as inference does (``ModelConfig.supervise="clean"``).
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -52,6 +53,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-near": {"relations": ("refer", "close")},
     "no-refer": {"relations": ("near", "close")},
     "no-masked-supervision": {"model": {"supervise": "clean"}},
+    "gene-rank-10": {"model": {"gene_rank": 10}},  # not a part taken out: the low-rank head added
 }
 
 
@@ -183,7 +185,8 @@ def run(
 
 
 #: What records merged by ``--combine`` must share (seeds and timings may differ).
-SAME_RUN = ("kind", "mode", "ablation", "preset", "dataset", "manifest", "protocol", "genes", "encoder", "backend", "fit")
+SAME_RUN = ("kind", "mode", "ablation", "preset", "dataset", "manifest", "protocol", "genes", "encoder", "backend",
+            "fit")
 
 
 def combine_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -182,12 +182,14 @@ def ablation_markdown(full: dict[str, Any], ablations: list[dict[str, Any]]) -> 
         mean, std = summarise_rows(per_slide)
         rows.append([label] + [f"{fmt(mean[k])} ± {fmt(std[k])}" for k, _ in METRICS]
                     + [len(per_slide), f"`{r['_file']}`"])
-    caption = (f"hgc with one part taken out (`bench/accuracy.py --ablation NAME`): **{full['dataset']}**, "
+    caption = (f"hgc with one part taken out or one option added (`bench/accuracy.py --ablation NAME`): "
+               f"**{full['dataset']}**, "
                f"**{full['protocol']}**, genes `{full['genes']}`, encoder `{full['encoder']}`, seeds "
                f"{seeds}; mean ± std over held-out slides x seeds. `no-contrast`: no contrastive "
                f"loss; `no-masking`: no feature masking or edge dropping; `no-near` / `no-refer`: the graphs "
                f"without that relation; `no-masked-supervision`: masked views for the contrast only, the "
-               f"supervised terms on the unmasked graph (as at inference).")
+               f"supervised terms on the unmasked graph (as at inference); `gene-rank-10`: an option added, "
+               f"the head's output in the span of the training expression's 10 leading principal axes.")
     return "\n".join([caption, "", *table(head, rows)]) + "\n"
 
 
@@ -209,9 +211,10 @@ def variant_ablation_markdown(r: dict[str, Any]) -> str:
             continue
         pcc = [x["val_pcc"] for x in got]
         sd = statistics.stdev(pcc) if len(pcc) > 1 else float("nan")
-        changes = v["preset"] if not v["options"] else ", ".join(
-            f"{k}={val}" for k, val in {**v["options"].get("model", {}),
-                                        **{k: x for k, x in v["options"].items() if k != "model"}}.items())
+        given = {**v["options"].get("model", {}), **{k: x for k, x in v["options"].items() if k != "model"}}
+        options = ", ".join(f"{k}={val}" for k, val in given.items())
+        preset = v["preset"] if v["preset"] != reference or not options else ""
+        changes = " + ".join(x for x in (preset, options) if x)
         rows.append([f"**{name}**" if name == v["preset"] and not v["options"] else name, f"`{changes}`",
                      f"{fmt(statistics.fmean(pcc))} ± {fmt(sd)}", fmt(statistics.fmean(pcc) - ref),
                      fmt(statistics.fmean(x["best_epoch"] for x in got), 0),
@@ -224,6 +227,8 @@ def variant_ablation_markdown(r: dict[str, Any]) -> str:
                f"{r['metric']}; no test slide is read. Each row is `{reference}` with the published code's "
                f"choice (or another option) switched in, or a preset (whole or with one option); "
                f"{short(r['machine'])}. Source: `bench/results/{r['_file']}`.")
+    if r.get("note"):
+        caption += f" Note: {r['note']}."
     return "\n".join([caption, "", *table(head, rows)]) + "\n"
 
 

@@ -129,8 +129,8 @@ class SlidePredictor:
         """The slide's expression in the model's space and genes, when it has counts."""
         return self.normaliser.transform(slide, self.genes) if slide.has_expression else None
 
-    def predictions(self, slide, by_method: dict[str, tuple[np.ndarray, np.ndarray | None]], observed: np.ndarray | None,
-                    spatial: dict | None) -> list[Prediction]:
+    def predictions(self, slide, by_method: dict[str, tuple[np.ndarray, np.ndarray | None]],
+                    observed: np.ndarray | None, spatial: dict | None) -> list[Prediction]:
         """The prediction records of one slide, one per method."""
         info = self.bundle.info
         model = {"id": str(info.get("write_id", "")), "path": str(self.bundle.path.resolve()),
