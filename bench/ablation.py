@@ -57,9 +57,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "residual": False, "layer_norm": False, "input_block": "mlp", "dropout": 0.2, "dropout_layers": False}}),
     "+no residual or LayerNorm +gene-PCA head (rank 10)": (REFERENCE, {"model": {
         "residual": False, "layer_norm": False, "gene_rank": 10}}),
-    "hgc +gene-PCA head (rank 10)": ("hgc", {"model": {"gene_rank": 10}}),
+    "hgc (full-rank head)": ("hgc", {"model": {"gene_rank": None}}),
+    "hgc (full-rank head, seed ensemble of 3)": ("hgc", {"model": {"gene_rank": None}, "ensemble": 3}),
     "hgc (seed ensemble of 3)": ("hgc", {"ensemble": 3}),
 }
+
 
 
 def run_variant(folds: list, preset: str, options: dict[str, Any], seed: int, epochs: int,

@@ -53,7 +53,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-near": {"relations": ("refer", "close")},
     "no-refer": {"relations": ("near", "close")},
     "no-masked-supervision": {"model": {"supervise": "clean"}},
-    "gene-rank-10": {"model": {"gene_rank": 10}},  # not a part taken out: the low-rank head added
+    "full-rank-head": {"model": {"gene_rank": None}},  # the head before hgc 0.2 made it low-rank (rank 10)
+    "ensemble-3": {"ensemble": 3},  # not a part taken out: three seeds per fold, averaged
 }
 
 

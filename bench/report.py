@@ -68,7 +68,11 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "virtual-spots": ("slide", "method", "n_real", "n_virtual", "median_distance_px", "space", "scores", "machine"),
     "variant-ablation": ("schema", "dataset", "encoder", "protocol", "n_genes", "metric", "variants", "rows", "backend",
                  "epochs", "machine"),
+    "resolution-robustness": ("schema", "dataset", "encoder", "genes", "factor", "seeds", "epochs", "test_slide",
+                              "validation_slide", "train_slides", "low_resolution_mpp", "settings", "rows", "summary",
+                              "machine"),
 }
+RESOLUTION_ROW_KEYS = ("setting", "role", "seed", "method", "slide", "resolution", "pcc_all", "pcc_heg")
 ABLATION_ROW_KEYS = ("variant", "seed", "fold", "val_slides", "val_pcc", "best_epoch", "epochs_run")
 #: Stages of a predict-wsi record, in order, with what each one does.
 PREDICT_STAGES = (("read_mask", "open, tissue mask, virtual spots"), ("embed", "patches + embedding"),
@@ -105,6 +109,13 @@ def check_record(r: dict[str, Any]) -> list[str]:
                      if k not in row]
         problems += [f"row of unknown variant {row.get('variant')!r}" for row in r.get("rows", [])
                      if row.get("variant") not in r.get("variants", {})][:1]
+    elif kind == "resolution-robustness":
+        problems += [f"resolution row lacks {k!r}" for row in r.get("rows", [])[:1] for k in RESOLUTION_ROW_KEYS
+                     if k not in row]
+        seen: dict[tuple, set[str]] = {}
+        for x in r.get("rows", []):
+            seen.setdefault((x["setting"], x["role"], x["method"], x["seed"]), set()).add(x["resolution"])
+        problems += [f"{k} lacks a full- or a low-resolution row" for k, v in seen.items() if v != {"full", "low"}][:1]
     elif kind == "virtual-spots":
         problems += [f"scores of {name} lack {k}" for name, sc in r.get("scores", {}).items()
                      for k in ("pcc_all", "pcc_heg", "pcc_hvg") if k not in sc]
@@ -188,8 +199,10 @@ def ablation_markdown(full: dict[str, Any], ablations: list[dict[str, Any]]) -> 
                f"{seeds}; mean ± std over held-out slides x seeds. `no-contrast`: no contrastive "
                f"loss; `no-masking`: no feature masking or edge dropping; `no-near` / `no-refer`: the graphs "
                f"without that relation; `no-masked-supervision`: masked views for the contrast only, the "
-               f"supervised terms on the unmasked graph (as at inference); `gene-rank-10`: an option added, "
-               f"the head's output in the span of the training expression's 10 leading principal axes.")
+               f"supervised terms on the unmasked graph (as at inference); `full-rank-head`: the head's "
+               f"output in every gene's direction, not in the span of the training expression's 10 leading "
+               f"principal axes (hgc's default head); `ensemble-3`: three models per fold (successive seeds), "
+               f"their mean predicted.")
     return "\n".join([caption, "", *table(head, rows)]) + "\n"
 
 
@@ -229,6 +242,28 @@ def variant_ablation_markdown(r: dict[str, Any]) -> str:
                f"{short(r['machine'])}. Source: `bench/results/{r['_file']}`.")
     if r.get("note"):
         caption += f" Note: {r['note']}."
+    return "\n".join([caption, "", *table(head, rows)]) + "\n"
+
+
+def resolution_markdown(r: dict[str, Any]) -> str:
+    """PCC at full and low resolution, and their ratio, per setting, role and method."""
+    order = {"validation": 0, "test": 1, "hgc": 0, "ridge": 1, "knn": 2, "native": 0, "coarse": 1}
+    rows = [[f"{x['role']} ({x['slide']})", x["method"], f"`{x['setting']}`",
+             fmt(x["pcc_all_full"]), fmt(x["pcc_all_low"]), f"**{x['pcc_all_ratio']:.2f}**",
+             fmt(x["pcc_heg_full"]), fmt(x["pcc_heg_low"]), x["n_seeds"]]
+            for x in sorted(r["summary"], key=lambda x: (order[x["role"]], order.get(x["method"], 9), order[x["setting"]]))]
+    mpp = r["low_resolution_mpp"]
+    caption = (f"`bench/lowres.py`: **{r['dataset']}**, genes `{r['genes']}`, encoder `{r['encoder']}`. A copy of "
+               f"the test slide {r['test_slide']} and of the validation slide {r['validation_slide']}, downscaled "
+               f"{r['factor']}x ({', '.join(f'{s}: {v:.2f} µm/px' for s, v in mpp.items())}; a PNG whose spots map by "
+               f"`coord_scale`), is predicted beside the full-resolution slide by models trained on the full-resolution "
+               f"sections {', '.join(r['train_slides']['test'])} (validation role: without "
+               f"{r['validation_slide']}), up to {r['epochs']} epochs, seeds {r['seeds']} (mean over seeds). "
+               f"`native`: every slide's patches at its own resolution (hgc's default); `coarse`: every patch first "
+               f"brought down to {max(mpp.values()):.2f} µm/px (`--patch-mpp`). The choice is read on the validation "
+               f"rows; {short(r['machine'])}. Source: `bench/results/{r['_file']}`.")
+    head = ["role (slide)", "method", "setting", "PCC-ALL full", "PCC-ALL low", "low / full", "PCC-HEG full",
+            "PCC-HEG low", "seeds"]
     return "\n".join([caption, "", *table(head, rows)]) + "\n"
 
 
@@ -354,6 +389,9 @@ def generated(records: list[dict[str, Any]]) -> str:
     if variant_runs:
         out += ["## Model and training choices, on validation slides", ""]
         out += [variant_ablation_markdown(r) for r in variant_runs]
+    resolution = [r for r in records if r.get("kind") == "resolution-robustness"]
+    if resolution:
+        out += ["## Resolution robustness: a coarser scan of a slide", ""] + [resolution_markdown(r) for r in resolution]
     out += ["## Throughput", ""]
     for set_name in ("cpu", "gpu"):
         runs = [r for r in thr if r.get("set") == set_name]

@@ -298,3 +298,41 @@ def test_gpu_machine_import_chain():
     assert statuses == {"embedding": "ok", "search": "ok", "train": "ok"}, out.stderr[-3000:]
     assert synthetic == ["ok", "ok"]
     assert embed_status == "ok"
+
+
+def test_lowres_copy_predicts_beside_the_full_slide_and_is_tabled(tmp_path):
+    """A real (tiny) resolution-robustness run: the copy is the same tissue and spots at a coarser
+    resolution, every model predicts both, and the record validates and renders."""
+    import lowres
+    from conftest import write_manifest, write_st_slide
+
+    from hgc.data import read_manifest
+
+    rows = []
+    for i, (name, patient) in enumerate([("S1", "P1"), ("S3", "P2"), ("S4", "P2"), ("S5", "P2")]):
+        files = write_st_slide(tmp_path / name, name=name, grid=4, pitch_px=60, image_size=(300, 300), seed=i)
+        rows.append({"slide": name, "patient": patient, "format": "st", "microns_per_pixel": "0.8", **files})
+    manifest = write_manifest(tmp_path / "m.tsv", rows)
+    params = lowres.Params(manifest, "S1", "S3", "top-mean:5", factor=2.0, encoder="effnet-lite0", seeds=[0],
+                           epochs=1, work_dir=tmp_path / "work",
+                           fit={"backend": "pyg", "patience": None, "model": TINY_MODEL})
+    record = lowres.run(params)
+    assert report.check_record(record) == []
+    copy = read_manifest(lowres.write_manifest(tmp_path / "copy.tsv", [lowres.lowres_copy(
+        read_manifest(manifest).entry("S1"), 2.0, tmp_path / "work" / "images")])).load("S1-lowres")
+    full = read_manifest(manifest).load("S1")
+    assert copy.image.pixels().shape[:2] == (150, 150) and copy.microns_per_pixel == pytest.approx(1.6)
+    np.testing.assert_allclose(copy.coords * 2, full.coords)  # the same spots, in the copy's pixels
+    assert (copy.counts != full.counts).nnz == 0
+    got = {(r["setting"], r["role"], r["method"], r["resolution"]) for r in record["rows"]}
+    assert got == {(s, role, m, res) for s in ("native", "coarse") for role in ("validation", "test")
+                   for m in ("hgc", "ridge", "knn") for res in ("full", "low")}
+    coarse = [r for r in record["rows"] if r["setting"] == "coarse"]
+    assert [r["patch_mpp"] for r in coarse] == pytest.approx([1.6] * len(coarse))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "lowres-tiny.json").write_text(json.dumps(record))
+    readme = tmp_path / "README.md"
+    assert report.main(["--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    assert "## Resolution robustness" in readme.read_text() and "| test (S1) | hgc | `coarse` |" in readme.read_text()
+    bad = {**record, "rows": [r for r in record["rows"] if r["resolution"] == "full"]}
+    assert report.check_record(bad)

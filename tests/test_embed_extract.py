@@ -110,6 +110,15 @@ def test_changed_settings_recompute_and_say_why(tiny, tmp_path, caplog):
     _, smaller = read_embeddings(out, "S1")
     assert not np.allclose(base, smaller)
     assert read_attrs(out)["S1"]["patch_um"] == 50.0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hgc"):  # a working resolution coarser than the slides' 1 µm/px
+        embed_manifest(manifest, TINY, out, weights=weights, workers=0, patch_um=50.0, patch_mpp=4.0, progress=False)
+    assert caplog.text.count("patch_mpp differs (stored None, now 4.0)") == 2
+    _, blurred = read_embeddings(out, "S1")
+    assert read_attrs(out)["S1"]["patch_mpp"] == 4.0 and not np.allclose(blurred, smaller)
+    embed_manifest(manifest, TINY, out, weights=weights, workers=0, patch_um=50.0, progress=False)
+    np.testing.assert_allclose(read_embeddings(out, "S1")[1], smaller, rtol=1e-5, atol=1e-6)  # back to native
+    assert "patch_mpp" not in read_attrs(out)["S1"]
 
     state = torch.load(weights, weights_only=True)
     first = next(iter(state))

@@ -41,7 +41,8 @@ def _slide(path, coords, mpp, scale=1.0) -> Slide:
 
 
 def _patches(slide: Slide, spec: PatchSpec) -> np.ndarray:
-    data = PatchBatches(slide.image.pixels(), crop_boxes(slide, spec), spec.out_px, batch_size=64)
+    data = PatchBatches(slide.image.pixels(), crop_boxes(slide, spec), spec.out_px, batch_size=64,
+                        via_px=spec.via_px(slide))
     return data[0].numpy().astype(np.float64)
 
 
@@ -79,6 +80,26 @@ def test_same_tissue_at_two_resolutions_gives_the_same_patches(tmp_path, tissue,
     # Control: ignoring the resolution (same pixel box on both) is what this test catches.
     wrong = _coarse(_patches(lo, PatchSpec(out_px=224, native_px=int(round(112 / mpp)))))
     assert _corr(a, wrong) < 0.9
+
+
+def test_a_working_resolution_makes_a_sharp_slide_look_like_its_coarse_scan(tmp_path, tissue):
+    """A model trained on 0.67 µm/px slides and applied to a 3 µm/px scan sees blurrier patches
+    than it learnt from; with the working resolution set to 3 µm/px both look alike, in detail."""
+    region, spots, mpp = tissue
+    size = int(round(region.shape[1] * mpp / 3.0))
+    Image.fromarray(region).save(tmp_path / "hi.png")
+    Image.fromarray(region).resize((size, size), Image.LANCZOS).save(tmp_path / "low.png")
+    hi = _slide(tmp_path / "hi.png", spots, mpp)
+    lo = _slide(tmp_path / "low.png", spots * (size / region.shape[1]), mpp * region.shape[1] / size)
+    native, work = PatchSpec(out_px=224), PatchSpec(out_px=224, mpp=lo.microns_per_pixel)
+    assert work.via_px(hi) == round(112 / lo.microns_per_pixel) and work.via_px(lo) is None  # never sharpened
+    before = np.abs(_patches(hi, native) - _patches(lo, native)).mean()
+    after = np.abs(_patches(hi, work) - _patches(lo, work)).mean()
+    assert after < 0.6 * before, (before, after)
+    np.testing.assert_array_equal(_patches(lo, work), _patches(lo, native))
+    assert work.attrs(hi)["patch_mpp"] == lo.microns_per_pixel and "patch_mpp" not in native.attrs(hi)
+    with pytest.raises(InputError, match="positive"):
+        PatchSpec(mpp=0)
 
 
 def test_border_spots_are_padded_white_not_shifted(tmp_path):

@@ -84,6 +84,34 @@ def test_effnet_lite_imagenet_weights_recognise_a_photo(name, px):
         assert features(x).shape == (1, 1280)
 
 
+@pytest.mark.parametrize("name", ["effnet-lite0", "effnet-lite1"])
+def test_stage_pooled_variant_adds_the_stages_to_the_same_features(name):
+    """``-stages``: the same weights and final features, then each intermediate stage's mean map."""
+    plain, stages = load_encoder(name), load_encoder(f"{name}-stages")
+    assert stages.weights_sha256 == plain.weights_sha256
+    px = plain.spec.input_px
+    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (2, 3, px, px)).astype(np.float32))
+    a, b = plain.build(), stages.build()
+    with torch.inference_mode():
+        base, pooled = a(x), b(x)
+        maps = a.forward_intermediates(x)[1]
+    assert pooled.shape == (2, stages.spec.dim) == (2, b.num_features)
+    np.testing.assert_allclose(pooled[:, :1280].numpy(), base.numpy(), rtol=1e-5, atol=1e-5)
+    first = maps[0].shape[1]  # the finest stage: its channels' spatial means
+    np.testing.assert_allclose(pooled[:, 1280:1280 + first].numpy(), maps[0].mean(dim=(2, 3)).numpy(), rtol=1e-5,
+                               atol=1e-5)
+    assert pooled[:, 1280:].std() > 0
+
+
+def test_every_stage_pooled_encoder_states_its_width():
+    from hgc.embed.stages import StagePooled
+
+    for spec in (s for s in ENCODERS.values() if s.pool_stages):
+        model = build_model(spec)
+        model.reset_classifier(0)
+        assert StagePooled(model).num_features == spec.dim, spec.name
+
+
 def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path):
     torch.save({"conv_stem.weight": torch.zeros(32, 3, 3, 3)}, tmp_path / "small.pt")
     with pytest.raises(InputError, match="has 1 tensors; the architecture has 296"):

@@ -125,6 +125,7 @@ def test_training_views_apply_masks_and_drops_for_real(graph, name):
     for opts, other in cases:
         for contrast in ("none", "bgrl"):
             model = SpaHGC(ModelConfig(contrast=contrast, dropout=0.0, **opts, **SMALL), *dims, be, seed=0)
+            model.fit_gene_basis(torch.as_tensor(graph.ref_y))
             a, b = be.prepare(graph), be.prepare(other)
             _, pa = model.training_loss(a, _gen(3))
             _, pb = model.training_loss(b, _gen(3))
@@ -132,6 +133,7 @@ def test_training_views_apply_masks_and_drops_for_real(graph, name):
             with torch.no_grad():
                 assert not torch.allclose(model(a), model(b)), opts  # inference sees everything
         clean = SpaHGC(ModelConfig(contrast="none", supervise="clean", **opts, **SMALL), *dims, be, seed=0)
+        clean.fit_gene_basis(torch.as_tensor(graph.ref_y))
         _, pa = clean.training_loss(a, _gen(3))
         _, pb = clean.training_loss(b, _gen(3))
         assert pa["mse"] != pytest.approx(pb["mse"], abs=1e-6), opts  # "clean" supervises unmasked

@@ -107,6 +107,15 @@ def test_steps_rerun_when_what_they_read_changes(tmp_path, caplog, monkeypatch):
         _run(manifest, out, "slide-loso")
     assert _steps(caplog) == {"embed": "up to date", "graphs": "up to date", "fit": "running", "predict": "up to date"}
 
+    # A new hgc whose default model differs (same options on the command line): the model is refitted.
+    from hgc.train import presets
+
+    monkeypatch.setitem(presets.PRESETS, "hgc", presets.Preset("changed defaults", model={"gene_rank": 2}))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hgc"):
+        _run(manifest, out, "slide-loso")
+    assert _steps(caplog)["fit"] == "running" and _steps(caplog)["graphs"] == "up to date"
+
 
 @pytest.mark.parametrize("case", ["one patient", "typo in panel", "panel without data genes", "learning rate",
                                   "empty split file", "foreign model folder"])

@@ -67,6 +67,7 @@ def test_a_trained_model_predicts_a_new_slide_as_cross_validation_does(tmp_path,
     fit_folds([model_fold], tmp_path / "model", replace(FIT, val_slides=tuple(fold.info.val)))
     bundle = open_model(tmp_path / "model")
     assert bundle.bank().n_ref == sum(slides[s].n_spots for s in C_SLIDES)
+    assert bundle.info["image_mpp"] == pytest.approx(max(slides[s].microns_per_pixel for s in C_SLIDES))
 
     b4 = read_manifest(_without_counts(her2st_manifest, tmp_path / "t", "B4", slides["B4"].barcodes)).load("B4")
     assert not b4.has_expression and b4.n_spots == slides["B4"].n_spots == 283
@@ -194,3 +195,16 @@ def _cv_run(tmp_path: Path, manifest: Path) -> Path:
                                   "--layers", "1", "--backend", "pyg", "--device", "cpu", "--no-progress"])
     assert r.exit_code == 0, r.output
     return out
+
+
+def test_a_scan_coarser_than_the_training_images_is_warned_about(her2st_manifest):
+    from hgc.train.apply import resolution_gap
+
+    b4 = read_manifest(her2st_manifest).load("B4")  # 0.6889 µm/px
+    info = {"image_mpp": 0.6982, "encoder": {"patch_um": 112.0}}  # trained on the C sections
+    assert resolution_gap(b4, info) is None
+    coarse = replace(b4, microns_per_pixel=3.2)  # the same section scanned at a lower magnification
+    message = resolution_gap(coarse, info)
+    assert "3.20 µm per pixel, 4.6x coarser than the 0.70 µm/px" in message and "--patch-mpp 3.20" in message
+    assert resolution_gap(coarse, {**info, "encoder": {"patch_mpp": 3.2}}) is None  # trained at its resolution
+    assert resolution_gap(coarse, {"encoder": {}}) is None  # a model that does not record it: nothing to say

@@ -58,8 +58,19 @@ def test_validation_slides_are_deterministic_training_slides():
         val = validation_slides(f, HER2ST, n=2, seed=3)
         assert len(val) == 2 and set(val) <= set(f.train)
         assert val == validation_slides(f, HER2ST, n=2, seed=3)
-    # slide-loso fold of C2: B4 (no test patient) is preferred
-    assert validation_slides(make_folds(HER2ST, "slide-loso")[1], HER2ST) == ["B4"]
+    # slide-loso fold of C2: C2's patient keeps training sections, so the validation slide is another
+    # C section (one that leaves C sections in training), never B4, patient B's only section
+    for seed in range(5):
+        val = validation_slides(make_folds(HER2ST, "slide-loso")[1], HER2ST, seed=seed)
+        assert len(val) == 1 and val[0].startswith("C") and val[0] != "C2"
+    # slide-loso fold of B4: no training section is B's, so any C section is as good
+    assert validation_slides(make_folds(HER2ST, "slide-loso")[0], HER2ST)[0].startswith("C")
+    # a patient-level fold prefers a patient with a single training section (as unseen as the test)
+    patients = {"a1": "a", "a2": "a", "b1": "b", "c1": "c"}
+    fold = make_folds(patients, "patient-kfold")[2]  # test c1; training a1, a2, b1
+    assert {validation_slides(fold, patients, seed=s)[0] for s in range(10)} == {"b1"}
+    patients["a3"] = "a"  # slide-loso fold of a1: a2 or a3, each leaving a section of a in training
+    assert {validation_slides(make_folds(patients, "slide-loso")[0], patients, seed=s)[0] for s in range(10)} == {"a2", "a3"}
     seeds = {tuple(validation_slides(make_folds(HER2ST, "patient-kfold")[0], HER2ST, seed=s)) for s in range(10)}
     assert len(seeds) > 1
     assert validation_slides(make_folds(HER2ST, "patient-kfold")[1], HER2ST) == []  # sole training slide stays

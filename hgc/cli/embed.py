@@ -5,11 +5,23 @@ from pathlib import Path
 
 import click
 
-from ..embed.registry import DEFAULT_ENCODER
+from ..embed.registry import DEFAULT_ENCODER, ENCODERS
 from . import data_root_option, device_option
 
 
+#: The working-resolution option, shared by every command that embeds a training manifest.
+patch_mpp_option = click.option(
+    "--patch-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Working resolution in µm/px: patches of sharper slides are first downsampled to it. Set it to "
+         "the coarsest slide you will predict (e.g. 2 for slides scanned at 5x), so the model learns from "
+         "patches no sharper than those it will see (default: each slide's own).",
+)
+
+
 def _patch_options(f):
+    f = patch_mpp_option(f)
     f = click.option(
         "--patch-native-px",
         type=click.IntRange(min=1),
@@ -26,8 +38,8 @@ def _patch_options(f):
 
 @click.command("embed")
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help="Encoder name: effnet-lite0, "
-              "effnet-lite1, effnet-lite2, uni, uni2-h, or timm:<model> with --weights.")
+@click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help=f"Encoder name: {', '.join(ENCODERS)}, "
+              "or timm:<model> with --weights (-stages: the intermediate stages pooled beside the final features).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Embedding HDF5 file to create or update.")
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Local weights file (state dict or .safetensors) instead of the default source.")
@@ -39,7 +51,7 @@ def _patch_options(f):
 @data_root_option
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def embed_command(manifest, encoder, out, weights, device, batch_size, workers, patch_um, patch_native_px,
-                  data_root, no_progress) -> None:
+                  patch_mpp, data_root, no_progress) -> None:
     """Embed every spot's H&E patch for each slide of MANIFEST into OUT (HDF5, one group per slide).
 
     Rerunning skips slides already embedded with the same encoder, weights and patch settings and
@@ -50,7 +62,8 @@ def embed_command(manifest, encoder, out, weights, device, batch_size, workers, 
 
     path = embed_manifest(
         manifest, encoder, out, weights=weights, device=device, batch_size=batch_size, workers=workers,
-        patch_um=patch_um, patch_native_px=patch_native_px, progress=not no_progress, data_root=data_root,
+        patch_um=patch_um, patch_native_px=patch_native_px, patch_mpp=patch_mpp, progress=not no_progress,
+        data_root=data_root,
     )
     click.echo(f"embeddings: {path}")
 
@@ -62,7 +75,7 @@ def embed_command(manifest, encoder, out, weights, device, batch_size, workers, 
 @click.option("--px", type=click.IntRange(min=8), default=224, show_default=True, help="Patch size in pixels.")
 @_patch_options
 @data_root_option
-def patches_command(manifest, out_dir, px, patch_um, patch_native_px, data_root) -> None:
+def patches_command(manifest, out_dir, px, patch_um, patch_native_px, patch_mpp, data_root) -> None:
     """Export every spot's patch to OUT/<slide>.h5 (uint8 `img`, `barcode`, `coords`; HEST layout).
 
     Optional: `hgc embed` cuts patches itself and does not need these files.
@@ -74,7 +87,7 @@ def patches_command(manifest, out_dir, px, patch_um, patch_native_px, data_root)
     from .._outputs import check_writable, safe_name
 
     m = read_manifest(manifest, data_root)
-    spec = PatchSpec(out_px=px, um=patch_um, native_px=patch_native_px)
+    spec = PatchSpec(out_px=px, um=patch_um, native_px=patch_native_px, mpp=patch_mpp)
     check_writable(Path(out_dir) / "probe")
     for slide_id in progress(m.slide_ids, desc="slides", unit="slide"):
         export_patches(m.load(slide_id), spec, Path(out_dir) / f"{safe_name(slide_id)}.h5")

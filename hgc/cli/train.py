@@ -6,6 +6,7 @@ import json
 import click
 
 from ..embed.registry import DEFAULT_ENCODER
+from .embed import patch_mpp_option
 from ..train.presets import DEFAULT_PRESET, PRESETS
 from . import data_root_option, device_option
 
@@ -97,11 +98,12 @@ def register(main: click.Group) -> None:
                   help="Validation slides (early stopping), taken from the manifest's slides.")
     @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
                   help="The encoder's weights file, when not its default source (see `hgc embed --help`).")
+    @patch_mpp_option
     @click.option("--no-progress", is_flag=True, help="No progress bars.")
     @data_root_option
     @_fit_options
-    def train_command(manifest, genes, encoder, out, normalize, batch_size, n_val, weights, no_progress, data_root,
-                      **kw) -> None:
+    def train_command(manifest, genes, encoder, out, normalize, batch_size, n_val, weights, patch_mpp, no_progress,
+                      data_root, **kw) -> None:
         """Train one model on every slide of MANIFEST, to predict new slides with `hgc predict`.
 
         The model is a self-contained bundle (weights, reference bank of the training spots, genes,
@@ -111,7 +113,8 @@ def register(main: click.Group) -> None:
 
         bundle = train_model(manifest, genes, encoder, out, fit_config=_fit_config(kw), normalize=normalize,
                              device=kw["device"], data_root=data_root, batch_size=batch_size,
-                             graph_options={"n_val": n_val}, progress=not no_progress, weights=weights)
+                             graph_options={"n_val": n_val}, progress=not no_progress, weights=weights,
+                             patch_mpp=patch_mpp)
         from ..train.rundir import early_stopping, open_model
 
         info = open_model(bundle).info
@@ -193,12 +196,13 @@ def register(main: click.Group) -> None:
     @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
     @click.option("--n-val", type=click.IntRange(min=0), default=1, show_default=True,
                   help="Validation slides per fold (early stopping), taken from the training slides.")
+    @patch_mpp_option
     @click.option("--no-progress", is_flag=True, help="No progress bars.")
     @data_root_option
     @_fit_options
     @_fold_option
     def run_command(manifest, protocol, genes, encoder, out, normalize, methods, split_file, batch_size,
-                    n_val, no_progress, data_root, **kw) -> None:
+                    n_val, patch_mpp, no_progress, data_root, **kw) -> None:
         """Embed, build graphs, fit, predict and evaluate MANIFEST; print the results table.
 
         Each step is skipped when its output in OUT exists and was made from the same inputs and
@@ -210,6 +214,6 @@ def register(main: click.Group) -> None:
         report = run_pipeline(
             manifest, protocol, genes, encoder, out, fit_config=_fit_config(kw), normalize=normalize,
             methods=_split_csv(methods), device=kw["device"], data_root=data_root, split_file=split_file,
-            batch_size=batch_size, graph_options={"n_val": n_val}, progress=not no_progress,
+            batch_size=batch_size, graph_options={"n_val": n_val}, progress=not no_progress, patch_mpp=patch_mpp,
         )
         click.echo(markdown_table(report), nl=False)

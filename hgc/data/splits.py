@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,9 @@ import pandas as pd
 from ..errors import InputError
 
 PROTOCOLS = ("patient-kfold", "slide-loso", "split-file", "all")
+#: Version of the rule :func:`validation_slides` follows; cached graph stores built under another
+#: rule are rebuilt (2: the validation slide mirrors the test slide's relation to its patient).
+VALIDATION_RULE = 2
 #: The name of the one fold of protocol ``all``.
 ALL_FOLD = "all"
 
@@ -105,16 +109,20 @@ def _read_split_file(path: Path, patients: dict[str, str]) -> list[Fold]:
 def validation_slides(fold: Fold, patients: dict[str, str], n: int = 1, seed: int = 0) -> list[str]:
     """``n`` whole training slides of ``fold`` held out for early stopping (never a test slide).
 
-    The choice depends only on ``seed`` and the fold. Slides of patients that have no test slide
-    in the fold come first (a validation slide should be as unseen as the test slide). At least
-    one training slide always stays for training, so a fold with a single training slide gets
-    no validation slide.
+    A validation slide should stand to the training slides as the test slide does, or early
+    stopping is tuned to the wrong task: where the test slide's patient has other sections among
+    the training slides (slide-loso), slides whose patient keeps another training section come
+    first; where it has none (patient-kfold, or ``all`` whose new slides are new patients), slides
+    whose patient has no other training section come first. Within that, the choice depends only
+    on ``seed`` and the fold. At least one training slide always stays for training, so a fold
+    with a single training slide gets no validation slide.
     """
     n = min(n, len(fold.train) - 1)
     if n <= 0:
         return []
     rng = random.Random(f"{seed}:{fold.name}")
     key = {s: rng.random() for s in sorted(fold.train)}
-    test_patients = {patients.get(s) for s in fold.test}
-    chosen = sorted(fold.train, key=lambda s: (patients.get(s) in test_patients, key[s]))[:n]
+    sections = Counter(patients.get(s) for s in fold.train)
+    test_seen = any(sections[patients.get(s)] > 0 for s in fold.test)
+    chosen = sorted(fold.train, key=lambda s: ((sections[patients.get(s)] > 1) != test_seen, key[s]))[:n]
     return [s for s in fold.train if s in chosen]

@@ -90,7 +90,8 @@ def embed_slide(
 
     boxes = crop_boxes(slide, patch)
     share = workers > 0 and torch.multiprocessing.get_start_method() != "fork"
-    data = PatchBatches(patch_source(slide), boxes, patch.out_px, batch_size, encoder.spec.mean, encoder.spec.std, share)
+    data = PatchBatches(patch_source(slide), boxes, patch.out_px, batch_size, encoder.spec.mean, encoder.spec.std, share,
+                        patch.via_px(slide))
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     autocast, _ = _precision(device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -146,6 +147,7 @@ def embed_manifest(
     workers: int | None = None,
     patch_um: float | None = None,
     patch_native_px: int | None = None,
+    patch_mpp: float | None = None,
     arch_overrides: dict[str, Any] | None = None,
     progress: bool = True,
     data_root: str | Path | None = None,
@@ -164,7 +166,7 @@ def embed_manifest(
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     enc = load_encoder(encoder, weights, arch_overrides)
-    patch = PatchSpec(out_px=enc.spec.input_px, um=patch_um, native_px=patch_native_px)
+    patch = PatchSpec(out_px=enc.spec.input_px, um=patch_um, native_px=patch_native_px, mpp=patch_mpp)
     dev = resolve_device(device)
     workers = default_workers(dev) if workers is None else workers
     _, precision = _precision(dev)

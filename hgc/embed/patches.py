@@ -2,7 +2,10 @@
 
 The field of view is set in micrometres (default: the encoder's input size at 0.5 µm/px, so
 112 µm for 224 px), converted to pixels with each slide's microns per pixel, so slides scanned at
-0.5, 0.7 or 3 µm/px give patches of the same tissue area. Spots near the border are padded with
+0.5, 0.7 or 3 µm/px give patches of the same tissue area. A model trained on sharp slides and
+applied to a coarser one sees blurrier patches than it learnt from; a working resolution
+(``PatchSpec.mpp``, e.g. the coarsest slide's) brings every patch down to it first, so training and
+target slides look alike. Spots near the border are padded with
 white, never dropped or shifted. Each slide image is decoded once and patches are array slices of
 it; a tiled whole-slide TIFF is not decoded at all, each patch decodes the tiles under it. Patches
 are resampled a batch at a time (bilinear with antialiasing, deterministic on CPU).
@@ -39,17 +42,19 @@ class PatchSpec:
     """Which tissue area a patch covers and the pixel size it is resampled to.
 
     Give ``um`` (physical width) or ``native_px`` (width in full-resolution image pixels,
-    whatever the slide's resolution); with neither, the width is ``out_px * 0.5`` µm.
+    whatever the slide's resolution); with neither, the width is ``out_px * 0.5`` µm. ``mpp``
+    (µm per pixel) is a working resolution: patches of sharper slides are first downsampled to it.
     """
 
     out_px: int = 224
     um: float | None = None
     native_px: int | None = None
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
         if self.um is not None and self.native_px is not None:
             raise InputError("give the patch size in µm or in native pixels, not both")
-        for name in ("um", "native_px", "out_px"):
+        for name in ("um", "native_px", "out_px", "mpp"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise InputError(f"patch {name} must be a positive number, got {value}")
@@ -77,8 +82,22 @@ class PatchSpec:
             )
         return self.width_um / mpp
 
+    def via_px(self, slide: Slide) -> int | None:
+        """Width the patches of ``slide`` pass through at the working resolution; None when there is
+        none or the slide's image is no sharper than it (patches are never sharpened)."""
+        if self.mpp is None:
+            return None
+        box, mpp, scale = self.box_px(slide), slide.microns_per_pixel, require_image(slide).scale
+        if not (mpp > 0 and math.isfinite(mpp)):
+            raise InputError(f"slide '{slide.id}': microns per pixel is {mpp}; a working resolution of "
+                             f"{self.mpp} µm/px needs it (set microns_per_pixel in the manifest)")
+        if mpp / scale >= self.mpp * (1 - 1e-6):  # the image file's own pixels are as coarse already
+            return None
+        return max(1, int(round(box * mpp / self.mpp)))
+
     def attrs(self, slide: Slide) -> dict[str, object]:
-        """What the patches of ``slide`` were, as recorded beside its embeddings."""
+        """What the patches of ``slide`` were, as recorded beside its embeddings (``patch_mpp`` only
+        when a working resolution is set, so files written before it existed keep their keys)."""
         box = self.box_px(slide)
         return {
             "patch_mode": self.mode,
@@ -86,6 +105,7 @@ class PatchSpec:
             "patch_px": int(self.out_px),
             "patch_box_px": float(box),
             "resample": RESAMPLE,
+            **({"patch_mpp": float(self.mpp)} if self.mpp is not None else {}),
         }
 
 
@@ -113,12 +133,19 @@ def crop_boxes(slide: Slide, spec: PatchSpec) -> np.ndarray:
     return np.column_stack([origin, np.full(len(origin), width, dtype=np.int64)])
 
 
-def resample(crops: np.ndarray, out_px: int) -> torch.Tensor:
-    """(B, h, w, 3) uint8 crops to a (B, 3, out_px, out_px) float32 tensor in [0, 255]."""
+def resample(crops: np.ndarray, out_px: int, via_px: int | None = None) -> torch.Tensor:
+    """(B, h, w, 3) uint8 crops to a (B, 3, out_px, out_px) float32 tensor in [0, 255].
+
+    With ``via_px`` the crops are first downsampled to that width and rounded to 8 bits, as a
+    slide scanned at the working resolution would be.
+    """
     import torch
     import torch.nn.functional as F
 
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
+    if via_px is not None and via_px < x.shape[-1]:
+        x = F.interpolate(x, size=(via_px, via_px), mode="bilinear", align_corners=False, antialias=True)
+        x = x.round_().clamp_(0, 255)
     if x.shape[-2:] == (out_px, out_px):
         return x.contiguous()
     return F.interpolate(x, size=(out_px, out_px), mode="bilinear", align_corners=False, antialias=True)
@@ -143,6 +170,7 @@ class PatchBatches:
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         share: bool = False,
+        via_px: int | None = None,
     ) -> None:
         import torch
 
@@ -155,7 +183,7 @@ class PatchBatches:
             self._shared.numpy()[...] = pixels
             self._pixels = None
         self.boxes = boxes
-        self.out_px = out_px
+        self.out_px, self.via_px = out_px, via_px
         self.batch_size = batch_size
         self.mean = None if mean is None else torch.tensor(mean).view(1, 3, 1, 1) * 255.0
         self.std = None if std is None else torch.tensor(std).view(1, 3, 1, 1) * 255.0
@@ -173,7 +201,7 @@ class PatchBatches:
         else:
             px = self._pixels if self._pixels is not None else self._shared.numpy()
             crops = np.stack([crop_padded(px, x0, y0, w, w, WHITE) for x0, y0, w in boxes])
-        x = resample(crops, self.out_px)
+        x = resample(crops, self.out_px, self.via_px)
         if self.mean is None:
             return x.round_().clamp_(0, 255).to(torch.uint8)
         return x.sub_(self.mean).div_(self.std)
@@ -189,7 +217,7 @@ def export_patches(slide: Slide, spec: PatchSpec, path: Path, batch_size: int = 
     from .._outputs import atomic_h5, command_line, output_lock
 
     boxes = crop_boxes(slide, spec)
-    data = PatchBatches(patch_source(slide), boxes, spec.out_px, batch_size)
+    data = PatchBatches(patch_source(slide), boxes, spec.out_px, batch_size, via_px=spec.via_px(slide))
     n, px = slide.n_spots, spec.out_px
     with output_lock(path, command_line()), atomic_h5(path, n * px * px * 3 + 64 * n) as f:
         img = f.create_dataset("img", (n, px, px, 3), dtype=np.uint8, chunks=(1, px, px, 3))

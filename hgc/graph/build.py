@@ -104,6 +104,12 @@ class SlideData:
     image: str = ""  # the H&E file (absolute path), so predictions can be drawn over it
     image_scale: float = 1.0  # as SlideImage.scale
     platform: str = "unknown"  # st / visium: the spot geometry, which new slides' virtual spots follow
+    microns_per_pixel: float = float("nan")  # per coordinate pixel; NaN: unknown (stores before hgc 0.2)
+
+    @property
+    def image_mpp(self) -> float:
+        """µm per pixel of the image file itself (a downscaled copy is coarser than its coordinates)."""
+        return self.microns_per_pixel / self.image_scale
 
 
 @dataclass
@@ -189,6 +195,12 @@ class BankGraphs:
             raise InputError(f"fold '{self.name}': the graph of '{t.target}' names reference pool '{t.pool}', "
                              f"which the fold does not have")
         return self.pools[t.pool]
+
+    @property
+    def image_mpp(self) -> float | None:
+        """The coarsest image resolution (µm/px) among the training slides; None if none is known."""
+        known = [v for s in self.info.train if s in self.slides and np.isfinite(v := self.slides[s].image_mpp)]
+        return max(known) if known else None
 
     @property
     def platform(self) -> str:
@@ -542,7 +554,7 @@ def build_graphs(
 
 #: Embedding attributes that say how a slide was embedded; a model predicts new slides only from
 #: embeddings made the same way (the patch width is patch_um, or patch_box_px in native-pixel mode).
-ENCODER_KEYS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_box_px", "patch_px", "resample")
+ENCODER_KEYS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_box_px", "patch_px", "patch_mpp", "resample")
 
 
 def encoder_of(attrs: Mapping[str, Mapping[str, object]], slides: Sequence[str], source: str) -> dict[str, object]:
@@ -581,7 +593,7 @@ def _slide_data(slide: Slide, emb: np.ndarray) -> SlideData:
     image = slide.image
     return SlideData(slide.id, slide.patient, emb, np.asarray(slide.barcodes, dtype=object),
                      np.asarray(slide.coords, np.float64), str(image.path.resolve()) if image else "",
-                     float(image.scale) if image else 1.0, slide.platform)
+                     float(image.scale) if image else 1.0, slide.platform, float(slide.microns_per_pixel))
 
 
 def _build_fold(fold, slides, data, near, patients, protocol, config, data_root, manifest, encoder) -> BankGraphs:

@@ -77,7 +77,7 @@ def write_graphs(graphs: GraphSet, out: str | Path) -> Path:
             g.create_dataset("barcodes", data=s.barcodes.astype(str).astype(object), dtype=strings)
             g.create_dataset("coords", data=s.coords)
             g.attrs.update({"id": s.id, "patient": s.patient, "image": s.image, "image_scale": s.image_scale,
-                            "platform": s.platform})
+                            "platform": s.platform, "microns_per_pixel": s.microns_per_pixel})
         for fg in graphs.folds:
             g = f.create_group(f"folds/{safe_name(fg.info.name)}")
             g.attrs["info"] = json.dumps(asdict(fg.info))
@@ -157,7 +157,7 @@ def read_graph_set(path: str | Path, fold: str | None = None) -> GraphSet:
                 g.attrs["id"], g.attrs["patient"], g["x"][()],
                 g["barcodes"].asstr()[()].astype(object), g["coords"][()],
                 str(g.attrs.get("image", "")), float(g.attrs.get("image_scale", 1.0)),
-                str(g.attrs.get("platform", "unknown")),
+                str(g.attrs.get("platform", "unknown")), float(g.attrs.get("microns_per_pixel", np.nan)),
             )
         folds = []
         for name in _fold_names(f, path, fold):

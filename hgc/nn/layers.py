@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .backend import Backend, PreparedGraph, reverse_key
 
 if TYPE_CHECKING:
@@ -220,9 +221,16 @@ class Head(nn.Module):
         self.act = nn.LeakyReLU(cfg.negative_slope)
         self.out = nn.Linear(hidden, rank or n_genes)
         self.low_rank = rank is not None
+        self.basis_fitted = not self.low_rank  # a low-rank output needs its basis: fitted or loaded
         if self.low_rank:
             self.register_buffer("gene_mean", torch.zeros(n_genes))
             self.register_buffer("gene_axes", torch.zeros(rank, n_genes))
+            self.register_load_state_dict_post_hook(Head._basis_loaded)
+
+    @staticmethod
+    def _basis_loaded(module: "Head", incompatible) -> None:
+        missing = {k.rsplit(".", 1)[-1] for k in incompatible.missing_keys}
+        module.basis_fitted = module.basis_fitted or not missing & {"gene_mean", "gene_axes"}
 
     @torch.no_grad()
     def fit_gene_basis(self, y: torch.Tensor) -> None:
@@ -231,6 +239,7 @@ class Head(nn.Module):
         _, _, vh = torch.linalg.svd((y - mean).double(), full_matrices=False)
         self.gene_mean.copy_(mean)
         self.gene_axes.copy_(vh[: self.gene_axes.shape[0]])
+        self.basis_fitted = True
 
     def forward(self, backend: Backend, g: PreparedGraph, h: dict[str, torch.Tensor], ref_y: torch.Tensor) -> torch.Tensor:
         if self.kind == "published":
@@ -243,7 +252,12 @@ class Head(nn.Module):
                 z = z + self.pool(backend, g.ops["refer"], h["spot"], torch.cat([h["ref"], ref_y], dim=1))
             z = self.act(z)
         out = self.out(z)
-        return self.gene_mean + out @ self.gene_axes if self.low_rank else out
+        if not self.low_rank:
+            return out
+        if not self.basis_fitted:
+            raise InputError(f"the model's low-rank gene head (gene_rank {self.gene_axes.shape[0]}) has no gene basis: "
+                             "call SpaHGC.fit_gene_basis(training expression) before using it, or load a checkpoint")
+        return self.gene_mean + out @ self.gene_axes
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int, negative_slope: float) -> nn.Sequential:

@@ -53,6 +53,27 @@ def check_encoder(bundle: ModelBundle, weights: str | Path | None = None):
     return enc
 
 
+#: A target image this many times coarser than what the model learnt from is warned about.
+COARSER = 1.5
+
+
+def resolution_gap(slide, info: dict) -> str | None:
+    """Why ``slide``'s image is coarser than the images the model learnt from, or None.
+
+    The model learnt from its training slides' images (``image_mpp``, the coarsest of them) or
+    from patches brought down to its working resolution (``encoder.patch_mpp``), whichever is
+    coarser; a target scanned coarser gives blurrier patches than any the model saw.
+    """
+    learnt = max((v for v in (info.get("image_mpp"), (info.get("encoder") or {}).get("patch_mpp")) if v), default=None)
+    image = slide.image
+    mpp = slide.microns_per_pixel / (image.scale if image is not None else 1.0)
+    if learnt is None or not np.isfinite(mpp) or mpp <= COARSER * learnt:
+        return None
+    return (f"slide {slide.id}: its image has {mpp:.2f} µm per pixel, {mpp / learnt:.1f}x coarser than the "
+            f"{learnt:.2f} µm/px the model learnt from; expect lower accuracy. A model trained with "
+            f"`--patch-mpp {mpp:.2f}` (hgc train / hgc embed) learns from patches as coarse as this slide's")
+
+
 def spot_obs(slide) -> dict[str, np.ndarray]:
     """Per-spot columns written beside the predictions: array row/column when known, and whether
     each spot is virtual (laid out on the tissue of an image that came without spots)."""
@@ -204,12 +225,17 @@ def predict_slides(
         shape = SpotGeometry.of(platform, pitch_um, spot_diameter_um) if needs_geometry else None
         slides = TargetSlides(m, shape)
         for slide_id in slides.slide_ids:  # every target's files (and tissue) are checked before embedding
-            require_image(slides.load(slide_id))
+            slide = slides.load(slide_id)
+            require_image(slide)
+            if (gap := resolution_gap(slide, bundle.info)) is not None:
+                log.warning(gap)
         check_prediction_output(out_dir)
         cache = Path(embeddings) if embeddings else embeddings_cache(out_dir)
         spec = bundle.info["encoder"]
         patch = {"patch_native_px": int(spec["patch_box_px"])} if spec.get("patch_mode") == "native-px" and \
             "patch_box_px" in spec else {"patch_um": float(spec["patch_um"])}
+        if spec.get("patch_mpp") is not None:
+            patch["patch_mpp"] = float(spec["patch_mpp"])
         embed_manifest(slides, enc.spec.name, cache, weights=weights, device=device, batch_size=batch_size,
                        progress=progress, **patch)
         written = []

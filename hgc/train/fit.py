@@ -353,7 +353,7 @@ def _train_fold(fold: BankGraphs, config: FitConfig, out_dir: Path, backend, dev
         "ensemble": config.ensemble,
         "members": [{"seed": member_seed(seed, k), "best_epoch": m.epoch, "epochs_run": len(m.history),
                      "best_val_pcc": float(m.pcc) if np.isfinite(m.pcc) else None} for k, m in enumerate(members)],
-        "graph_config": asdict(fold.config), "platform": fold.platform,
+        "graph_config": asdict(fold.config), "platform": fold.platform, "image_mpp": fold.image_mpp,
         "encoder": fold.bank.encoder, "reference_slides": fold.bank.slides,
     }, fold.bank)
     val_pred = members[0].val_pred if config.ensemble == 1 else {

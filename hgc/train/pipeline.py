@@ -32,8 +32,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .._fingerprint import file_record
 from .._outputs import check_writable, command_line, output_lock, write_text
+from ..data.splits import VALIDATION_RULE
 from ..errors import InputError
-from .fit import FitConfig, fit
+from .fit import FitConfig, fit, model_config
 from .predict import METHODS, check_methods, predict
 
 log = logging.getLogger(__name__)
@@ -119,14 +120,17 @@ def run_pipeline(
     graph_options: dict[str, Any] | None = None,
     progress: bool = True,
     weights: str | Path | None = None,
+    patch_mpp: float | None = None,
 ) -> dict[str, Any]:
     """Run every step (skipping up-to-date ones) and return the evaluation report dict.
 
-    ``weights``: the encoder's weights file, when not its default source (as ``hgc embed --weights``).
+    ``weights``: the encoder's weights file, when not its default source (as ``hgc embed --weights``);
+    ``patch_mpp``: a working resolution for every patch (as ``hgc embed --patch-mpp``).
     """
     return _pipeline(manifest, protocol, genes, encoder, out_dir, fit_config=fit_config, normalize=normalize,
                      methods=methods, device=device, data_root=data_root, split_file=split_file,
-                     batch_size=batch_size, graph_options=graph_options, progress=progress, weights=weights)
+                     batch_size=batch_size, graph_options=graph_options, progress=progress, weights=weights,
+                     patch_mpp=patch_mpp)
 
 
 def train_model(
@@ -143,6 +147,7 @@ def train_model(
     graph_options: dict[str, Any] | None = None,
     progress: bool = True,
     weights: str | Path | None = None,
+    patch_mpp: float | None = None,
 ) -> Path:
     """Train one model on every slide of ``manifest`` (early stopping on validation slides drawn from
     them) into ``out_dir`` (embeddings, graphs and the run ``model/``, cached like ``run_pipeline``);
@@ -151,12 +156,13 @@ def train_model(
 
     _pipeline(manifest, "all", genes, encoder, out_dir, fit_config=fit_config, normalize=normalize, methods=("hgc",),
               device=device, data_root=data_root, split_file=None, batch_size=batch_size, graph_options=graph_options,
-              progress=progress, weights=weights, predict_and_evaluate=False)
+              progress=progress, weights=weights, patch_mpp=patch_mpp, predict_and_evaluate=False)
     return open_model(out_dir).path
 
 
 def _pipeline(manifest, protocol, genes, encoder, out_dir, *, fit_config, normalize, methods, device, data_root,
-              split_file, batch_size, graph_options, progress, weights, predict_and_evaluate: bool = True):
+              split_file, batch_size, graph_options, progress, weights, patch_mpp=None,
+              predict_and_evaluate: bool = True):
     from .._devices import check_device
     from ..data.genes import check_panel_overlap, panel_file, resolve_panel
     from ..data.manifest import data_root as resolve_root
@@ -192,7 +198,8 @@ def _pipeline(manifest, protocol, genes, encoder, out_dir, *, fit_config, normal
             check_prediction_output(preds)
         data = manifest_inputs(m)
         emb = out / "embeddings.h5"
-        embed_step = Step("embed", emb, {"encoder": encoder, "data_root": str(root)},
+        working = {"patch_mpp": patch_mpp} if patch_mpp is not None else {}  # absent: caches of before stay valid
+        embed_step = Step("embed", emb, {"encoder": encoder, "data_root": str(root), **working},
                           {**data, "encoder weights": enc.weights_path})
         graphs = out / "graphs.h5"
         extra = {"gene panel": panel} if panel else {}
@@ -200,7 +207,8 @@ def _pipeline(manifest, protocol, genes, encoder, out_dir, *, fit_config, normal
             extra["split file"] = Path(split_file)
 
         def graph_step() -> Step:
-            return Step("graphs", graphs, {"protocol": protocol, "graph_config": gcfg.to_json(), "data_root": str(root)},
+            return Step("graphs", graphs, {"protocol": protocol, "graph_config": gcfg.to_json(), "data_root": str(root),
+                                           "validation_rule": VALIDATION_RULE},
                         {**data, **extra, "embeddings.h5": emb})
 
         if not (embed_step.up_to_date and graph_step().up_to_date):
@@ -210,10 +218,12 @@ def _pipeline(manifest, protocol, genes, encoder, out_dir, *, fit_config, normal
                 check_panel_overlap(resolve_panel(genes, data_root), slides)
             del slides
         embed_step.run(lambda: embed_manifest(m, encoder, emb, weights=weights, device=device, batch_size=batch_size,
-                                              progress=progress, data_root=data_root))
+                                              progress=progress, data_root=data_root, patch_mpp=patch_mpp))
         graph_step().run(lambda: build_from_manifest(manifest, emb, protocol, graphs, gcfg, split_file, data_root))
 
-        train_settings = {k: v for k, v in fit_config.to_dict().items() if k != "progress"}
+        # the model the preset and options resolve to, so a run made under other defaults is refitted
+        train_settings = {**{k: v for k, v in fit_config.to_dict().items() if k != "progress"},
+                          "model_config": model_config(fit_config).to_dict()}
         if "hgc" in methods:
             Step("fit", model, {"fit": train_settings}, {"graphs.h5": graphs}, model / RUN_RECORD).run(
                 lambda: fit(graphs, model, fit_config))

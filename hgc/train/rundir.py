@@ -284,8 +284,11 @@ def model_card(info: dict[str, Any], bank: "ReferenceBank | None") -> str:
         f"- Early stopping on: {early_stopping(info)}",
         f"- Held out: {', '.join(info['test_slides']) or 'none'}",
         f"- Encoder: {enc.get('encoder', 'unknown')} (weights sha256 {str(enc.get('weights_sha256', '?'))[:12]}...), "
-        f"patches of {enc.get('patch_um', '?')} µm at {enc.get('patch_px', '?')} px",
-        f"- Spot geometry of the training slides: {info.get('platform', 'unknown')}",
+        f"patches of {enc.get('patch_um', '?')} µm at {enc.get('patch_px', '?')} px"
+        + (f", brought down to {enc['patch_mpp']:.2f} µm/px" if enc.get("patch_mpp") else ""),
+        f"- Spot geometry of the training slides: {info.get('platform', 'unknown')}"
+        + (f"; their images down to {info['image_mpp']:.2f} µm/px (coarser targets are warned about)"
+           if info.get("image_mpp") else ""),
         f"- Reference bank: {bank.n_ref if bank is not None else 0} spots of "
         f"{', '.join(bank.slides) if bank is not None else 'no slide'}",
         f"- Model: {info['model'].get('layers')} layers of {info['model'].get('hidden')}, relations "
