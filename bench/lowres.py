@@ -185,9 +185,10 @@ def _threads() -> int:
 
 
 def combine(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """One record from records of the same copies run with different settings (in parallel)."""
+    """One record from records of the same copies run with different settings or seeds (in parallel)."""
     rows = [r for rec in records for r in rec["rows"]]
-    return {**records[0], "settings": [s for s in SETTINGS if any(r["setting"] == s for r in rows)], "rows": rows,
+    return {**records[0], "seeds": sorted({s for rec in records for s in rec["seeds"]}),
+            "settings": [s for s in SETTINGS if any(r["setting"] == s for r in rows)], "rows": rows,
             "summary": summary(rows), "wall_s": sum(rec["wall_s"] for rec in records)}
 
 

@@ -329,6 +329,11 @@ def test_lowres_copy_predicts_beside_the_full_slide_and_is_tabled(tmp_path):
                    for m in ("hgc", "ridge", "knn") for res in ("full", "low")}
     coarse = [r for r in record["rows"] if r["setting"] == "coarse"]
     assert [r["patch_mpp"] for r in coarse] == pytest.approx([1.6] * len(coarse))
+    halves = [{**record, "seeds": [seed], "rows": [r for r in record["rows"] if r["setting"] == s]}
+              for s, seed in (("native", 0), ("coarse", 3))]  # as parallel runs of one setting and seed each
+    merged = lowres.combine(halves)
+    assert merged["seeds"] == [0, 3] and merged["settings"] == ["native", "coarse"]
+    assert merged["summary"] == record["summary"] and report.check_record(merged) == []
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "lowres-tiny.json").write_text(json.dumps(record))
     readme = tmp_path / "README.md"
