@@ -7,13 +7,18 @@
 
 PYTHON ?= python3.11
 HGC_DATA ?= $(abspath ../shared/data)
-EXTRAS_dgl := dgl,pyg,faiss,wsi,test
+EXTRAS_dgl := dgl,pyg,faiss,wsi,test,lint
 EXTRAS_modern := pyg,faiss,wsi,test
 PYTEST_ARGS ?= -q
 
-.PHONY: test test-dgl test-modern demo env-dgl env-modern clean-env
+.PHONY: test lint test-dgl test-modern demo env-dgl env-modern clean-env
 
-test: test-dgl test-modern
+test: lint test-dgl test-modern
+
+# ruff (lint and import order) over the code, mypy over the graph and model packages (pyproject.toml)
+lint: .venv-dgl/.installed
+	.venv-dgl/bin/ruff check hgc tests bench examples
+	.venv-dgl/bin/mypy
 
 # (phony targets never match pattern rules, so each stack's targets are spelled out; one torch
 # thread per test process: small graphs run fastest that way and timings don't depend on the load)

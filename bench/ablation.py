@@ -51,7 +51,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                                                      "attention_dropout": 0.1}}),
     "+published head": (REFERENCE, {"model": {"head": "published"}}),
     "+LeakyReLU 0.2": (REFERENCE, {"model": {"negative_slope": 0.2}}),
-    "+published edge drops": (REFERENCE, {"model": {"drop_near": 0.5, "drop_refer": 0.4, "drop_close": 0.0}}),
+    "+published edge drops": (REFERENCE, {"model": {"drop": {"near": 0.5, "refer": 0.4, "close": 0.0}}}),
     "+no early stopping": (REFERENCE, {"patience": None}),
     "+no residual or LayerNorm +mlp input": (REFERENCE, {"model": {
         "residual": False, "layer_norm": False, "input_block": "mlp", "dropout": 0.2, "dropout_layers": False}}),
@@ -67,7 +67,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 def run_variant(folds: list, preset: str, options: dict[str, Any], seed: int, epochs: int,
                 backend: str) -> list[dict[str, Any]]:
     """Train one variant on ``folds``; per fold its best validation PCC, best epoch and epochs run."""
-    from hgc.train.fit import FitConfig, fit_folds
+    from hgc.train.config import FitConfig
+    from hgc.train.fit import fit_folds
 
     cfg = FitConfig.from_preset(preset, **{"backend": backend, "device": "cpu", "epochs": epochs, "seed": seed,
                                            "progress": False, **options})
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from hgc.graph import store
     from hgc.nn import get_backend
-    from hgc.train.fit import load_folds
+    from hgc.train.folds import load_folds
 
     names = a.variants.split(",") if a.variants else list(VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))

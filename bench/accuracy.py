@@ -29,11 +29,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-from machine import REPO, describe, shared_data_root  # noqa: E402
-from report import accuracy_markdown, summarise_rows  # noqa: E402
-
 from hgc.embed.registry import DEFAULT_ENCODER  # noqa: E402
 from hgc.train.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
+from machine import REPO, describe, shared_data_root  # noqa: E402
+from report import accuracy_markdown, summarise_rows  # noqa: E402
 
 log = logging.getLogger("bench.accuracy")
 
@@ -132,7 +131,7 @@ def run(
     import torch
 
     from hgc.nn import get_backend
-    from hgc.train.fit import FitConfig
+    from hgc.train.config import FitConfig
     from hgc.train.pipeline import run_pipeline
 
     t0 = time.perf_counter()

@@ -62,12 +62,11 @@ def run(
     data_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Measure and return (and write to ``out_json``) end-to-end and ceiling patches/s."""
-    from machine import describe
-
     from hgc._devices import resolve_device
     from hgc.data.manifest import read_manifest
     from hgc.embed import embed_manifest, load_encoder
     from hgc.embed.extract import default_workers
+    from machine import describe
 
     m = read_manifest(manifest, data_root)
     if slides:

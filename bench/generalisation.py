@@ -28,7 +28,6 @@ sys.path.insert(1, str(HERE.parent))
 
 from report import fmt, table  # noqa: E402
 
-
 METRICS = ("pcc_all", "pcc_heg", "pcc_hvg")
 
 
@@ -36,7 +35,8 @@ def fold_rows(run: Path, device: str = "cpu") -> list[dict[str, Any]]:
     """One row per (fold, slide, split): PCC-ALL/HEG/HVG of hgc and ridge on validation and test slides."""
     from hgc.evaluate.metrics import slide_metrics, training_gene_sets
     from hgc.train.baselines import TrainingSet, make_baseline, training_set
-    from hgc.train.fit import load_folds, load_model, predict_graph
+    from hgc.train.folds import load_folds
+    from hgc.train.inference import load_model, predict_graph
     from hgc.train.rundir import open_run
 
     tested = json.loads((run / "predictions" / "metrics.json").read_text())["methods"]

@@ -112,7 +112,8 @@ def bench_her2st(manifest: Path, embeddings: Path | None, genes: str, repeats: i
     """Build every fold of both protocols; embeddings from a file or random 1,280-d (timing only)."""
     from hgc.data import read_manifest
     from hgc.data.splits import make_folds
-    from hgc.graph.build import GraphConfig, build_graphs, load_embeddings
+    from hgc.graph.build import build_graphs, load_embeddings
+    from hgc.graph.fold import GraphConfig
 
     m = read_manifest(manifest)
     slides = {s.id: s for s in m.slides()}
@@ -169,7 +170,8 @@ def bench_synthetic(spots: Sequence[int], dim: int, repeats: int, max_seconds: f
     """
     from hgc.data.splits import Fold
     from hgc.graph import knn
-    from hgc.graph.build import GraphConfig, build_graphs
+    from hgc.graph.build import build_graphs
+    from hgc.graph.fold import GraphConfig
 
     rng = np.random.default_rng(0)
     config = GraphConfig(genes=f"top-mean:{n_genes}", knn_backend=backend, device=device)
@@ -194,10 +196,12 @@ def bench_synthetic(spots: Sequence[int], dim: int, repeats: int, max_seconds: f
             stop = f"{n:,} spots failed"
             continue
         f = gs.folds[0]
-        edges = {"near": sum(t.near.shape[1] for t in f.targets), "refer": sum(t.refer.shape[1] for t in f.targets),
-                 "close": f.bank.close.shape[1] + sum(p.close.shape[1] for p in f.pools.values())}
-        rows.append({**row, "graphs": len(f.targets), "n_edges": sum(edges.values()), "edges": edges, "median_s": round(seconds, 3),
-                     "repeats": reps, "spots_per_s": round(3 * n / seconds, 1), "status": "ok"})
+        edges: dict[str, int] = {}
+        for part in [f.whole, *f.pools.values(), *f.targets]:
+            for r, e in part.edges.items():
+                edges[r] = edges.get(r, 0) + e.shape[1]
+        rows.append({**row, "graphs": len(f.targets), "n_edges": sum(edges.values()), "edges": edges,
+                     "median_s": round(seconds, 3), "repeats": reps, "spots_per_s": round(3 * n / seconds, 1), "status": "ok"})
         print(json.dumps(rows[-1]), flush=True)
         if seconds > max_seconds:
             stop = f"{n:,} spots took longer than {max_seconds:.0f} s"

@@ -83,9 +83,11 @@ def run_setting(setting: str, p: Params, m, roles: dict[str, tuple[list[str], st
     """Rows of one setting: per role, seed, method, slide and resolution, the slide's metrics."""
     from hgc.embed import embed_manifest
     from hgc.evaluate.report import evaluate
-    from hgc.graph.build import GraphConfig, build_from_manifest
+    from hgc.graph.build import build_from_manifest
+    from hgc.graph.fold import GraphConfig
     from hgc.train.apply import predict_slides
-    from hgc.train.fit import FitConfig, fit
+    from hgc.train.config import FitConfig
+    from hgc.train.fit import fit
 
     mpp = max(r["microns_per_pixel"] for r in low.values()) if setting == "coarse" else None
     work = p.work_dir / setting

@@ -94,7 +94,7 @@ def write_slide(path: Path, width: int, height: int, mpp: float) -> dict[str, An
 
 def train_model(root: Path, encoder: str, weights: Path | None, data_root: Path) -> Path:
     """`hgc train` on her2st's five C sections (the manifest's rows resolve against ``data_root``)."""
-    from hgc.train.fit import FitConfig
+    from hgc.train.config import FitConfig
     from hgc.train.pipeline import train_model as train
 
     lines = (HERE.parent / "examples" / "her2st.tsv").read_text().splitlines()
@@ -144,7 +144,7 @@ def run(work: Path, encoder: str) -> dict[str, Any]:
     from hgc.evaluate.predictions import spatial_entry, writing_predictions
     from hgc.graph.build import align_embeddings, target_graph
     from hgc.train.apply import SlidePredictor, TargetSlides, _spot_diameter_px, check_encoder
-    from hgc.train.fit import predict_graph
+    from hgc.train.inference import predict_graph
     from hgc.train.rundir import open_model
 
     prepared = json.loads((work / "prepared.json").read_text())

@@ -397,7 +397,8 @@ def generated(records: list[dict[str, Any]]) -> str:
         runs = [r for r in thr if r.get("set") == set_name]
         out += [f"### {set_name.upper()}", ""]
         if not runs:
-            hint = GPU_COMMAND if set_name == "gpu" else "python bench/throughput.py --set cpu --out bench/results/throughput-cpu.json"
+            hint = (GPU_COMMAND if set_name == "gpu"
+                    else "python bench/throughput.py --set cpu --out bench/results/throughput-cpu.json")
             out += [f"Not yet measured: `{hint}`.", ""]
         for r in runs:
             out += [throughput_markdown(r)]

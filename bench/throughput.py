@@ -124,7 +124,7 @@ def bare_forward(
 
     runs = timed(forward, dev, repeats, warmup)
     seconds = statistics.median(runs)
-    del model, x
+    model = x = None  # free the GPU memory before the next encoder
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return {

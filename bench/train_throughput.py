@@ -34,9 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from machine import describe  # noqa: E402
-
 from hgc.graph.record import SlideGraph  # noqa: E402
+from machine import describe  # noqa: E402
 
 log = logging.getLogger("bench.train_throughput")
 

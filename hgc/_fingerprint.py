@@ -20,8 +20,8 @@ from .errors import InputError
 _HASHED: dict[tuple[str, tuple[int, int, int]], str] = {}  # (path, stat) -> sha256, in this process
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (streamed)."""
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, streamed (the one implementation: caches, downloads, weights)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -41,7 +41,7 @@ def file_record(path: str | Path, previous: Mapping[str, Any] | None = None) -> 
                 (previous.get("size"), previous.get("mtime_ns"), previous.get("ctime_ns")) == trigger:
             _HASHED[key] = str(previous["sha256"])
         if key not in _HASHED:
-            _HASHED[key] = file_digest(path)
+            _HASHED[key] = file_sha256(path)
     except OSError as exc:
         raise InputError(f"cannot read {path} ({exc.strerror or exc}); hgc reads it as an input") from None
     return {"path": str(path), "size": trigger[0], "mtime_ns": trigger[1], "ctime_ns": trigger[2], "sha256": _HASHED[key]}

@@ -6,8 +6,10 @@ dropped setting.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -15,6 +17,62 @@ import numpy as np
 from .errors import InputError
 
 T = TypeVar("T")
+C = TypeVar("C", bound="ConfigRecord")
+
+
+class ConfigRecord:
+    """``to_dict`` / ``from_dict`` of a config dataclass: the one JSON form of a config.
+
+    ``to_dict`` gives tuples as lists (as JSON reads them back, so stored and live settings compare
+    equal); ``from_dict`` fills missing options with the defaults and refuses unknown ones. The
+    config's own ``__post_init__`` checks every value.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
+        known = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"{cls.__name__} has unknown options {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@contextlib.contextmanager
+def open_h5(path: str | Path, what: str, fmt: str, version: int, rebuild: str, create: str,
+            unformatted_ok: bool = False) -> Iterator[Any]:
+    """One of hgc's HDF5 files opened for reading (an ``h5py.File``), its format and version
+    checked: a missing, unreadable, foreign, newer or damaged file is one :class:`InputError`
+    naming ``what`` (e.g. "graph file") and the file, and saying how to make it (``create``) or
+    make it again (``rebuild``). ``unformatted_ok``: files of hgc 0.1, which wrote no format, pass.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path} ({create})")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path} as HDF5 ({exc}); {rebuild}") from None
+    try:
+        found = f.attrs.get("format")
+        found = found.decode() if isinstance(found, bytes) else found
+        if found != fmt and not (found is None and unformatted_ok):
+            raise InputError(f"{path} is not an hgc {what} (its format is {found!r}, expected '{fmt}'); {create}")
+        if found is not None:
+            check_format_version(f.attrs.get("format_version"), version, f"{what} {path}",
+                                 f"upgrade hgc, or {rebuild}")
+        yield f
+    except InputError:
+        raise
+    except (KeyError, ValueError, TypeError, OSError) as exc:  # json errors are ValueErrors
+        raise InputError(f"{what} {path} is damaged or incomplete ({type(exc).__name__}: {exc}); {rebuild}") from None
+    finally:
+        f.close()
 
 
 def check_format_version(version: Any, supported: int, what: str, hint: str) -> None:

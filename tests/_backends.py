@@ -29,7 +29,7 @@ def require_dgl() -> None:
     if dgl_importable():
         return
     if os.environ.get("HGC_STACK") == "dgl":
-        from hgc.graph.convert import import_dgl
+        from hgc.nn.graphlib.convert import import_dgl
 
         import_dgl("the DGL stack's tests (HGC_STACK=dgl)")  # raises, naming the import error
     import numpy
@@ -53,9 +53,9 @@ def backend(name: str):
 def her2st_graph(manifest: Path, data_root: Path, genes: str = "top-mean:40") -> SlideGraph:
     """Target C2's test graph with references from C3, C4, C5 (hgc's builder, real colour features)."""
     from her2st_graph_data import load_colour_embeddings, load_slides
-
     from hgc.data.splits import Fold
-    from hgc.graph.build import GraphConfig, build_graphs
+    from hgc.graph.build import build_graphs
+    from hgc.graph.fold import GraphConfig
 
     slides, emb = load_slides(manifest), load_colour_embeddings(manifest)
     fold = Fold("C2", train=["C3", "C4", "C5"], test=["C2"])

@@ -95,7 +95,7 @@ def tiny_st_project(folder: Path, ids=(("S1", "P1"), ("S2", "P1"), ("S3", "P2"))
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     """(manifest, run folder) of a finished `hgc run` on three tiny slides (slide-loso, effnet-lite0,
     one epoch): embeddings, graphs, model and predictions. Tests copy whatever they change."""
-    from hgc.train.fit import FitConfig
+    from hgc.train.config import FitConfig
     from hgc.train.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("tiny_run")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from hgc.data.splits import Fold, validation_slides
-from hgc.graph.build import BANK, BankGraphs, FoldInfo, GraphConfig, Pool, SlideData, TargetEdges
+from hgc.graph.fold import BANK, BankGraphs, FoldInfo, GraphConfig, Pool, SlideData, TargetEdges
 
 SLIDES = {"A1": "P1", "A2": "P1", "B1": "P2", "B2": "P2", "C1": "P3"}
 DIM, GENES, GRID = 8, 6, 5
@@ -37,10 +37,10 @@ def _knn(q: np.ndarray, r: np.ndarray, k: int, exclude_self: bool = False):
     return idx, np.take_along_axis(d, idx, 1)
 
 
-def _close(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pool(refs: list[str], xy: np.ndarray) -> Pool:
     cidx, _ = _knn(xy, xy, 3, exclude_self=True)
     close = np.stack([cidx.ravel(), np.repeat(np.arange(len(xy)), 3)]).astype(np.int64)
-    return close, np.ones(close.shape[1], np.float32)
+    return Pool(refs, {"close": close}, {"close": np.ones(close.shape[1], np.float32)})
 
 
 def _target(target: str, role: str, pool: str, ref_x: np.ndarray, data, k: int = 4) -> TargetEdges:
@@ -49,8 +49,9 @@ def _target(target: str, role: str, pool: str, ref_x: np.ndarray, data, k: int =
     refer = np.stack([idx.ravel(), np.repeat(np.arange(len(x)), k)]).astype(np.int64)
     d = np.abs(coords[:, None] - coords[None]).max(-1)
     src, dst = np.nonzero((d > 0) & (d <= 100.0))
-    return TargetEdges(target, role, pool, np.stack([src, dst]).astype(np.int64), np.ones(src.size, np.float32),
-                       refer, np.exp(-dist.ravel() / dist.mean()).astype(np.float32))
+    return TargetEdges(target, role, pool, {"near": np.stack([src, dst]).astype(np.int64), "refer": refer},
+                       {"near": np.ones(src.size, np.float32),
+                        "refer": np.exp(-dist.ravel() / dist.mean()).astype(np.float32)})
 
 
 def make_fold(train: list[str], test: list[str], protocol: str = "slide-loso", name: str | None = None,
@@ -72,9 +73,9 @@ def make_fold(train: list[str], test: list[str], protocol: str = "slide-loso", n
             refs = list(train) if role == "test" else [s for s in train if s != t]
             key = BANK if refs == list(train) else f"without-{t}"
             if key != BANK:
-                pools[key] = Pool(refs, *_close(xy(refs)))
+                pools[key] = _pool(refs, xy(refs))
             targets.append(_target(t, role, key, np.concatenate([data[s][0] for s in refs]), data))
     val = validation_slides(Fold(name, list(train), list(test)), SLIDES)
     info = FoldInfo(name=name, protocol=protocol, train=list(train), val=val, test=list(test), genes=genes,
                     panel="synthetic", normaliser=normaliser)
-    return BankGraphs(info, slides, targets, GraphConfig(), Pool(list(train), *_close(xy(train))), expression, pools)
+    return BankGraphs(info, slides, targets, GraphConfig(), _pool(list(train), xy(train)), expression, pools)

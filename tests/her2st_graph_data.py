@@ -14,9 +14,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
+from hgc._outputs import safe_name
 from hgc.data import read_manifest
 from hgc.data.slide import Slide
-from hgc._outputs import safe_name
 
 REDUCE = 8  # JPEG draft decode factor
 FIELD_UM = 150.0

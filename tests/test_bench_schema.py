@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from _backends import one_torch_thread  # noqa: F401  (autouse: small torch work on one thread)
-from _backends import require_dgl
+from _backends import (
+    one_torch_thread,  # noqa: F401  (autouse: small torch work on one thread)
+    require_dgl,
+)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -305,7 +307,6 @@ def test_lowres_copy_predicts_beside_the_full_slide_and_is_tabled(tmp_path):
     resolution, every model predicts both, and the record validates and renders."""
     import lowres
     from conftest import write_manifest, write_st_slide
-
     from hgc.data import read_manifest
 
     rows = []

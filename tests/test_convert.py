@@ -10,8 +10,8 @@ import torch
 
 from _backends import dgl_importable, her2st_graph, one_torch_thread, require_dgl  # noqa: F401 (autouse fixture)
 from hgc.errors import InputError, MissingDependencyError
-from hgc.graph.convert import to_dgl, to_pyg
-from hgc.graph.record import CANONICAL, RELATIONS
+from hgc.graph.record import RELATIONS
+from hgc.nn.graphlib.convert import to_dgl, to_pyg
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def graph(her2st_manifest, shared_data):
 
 
 def test_real_graph_has_all_relations(graph):
-    assert set(graph.edges) == set(CANONICAL)
+    assert set(graph.edges) == set(RELATIONS)
     assert graph.n_spot == 187 and graph.spot_y is not None
 
 
@@ -30,8 +30,8 @@ def test_pyg_round_trip(graph):
     np.testing.assert_array_equal(data["spot"].y.numpy(), graph.spot_y)
     np.testing.assert_array_equal(data["ref"].x.numpy(), graph.ref_x)
     np.testing.assert_array_equal(data["ref"].y.numpy(), graph.ref_y)
-    assert set(data.edge_types) == set(RELATIONS)
-    for name, canon in CANONICAL.items():
+    assert set(data.edge_types) == {r.canonical for r in RELATIONS.values()}
+    for name, canon in ((r.name, r.canonical) for r in RELATIONS.values()):
         np.testing.assert_array_equal(data[canon].edge_index.numpy(), graph.edges[name])
         np.testing.assert_array_equal(data[canon].edge_weight.numpy(), graph.edge_weight[name])
     assert data["spot"].num_nodes == graph.n_spot and data["ref"].num_nodes == graph.n_ref
@@ -40,13 +40,13 @@ def test_pyg_round_trip(graph):
 def test_dgl_round_trip(graph):
     require_dgl()
     hg = to_dgl(graph)
-    assert set(hg.canonical_etypes) == set(RELATIONS)
+    assert set(hg.canonical_etypes) == {r.canonical for r in RELATIONS.values()}
     assert hg.num_nodes("spot") == graph.n_spot and hg.num_nodes("ref") == graph.n_ref
     np.testing.assert_array_equal(hg.nodes["spot"].data["x"].numpy(), graph.spot_x)
     np.testing.assert_array_equal(hg.nodes["spot"].data["y"].numpy(), graph.spot_y)
     np.testing.assert_array_equal(hg.nodes["ref"].data["x"].numpy(), graph.ref_x)
     np.testing.assert_array_equal(hg.nodes["ref"].data["y"].numpy(), graph.ref_y)
-    for name, canon in CANONICAL.items():
+    for name, canon in ((r.name, r.canonical) for r in RELATIONS.values()):
         src, dst = hg.edges(etype=canon, order="eid")
         np.testing.assert_array_equal(np.stack([src.numpy(), dst.numpy()]), graph.edges[name])
         np.testing.assert_array_equal(hg.edges[canon].data["w"].numpy(), graph.edge_weight[name])
@@ -59,7 +59,7 @@ def test_dgl_and_pyg_carry_identical_tensors(graph):
         for key in ("x", "y"):
             a, b = hg.nodes[nt].data[key], data[nt][key]
             assert a.dtype == b.dtype == torch.float64 and torch.equal(a, b)
-    for canon in RELATIONS:
+    for canon in (r.canonical for r in RELATIONS.values()):
         assert torch.equal(torch.stack(hg.edges(etype=canon, order="eid")), data[canon].edge_index)
         assert torch.equal(hg.edges[canon].data["w"], data[canon].edge_weight)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from click.testing import CliRunner
+from PIL import Image
 
 from conftest import write_manifest, write_st_slide
 from hgc.cli import main
@@ -120,7 +120,7 @@ def test_same_slide_id_twice(tmp_path):
 def test_slide_with_no_spots(tmp_path):
     paths = write_st_slide(tmp_path / "S1")
     lines = paths["spots"].read_text().splitlines()
-    paths["spots"].write_text("\n".join([lines[0]] + [l[: l.rfind("\t")] + "\t0" for l in lines[1:]]) + "\n")
+    paths["spots"].write_text("\n".join([lines[0]] + [row[: row.rfind("\t")] + "\t0" for row in lines[1:]]) + "\n")
     _inspect_fails(write_manifest(tmp_path / "m.tsv", [_row(paths)]), "'S1'", "no spots under tissue")
 
 

@@ -12,14 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from embed_helpers import TINY, tiny_manifest, tiny_weights
+from hgc._devices import resolve_device
 from hgc.cli import main
 from hgc.data import read_manifest
 from hgc.embed import embed_manifest, embed_slide, load_encoder, read_attrs, read_embeddings
-from hgc._devices import resolve_device
 from hgc.embed.patches import PatchSpec
 from hgc.errors import InputError
-
-from embed_helpers import TINY, tiny_manifest, tiny_weights
 
 EXPECTED_SPOTS = {"B4": 283, "C2": 187, "C3": 180, "C4": 184, "C5": 181, "C6": 178}
 SENTINEL = "hf_SENTINELtoken0123456789abcdef"

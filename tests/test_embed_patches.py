@@ -8,13 +8,12 @@ import scipy.sparse as sp
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import write_manifest, write_st_slide
 from hgc.cli import main
 from hgc.data import Slide, read_manifest
 from hgc.data.image import SlideImage
 from hgc.embed.patches import PatchBatches, PatchSpec, crop_boxes
 from hgc.errors import InputError
-
-from conftest import write_manifest, write_st_slide
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_manifest, write_st_slide
+from hgc._fingerprint import file_sha256
 from hgc.embed.registry import (
     ENCODERS,
     build_model,
-    file_sha256,
     get_spec,
     load_encoder,
     load_weights,
     read_state_dict,
 )
 from hgc.errors import InputError, MissingDependencyError
-
-from conftest import write_manifest, write_st_slide
 
 SENTINEL = "hf_SENTINELtoken0123456789abcdef"
 

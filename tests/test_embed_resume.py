@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 import hgc.embed.extract as extract
+from embed_helpers import TINY, tiny_manifest, tiny_weights
 from hgc.embed import embed_manifest, read_attrs, read_embeddings
 from hgc.embed.store import EmbeddingStore
 from hgc.errors import InputError
-
-from embed_helpers import TINY, tiny_manifest, tiny_weights
 
 SLIDES = ("S1", "S2", "S3")
 #: The child runs embed_manifest as the CLI does; its model reports each batch and is slowed down,

@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from hgc._fingerprint import file_sha256
 from hgc.cli import main
 from hgc.data import read_manifest
-from hgc.data.fetch import HER2ST_SHA256, HIST2ST_PANELS, fetch_dataset, file_sha256
+from hgc.data.fetch import HER2ST_SHA256, HIST2ST_PANELS, fetch_dataset
 from hgc.errors import HgcError, InputError
 
 

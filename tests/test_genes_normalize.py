@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from her2st_graph_data import load_slides
 from hgc.data.genes import GenePanel, expression_matrix, panel_coverage, resolve_panel
-from hgc.data.normalize import Normalizer, make_normalizer
+from hgc.data.normalize import Normaliser, make_normaliser
 from hgc.data.slide import Slide
 from hgc.errors import InputError
 
@@ -66,31 +66,31 @@ def test_expression_matrix_zero_fills_and_reports(caplog):
 
 
 def test_log1p_uses_library_size_over_all_genes():
-    y = make_normalizer("log1p").transform(A, ["G1"])
+    y = make_normaliser("log1p").transform(A, ["G1"])
     np.testing.assert_allclose(y[:, 0], np.log1p([1 / 10 * 1e4, 3 / 10 * 1e4]), rtol=1e-6)
     empty = _slide("E", [[0, 0]], ["G1", "G2"])
-    assert make_normalizer("log1p").transform(empty, ["G1"])[0, 0] == 0
-    assert Normalizer.from_dict(make_normalizer("log1p").to_dict()).transform(A, ["G1"]).tolist() == y.tolist()
+    assert make_normaliser("log1p").transform(empty, ["G1"])[0, 0] == 0
+    assert Normaliser.from_dict(make_normaliser("log1p").to_dict()).transform(A, ["G1"]).tolist() == y.tolist()
 
 
 def test_log10_minmax_is_fitted_on_training_slides_only():
     genes = ["G1", "G2"]
-    norm = make_normalizer("log10-minmax").fit([A], genes)
+    norm = make_normaliser("log10-minmax").fit([A], genes)
     ya = norm.transform(A, genes)
     np.testing.assert_allclose(ya.min(0), [0, 0]) and np.testing.assert_allclose(ya.max(0), [1, 1])
     yb = norm.transform(B, genes)  # test slide: not re-fitted, may leave [0, 1]
     expected = (np.log10(np.array([[2, 5], [0, 5]]) + 1) - np.log10([2, 1])) / (np.log10([4, 3]) - np.log10([2, 1]))
     np.testing.assert_allclose(yb, expected, rtol=1e-5)
-    again = Normalizer.from_dict(norm.to_dict())
+    again = Normaliser.from_dict(norm.to_dict())
     np.testing.assert_array_equal(again.transform(B, genes), yb)
-    const = make_normalizer("log10-minmax").fit([_slide("C", [[1, 2], [1, 3]], genes)], genes)
+    const = make_normaliser("log10-minmax").fit([_slide("C", [[1, 2], [1, 3]], genes)], genes)
     assert (const.transform(B, genes)[:, 0] == 0).all()  # constant on training -> 0
     with pytest.raises(InputError, match="before fit"):
-        make_normalizer("log10-minmax").transform(A, genes)
+        make_normaliser("log10-minmax").transform(A, genes)
     with pytest.raises(InputError, match="fitted on"):
         norm.transform(A, ["G2", "G1"])
     with pytest.raises(InputError, match="unknown"):
-        make_normalizer("zscore")
+        make_normaliser("zscore")
 
 
 def test_her2st_panel_on_real_slides(her2st_manifest, shared_data):
@@ -99,5 +99,5 @@ def test_her2st_panel_on_real_slides(her2st_manifest, shared_data):
     assert panel_coverage(panel, slides.values()) == {s: [] for s in slides}
     top = resolve_panel("top-mean:250", None, [slides[s] for s in ("C2", "C3", "C4", "C5", "C6")])
     assert len(top) == 250 and {"ERBB2", "KRT19"} & set(top.genes)
-    y = make_normalizer("log1p").transform(slides["B4"], top.genes)
+    y = make_normaliser("log1p").transform(slides["B4"], top.genes)
     assert y.shape == (283, 250) and np.isfinite(y).all() and y.max() > 5

@@ -12,12 +12,14 @@ from click.testing import CliRunner
 
 from conftest import write_manifest
 from her2st_graph_data import load_colour_embeddings, load_slides, write_embedding_file
-from hgc.data.normalize import Normalizer
+from hgc.data.normalize import Normaliser
 from hgc.data.slide import Slide
 from hgc.data.splits import Fold, make_folds
 from hgc.errors import InputError
-from hgc.graph.build import GraphConfig, build_graphs, near_edges, reference_pool
-from hgc.graph.record import RELATION_NAMES
+from hgc.graph.build import build_graphs, reference_pool
+from hgc.graph.edges import near_edges
+from hgc.graph.fold import GraphConfig
+from hgc.graph.record import relation_names
 from hgc.graph.store import read_fold_info, read_graphs, summarize, write_graphs
 
 GENES = "top-mean:60"  # small panel: the tests check structure, not biology
@@ -56,7 +58,7 @@ def test_patient_kfold_on_her2st(kfold):
         assert (_in_degree(g.edges["close"], g.n_ref) == 3).all()
         assert (g.edges["close"][0] != g.edges["close"][1]).all()
         assert g.n_genes == 785 and g.spot_y.shape == (g.n_spot, 785)
-        assert set(g.edges) == set(RELATION_NAMES) and all(w.dtype == np.float32 for w in g.edge_weight.values())
+        assert set(g.edges) == set(relation_names()) and all(w.dtype == np.float32 for w in g.edge_weight.values())
     # legacy ST interior spots have 8 grid neighbours of which the 5 nearest are kept
     assert np.bincount(_in_degree(tests[0].edges["near"], tests[0].n_spot)).argmax() == 5
     fold_c = kfold.folds[1]
@@ -115,7 +117,7 @@ def test_exclude_same_patient_for_training_targets(her2st, shared_data):
 
 @pytest.mark.parametrize("metric", ["l1", "cosine"])
 def test_one_close_search_per_fold_equals_a_search_per_pool(her2st, metric):
-    from hgc.graph.build import _knn_edges, _search_others, close_edges, close_features
+    from hgc.graph.edges import _knn_edges, _search_others, close_edges, close_features
 
     slides, emb = her2st
     train = ["C2", "C3", "C4", "C5", "C6", "B4"]
@@ -144,7 +146,7 @@ def test_nan_embeddings_are_named(her2st, shared_data):
 def test_faiss_and_torch_build_the_same_graphs(kfold, her2st, shared_data):
     torch_built = _build(her2st, "patient-kfold", shared_data, genes="hist2st-her2st", knn_backend="torch")
     for a, b in zip(kfold.graphs(), torch_built.graphs()):
-        for name in RELATION_NAMES:
+        for name in relation_names():
             np.testing.assert_array_equal(a.edges[name], b.edges[name])
             np.testing.assert_allclose(a.edge_weight[name], b.edge_weight[name], rtol=1e-4)
 
@@ -159,13 +161,13 @@ def test_store_round_trip(kfold, tmp_path):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
         for f in ("spot_barcodes", "ref_slide", "ref_patient"):
             assert list(getattr(a, f)) == list(getattr(b, f))
-        for name in RELATION_NAMES:
+        for name in relation_names():
             np.testing.assert_array_equal(a.edges[name], b.edges[name])
     assert [g.target for g in read_graphs(path, fold="patient-C", role="test")] == ["C2", "C3", "C4", "C5", "C6"]
     info = read_fold_info(path)[0]
     assert info.protocol == "patient-kfold" and info.test == ["B4"] and len(info.genes) == 785
     # the stored normaliser reproduces the stored expression
-    norm = Normalizer.from_dict(info.normaliser)
+    norm = Normaliser.from_dict(info.normaliser)
     slides = load_slides(Path(__file__).resolve().parents[1] / "examples" / "her2st.tsv")
     np.testing.assert_allclose(norm.transform(slides["B4"], info.genes), back[5].spot_y, rtol=1e-6)
     rows = summarize(path)

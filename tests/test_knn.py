@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from her2st_graph_data import load_colour_embeddings
 from hgc.errors import InputError
 from hgc.graph import knn
-from her2st_graph_data import load_colour_embeddings
 
 METRICS = ["l1", "l2", "cosine"]
 

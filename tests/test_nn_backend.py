@@ -8,7 +8,7 @@ import torch
 from _backends import backend, dgl_importable, her2st_graph, one_torch_thread, require_dgl  # noqa: F401 (autouse fixture)
 from hgc.errors import InputError, MissingDependencyError
 from hgc.nn import ModelConfig, SpaHGC, get_backend
-from hgc.nn.backend import dgl_supports, reverse_key
+from hgc.nn.graphlib import dgl_supports, reverse_key
 from hgc.train.presets import PRESETS
 
 SMALL = dict(hidden=32, layers=2, heads=4, predictor_hidden=32, proj_dim=16)

@@ -106,7 +106,8 @@ def test_dropped_edges_carry_no_message(graph, name, rel):
 
 def _perturbed(graph, **arrays):
     rng = np.random.default_rng(5)
-    return dataclasses.replace(graph, **{k: (getattr(graph, k) + rng.normal(size=getattr(graph, k).shape)).astype(np.float32) for k in arrays})
+    return dataclasses.replace(
+        graph, **{k: (getattr(graph, k) + rng.normal(size=getattr(graph, k).shape)).astype(np.float32) for k in arrays})
 
 
 @pytest.mark.parametrize("name", ["pyg", "dgl"])
@@ -118,9 +119,9 @@ def test_training_views_apply_masks_and_drops_for_real(graph, name):
     other_refs = _perturbed(graph, ref_x=True, ref_y=True)
     other_spots = _perturbed(graph, spot_x=True)
     cases = [
-        (dict(mask_spot=0.0, mask_ref=1.0, drop_near=0.0, drop_refer=0.0, drop_close=0.0), other_refs),
-        (dict(mask_spot=0.0, mask_ref=0.0, drop_near=0.0, drop_refer=1.0, drop_close=0.0), other_refs),
-        (dict(mask_spot=1.0, mask_ref=0.0, drop_near=0.0, drop_refer=0.0, drop_close=0.0), other_spots),
+        (dict(mask_spot=0.0, mask_ref=1.0, drop={"near": 0.0, "refer": 0.0, "close": 0.0}), other_refs),
+        (dict(mask_spot=0.0, mask_ref=0.0, drop={"near": 0.0, "refer": 1.0, "close": 0.0}), other_refs),
+        (dict(mask_spot=1.0, mask_ref=0.0, drop={"near": 0.0, "refer": 0.0, "close": 0.0}), other_spots),
     ]
     for opts, other in cases:
         for contrast in ("none", "bgrl"):

@@ -13,7 +13,7 @@ import torch
 
 from _backends import her2st_graph, one_torch_thread  # noqa: F401 (autouse fixture)
 from hgc.errors import InputError
-from hgc.graph.record import RELATION_NAMES
+from hgc.graph.record import relation_names
 from hgc.nn import ModelConfig, SpaHGC, get_backend
 from hgc.nn.contrastive import ema_momentum
 from hgc.train.presets import PRESETS
@@ -107,7 +107,8 @@ def test_feature_sizes_are_checked(graph, be, pg):
         _model(graph, be).training_loss(be.prepare(dataclasses.replace(graph, spot_y=None)))
 
 
-@pytest.mark.parametrize(("contrast", "supervise"), [("bgrl", "view1"), ("infonce", "view1"), ("none", "view1"), ("bgrl", "clean")])
+@pytest.mark.parametrize(("contrast", "supervise"),
+                         [("bgrl", "view1"), ("infonce", "view1"), ("none", "view1"), ("bgrl", "clean")])
 def test_training_loss_is_seeded_and_has_its_parts(graph, be, pg, contrast, supervise):
     model = _model(graph, be, contrast=contrast, supervise=supervise)
     l1, p1 = model.training_loss(pg, _gen(7))
@@ -124,7 +125,8 @@ def test_training_loss_is_seeded_and_has_its_parts(graph, be, pg, contrast, supe
     else:
         assert p1["contrast_spot"] > 0 and p1["contrast_ref"] > 0
     l1.backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.mask_token"))
+    trained = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.mask_token")]
+    assert all(p.grad is not None for p in trained)
 
 
 def test_bgrl_target_is_an_ema_of_the_online_encoder(graph, be, pg):
@@ -191,7 +193,7 @@ def test_checkpoint_and_config_round_trip(graph, be, pg):
                 dict(supervise="masked"), dict(lambda_pcc=-1.0), dict(ema_total_steps=0)):
         with pytest.raises(InputError):
             ModelConfig(**bad)
-    assert ModelConfig().relations == RELATION_NAMES
+    assert ModelConfig().relations == relation_names()
 
 
 def test_published_choices_build_train_and_differ_from_hgc(graph, be, pg):
@@ -273,7 +275,7 @@ def test_supervised_terms_ignore_held_out_rows(graph, be, pg):
 
 
 def test_stored_configs_without_newer_options_rebuild_the_network_they_described():
-    from hgc.nn.model import BEFORE_OPTION
+    from hgc.nn.config import BEFORE_OPTION
 
     old = {k: v for k, v in ModelConfig(hidden=64).to_dict().items() if k not in BEFORE_OPTION}
     cfg = ModelConfig.from_stored(old)

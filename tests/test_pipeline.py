@@ -15,7 +15,7 @@ from conftest import assert_one_line_error, tiny_st_project
 from hgc.cli import main
 from hgc.errors import InputError
 from hgc.evaluate.report import json_safe
-from hgc.train.fit import FitConfig
+from hgc.train.config import FitConfig
 from hgc.train.pipeline import run_pipeline
 
 FIT = FitConfig(backend="pyg", device="cpu", epochs=1, patience=None, progress=False, model={"hidden": 8, "layers": 1})
@@ -153,7 +153,8 @@ def test_panel_without_data_genes_fails_in_build_graph_too(tmp_path):
     """The same check guards `hgc build-graph` (it used to exit 0 with n/a metrics and MSE 0)."""
     from hgc.data import read_manifest
     from hgc.data.splits import make_folds
-    from hgc.graph.build import GraphConfig, build_graphs
+    from hgc.graph.build import build_graphs
+    from hgc.graph.fold import GraphConfig
 
     m = read_manifest(tiny_st_project(tmp_path / "data"))
     slides = {s.id: s for s in m.slides()}

@@ -15,7 +15,7 @@ from conftest import assert_one_line_error, tiny_st_project, write_manifest
 from hgc.cli import main
 from hgc.data import read_manifest
 from hgc.errors import InputError
-from hgc.train.fit import FitConfig
+from hgc.train.config import FitConfig
 
 FIT = FitConfig(backend="pyg", device="cpu", epochs=3, patience=None, progress=False, model={"hidden": 16, "layers": 2})
 C_SLIDES = ("C2", "C3", "C4", "C5", "C6")
@@ -41,12 +41,12 @@ def test_a_trained_model_predicts_a_new_slide_as_cross_validation_does(tmp_path,
     """A model trained on C2-C6 predicts B4 from its image and spot table alone exactly as the
     patient-kfold fold that holds B4 out does (same training slides, validation slide and seed)."""
     from her2st_graph_data import load_colour_embeddings, load_slides
-
     from hgc.data.splits import make_folds
     from hgc.graph import GraphConfig, build_graphs, write_graphs
     from hgc.graph.build import align_embeddings
     from hgc.train.apply import SlidePredictor
-    from hgc.train.fit import fit_folds, load_folds
+    from hgc.train.fit import fit_folds
+    from hgc.train.folds import load_folds
     from hgc.train.predict import predict_fold
     from hgc.train.rundir import open_model, open_run
 

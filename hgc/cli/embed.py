@@ -8,7 +8,6 @@ import click
 from ..embed.registry import DEFAULT_ENCODER, ENCODERS
 from . import data_root_option, device_option
 
-
 #: The working-resolution option, shared by every command that embeds a training manifest.
 patch_mpp_option = click.option(
     "--patch-mpp",
@@ -80,11 +79,10 @@ def patches_command(manifest, out_dir, px, patch_um, patch_native_px, patch_mpp,
 
     Optional: `hgc embed` cuts patches itself and does not need these files.
     """
+    from .._outputs import check_writable, safe_name
     from .._progress import progress
-
     from ..data.manifest import read_manifest
     from ..embed import PatchSpec, export_patches
-    from .._outputs import check_writable, safe_name
 
     m = read_manifest(manifest, data_root)
     spec = PatchSpec(out_px=px, um=patch_um, native_px=patch_native_px, mpp=patch_mpp)

@@ -5,78 +5,60 @@ import json
 
 import click
 
+from ..data.splits import CV_PROTOCOLS, PROTOCOL_HELP
 from ..embed.registry import DEFAULT_ENCODER
-from .embed import patch_mpp_option
-from ..train.presets import DEFAULT_PRESET, PRESETS
+from ..graph.fold import GraphConfig
+from ..nn.config import BACKENDS, ModelConfig
+from ..train.config import FitConfig
+from ..train.predict import METHODS
 from . import data_root_option, device_option
+from .embed import patch_mpp_option
+from .options import config_kwargs, config_options
 
-METHOD_CHOICES = "hgc,ridge,knn,mean"
+METHOD_CHOICES = ",".join(METHODS)
+#: Graph settings that ``run`` and ``train`` take from their other options: the similarity search
+#: runs on the CPU (the training --device is for the model) and the validation slides' choice
+#: keeps seed 0, so that changing the training --seed reuses the graphs.
+PIPELINE_GRAPH_SKIP = ("seed", "device")
+#: Graph settings ``run`` and ``train`` pass to the pipeline by name rather than as graph options.
+PIPELINE_GRAPH_NAMED = ("genes", "normalize")
 
 
 def _split_csv(value: str) -> list[str]:
     return [m.strip() for m in value.split(",") if m.strip()]
 
 
-def _fit_options(f):
-    """Training options shared by ``fit`` and ``run`` (one definition, two commands)."""
-    options = [
-        click.option("--backend", type=click.Choice(["auto", "dgl", "pyg"]), default="auto", show_default=True,
-                     help="Graph library (auto: DGL when it imports, else PyG)."),
-        device_option(),
-        click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True, help="A CPU run with the same seed repeats exactly."),
-        click.option("--lr", type=float, default=1e-4, show_default=True),
-        click.option("--weight-decay", type=float, default=1e-4, show_default=True),
-        click.option("--patience", type=click.IntRange(min=0), default=50, show_default=True,
-                     help="Stop after this many epochs without validation improvement (0: never stop early)."),
-        click.option("--contrast", type=click.Choice(["bgrl", "infonce", "none"]), default="bgrl", show_default=True),
-        click.option("--no-masking", is_flag=True, help="Train without the masked views (ablation)."),
-        click.option("--relations", default=None, help="Comma-separated relations to use, e.g. near,refer (default: all)."),
-        click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True, help="Hidden size of the GNN."),
-        click.option("--layers", type=click.IntRange(min=0), default=4, show_default=True, help="Relational layers."),
-        click.option("--val-slides", default=None,
-                     help="Comma-separated training slides to stop early on (default: chosen by seed, per fold)."),
-        click.option("--ensemble", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Models per fold, trained from successive seeds and averaged; predictions then carry "
-                          "their spread across members as layers['uncertainty'] (per spot and gene)."),
-        click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
-                     help="Named model and training choices: " + "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items())
-                     + ". Options given on the command line override the preset's training defaults."),
-    ]
-    for opt in reversed(options):
-        f = opt(f)
-    return f
+def _fit_options(skip: tuple[str, ...] = ()):
+    """Training options shared by ``fit``, ``train`` and ``run``: every FitConfig field (but
+    ``skip``) and the model sizes, generated from the configs (one definition, three commands)."""
+    def decorate(f):
+        return config_options(FitConfig, skip=skip)(config_options(ModelConfig)(f))
+
+    return decorate
 
 
-def _fold_option(f):
-    return click.option("--fold", "folds", multiple=True, help="Train only this fold (repeatable; default: all).")(f)
+def _graph_options(f):
+    """Graph options of ``train`` and ``run``: those of ``build-graph`` but the ones they set themselves."""
+    return config_options(GraphConfig, skip=PIPELINE_GRAPH_SKIP, required=("genes",))(f)
 
 
-def _fit_config(kw: dict):
-    from ..train.fit import FitConfig
+def _fit_config(kw: dict) -> FitConfig:
+    # options left at their command-line defaults give way to the preset's (training and model) choices
+    options = config_kwargs(FitConfig, kw, keep_defaults=False)
+    model = config_kwargs(ModelConfig, kw, keep_defaults=False)
+    return FitConfig.from_preset(kw["preset"], **{**options, "model": model})
 
-    options = dict(
-        backend=kw["backend"], device=kw["device"], epochs=kw["epochs"], seed=kw["seed"], lr=kw["lr"],
-        weight_decay=kw["weight_decay"], patience=kw["patience"] or None,
-        contrast=kw["contrast"], masking=not kw["no_masking"],
-        relations=tuple(_split_csv(kw["relations"])) if kw["relations"] else None,
-        folds=tuple(kw.get("folds", ())) or None, model={"hidden": kw["hidden"], "layers": kw["layers"]},
-        val_slides=tuple(_split_csv(kw["val_slides"])) if kw["val_slides"] else None, ensemble=kw["ensemble"],
-    )
-    # the preset's training defaults replace the options left at their command-line defaults
-    ctx = click.get_current_context()
-    for name in PRESETS[kw["preset"]].fit:
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
-            del options[name]
-    return FitConfig.from_preset(kw["preset"], **options)
+
+def _graph_kwargs(kw: dict) -> dict:
+    options = config_kwargs(GraphConfig, kw, skip=PIPELINE_GRAPH_SKIP)
+    return {k: v for k, v in options.items() if k not in PIPELINE_GRAPH_NAMED}
 
 
 def register(main: click.Group) -> None:
     @main.command("fit")
     @click.argument("graphs", type=click.Path(dir_okay=False, exists=True))
     @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
-    @_fit_options
-    @_fold_option
+    @_fit_options()
     def fit_command(graphs: str, out: str, **kw) -> None:
         """Train SpaHGC on every fold of the graph store GRAPHS (early stopping on validation slides)."""
         from ..train.fit import fit
@@ -88,22 +70,17 @@ def register(main: click.Group) -> None:
 
     @main.command("train")
     @click.argument("manifest", type=click.Path(dir_okay=False, exists=True))
-    @click.option("--genes", required=True, help="Gene panel: hist2st-her2st, hist2st-cscc, top-mean:N, hvg:N or a file.")
     @click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help="Image encoder (see `hgc embed --help`).")
     @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
                   help="Folder to write (embeddings, graphs and the model; steps are cached there).")
-    @click.option("--normalize", type=click.Choice(["log1p", "log10-minmax"]), default="log1p", show_default=True)
     @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
-    @click.option("--n-val", type=click.IntRange(min=0), default=1, show_default=True,
-                  help="Validation slides (early stopping), taken from the manifest's slides.")
     @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
                   help="The encoder's weights file, when not its default source (see `hgc embed --help`).")
     @patch_mpp_option
-    @click.option("--no-progress", is_flag=True, help="No progress bars.")
     @data_root_option
-    @_fit_options
-    def train_command(manifest, genes, encoder, out, normalize, batch_size, n_val, weights, patch_mpp, no_progress,
-                      data_root, **kw) -> None:
+    @_graph_options
+    @_fit_options(skip=("folds",))  # one model on every slide: there is no fold to choose
+    def train_command(manifest, encoder, out, batch_size, weights, patch_mpp, data_root, **kw) -> None:
         """Train one model on every slide of MANIFEST, to predict new slides with `hgc predict`.
 
         The model is a self-contained bundle (weights, reference bank of the training spots, genes,
@@ -111,9 +88,9 @@ def register(main: click.Group) -> None:
         """
         from ..train.pipeline import train_model
 
-        bundle = train_model(manifest, genes, encoder, out, fit_config=_fit_config(kw), normalize=normalize,
+        bundle = train_model(manifest, kw["genes"], encoder, out, fit_config=_fit_config(kw), normalize=kw["normalize"],
                              device=kw["device"], data_root=data_root, batch_size=batch_size,
-                             graph_options={"n_val": n_val}, progress=not no_progress, weights=weights,
+                             graph_options=_graph_kwargs(kw), progress=kw["progress"], weights=weights,
                              patch_mpp=patch_mpp)
         from ..train.rundir import early_stopping, open_model
 
@@ -139,7 +116,7 @@ def register(main: click.Group) -> None:
                   help="Virtual spots' centre-to-centre distance (default: ST 200, Visium 100 µm).")
     @click.option("--spot-diameter-um", type=click.FloatRange(min=0, min_open=True), default=None,
                   help="Virtual spots' diameter (default: ST 100, Visium 55 µm).")
-    @click.option("--backend", type=click.Choice(["auto", "dgl", "pyg"]), default=None, help="Default: the model's backend.")
+    @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None, help="Default: the model's backend.")
     @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
     @click.option("--no-progress", is_flag=True, help="No progress bars.")
     @data_root_option
@@ -185,24 +162,19 @@ def register(main: click.Group) -> None:
 
     @main.command("run")
     @click.argument("manifest", type=click.Path(dir_okay=False, exists=True))
-    @click.option("--protocol", type=click.Choice(["patient-kfold", "slide-loso", "split-file"]), required=True)
-    @click.option("--genes", required=True, help="Gene panel: hist2st-her2st, hist2st-cscc, top-mean:N, hvg:N or a file.")
+    @click.option("--protocol", type=click.Choice(list(CV_PROTOCOLS)), required=True, help=PROTOCOL_HELP)
     @click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help="Image encoder (see `hgc embed --help`).")
     @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run folder (steps are cached there).")
-    @click.option("--normalize", type=click.Choice(["log1p", "log10-minmax"]), default="log1p", show_default=True)
     @click.option("--methods", default=METHOD_CHOICES, show_default=True, help="Comma-separated methods.")
     @click.option("--split-file", type=click.Path(dir_okay=False, exists=True), default=None,
                   help="TSV slide/fold/role for --protocol split-file.")
     @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
-    @click.option("--n-val", type=click.IntRange(min=0), default=1, show_default=True,
-                  help="Validation slides per fold (early stopping), taken from the training slides.")
     @patch_mpp_option
-    @click.option("--no-progress", is_flag=True, help="No progress bars.")
     @data_root_option
-    @_fit_options
-    @_fold_option
-    def run_command(manifest, protocol, genes, encoder, out, normalize, methods, split_file, batch_size,
-                    n_val, patch_mpp, no_progress, data_root, **kw) -> None:
+    @_graph_options
+    @_fit_options()
+    def run_command(manifest, protocol, encoder, out, methods, split_file, batch_size, patch_mpp, data_root,
+                    **kw) -> None:
         """Embed, build graphs, fit, predict and evaluate MANIFEST; print the results table.
 
         Each step is skipped when its output in OUT exists and was made from the same inputs and
@@ -212,8 +184,8 @@ def register(main: click.Group) -> None:
         from ..train.pipeline import run_pipeline
 
         report = run_pipeline(
-            manifest, protocol, genes, encoder, out, fit_config=_fit_config(kw), normalize=normalize,
+            manifest, protocol, kw["genes"], encoder, out, fit_config=_fit_config(kw), normalize=kw["normalize"],
             methods=_split_csv(methods), device=kw["device"], data_root=data_root, split_file=split_file,
-            batch_size=batch_size, graph_options={"n_val": n_val}, progress=not no_progress, patch_mpp=patch_mpp,
+            batch_size=batch_size, graph_options=_graph_kwargs(kw), progress=kw["progress"], patch_mpp=patch_mpp,
         )
         click.echo(markdown_table(report), nl=False)

@@ -6,7 +6,6 @@ Only the standard library is used for HTTP, so this works wherever Python does.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -19,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from .._progress import progress
 
 from .. import __version__
+from .._fingerprint import file_sha256
 from .._outputs import check_writable, write_text
+from .._progress import progress
 from ..errors import HgcError, InputError
 
 log = logging.getLogger(__name__)
@@ -257,9 +257,3 @@ def _network_error(url: str, target: Path, part: Path, exc: Exception) -> HgcErr
     )
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._progress import progress
-
 from .manifest import load_entry, read_manifest
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from ..errors import InputError
+from .entry import SlideEntry
+from .readers import FORMATS
 from .slide import Slide
 
 log = logging.getLogger(__name__)
@@ -50,21 +52,6 @@ def data_root(explicit: str | Path | None = None) -> Path:
 
 
 @dataclass
-class SlideEntry:
-    """One manifest row, validated and with its paths resolved."""
-
-    slide: str
-    patient: str
-    format: str
-    paths: dict[str, Path]
-    microns_per_pixel: float | None = None
-    coord_scale: float | None = None
-    annotations: Path | None = None
-    extra: dict[str, str] = field(default_factory=dict)
-    row: int = 0
-
-
-@dataclass
 class Manifest:
     path: Path
     entries: list[SlideEntry]
@@ -94,8 +81,6 @@ class Manifest:
 
 def load_entry(entry: SlideEntry) -> Slide:
     """Read one manifest entry with its format's reader (readers validate what they return)."""
-    from .readers import FORMATS
-
     return FORMATS[entry.format].read(entry)
 
 

@@ -9,7 +9,7 @@ Two transforms:
   clipped (clipping would hide a distribution shift). Genes constant on the training spots map
   to 0.
 
-``to_dict()`` / :meth:`Normalizer.from_dict` round-trip the fitted state through JSON so the
+``to_dict()`` / :meth:`Normaliser.from_dict` round-trip the fitted state through JSON so the
 graph store and run directories can apply the same transform to new slides.
 """
 from __future__ import annotations
@@ -22,20 +22,20 @@ from ..errors import InputError
 from .genes import TARGET_SUM, expression_matrix, log1p_normalized
 from .slide import Slide
 
-NORMALIZERS = ("log1p", "log10-minmax")
+NORMALISERS = ("log1p", "log10-minmax")
 
 
-class Normalizer:
+class Normaliser:
     """Base class: ``fit`` on training slides, then ``transform`` any slide to (n, G) float32."""
 
     name: ClassVar[str]
-    _registry: ClassVar[dict[str, type["Normalizer"]]] = {}
+    _registry: ClassVar[dict[str, type["Normaliser"]]] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        Normalizer._registry[cls.name] = cls
+        Normaliser._registry[cls.name] = cls
 
-    def fit(self, slides: Sequence[Slide], genes: Sequence[str]) -> "Normalizer":
+    def fit(self, slides: Sequence[Slide], genes: Sequence[str]) -> "Normaliser":
         return self
 
     def transform(self, slide: Slide, genes: Sequence[str]) -> np.ndarray:
@@ -45,19 +45,19 @@ class Normalizer:
         return {"name": self.name}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Normalizer":
+    def from_dict(cls, d: dict) -> "Normaliser":
         """Rebuild a (fitted) normaliser from :meth:`to_dict` output."""
         name = d.get("name")
-        if name not in Normalizer._registry:
-            raise InputError(f"unknown normaliser '{name}'; expected one of {list(NORMALIZERS)}")
-        return Normalizer._registry[name]._from_state(d)
+        if name not in Normaliser._registry:
+            raise InputError(f"unknown normaliser '{name}'; expected one of {list(NORMALISERS)}")
+        return Normaliser._registry[name]._from_state(d)
 
     @classmethod
-    def _from_state(cls, d: dict) -> "Normalizer":
+    def _from_state(cls, d: dict) -> "Normaliser":
         return cls()
 
 
-class Log1pNormalizer(Normalizer):
+class Log1pNormaliser(Normaliser):
     """Library-size scaling to ``target_sum`` then natural ``log1p``; stateless."""
 
     name = "log1p"
@@ -72,11 +72,11 @@ class Log1pNormalizer(Normalizer):
         return {"name": self.name, "target_sum": self.target_sum}
 
     @classmethod
-    def _from_state(cls, d: dict) -> "Normalizer":
+    def _from_state(cls, d: dict) -> "Normaliser":
         return cls(d.get("target_sum", TARGET_SUM))
 
 
-class Log10MinMaxNormalizer(Normalizer):
+class Log10MinMaxNormaliser(Normaliser):
     """SpaHGC's transform: ``log10(x + 1)``, then per-gene min-max from the training spots."""
 
     name = "log10-minmax"
@@ -86,7 +86,7 @@ class Log10MinMaxNormalizer(Normalizer):
         self.min: np.ndarray | None = None
         self.max: np.ndarray | None = None
 
-    def fit(self, slides: Sequence[Slide], genes: Sequence[str]) -> "Normalizer":
+    def fit(self, slides: Sequence[Slide], genes: Sequence[str]) -> "Normaliser":
         if not slides:
             raise InputError("log10-minmax normalisation is fitted on training slides, but none were given")
         logged = np.concatenate([np.log10(expression_matrix(s, genes)[0] + 1.0) for s in slides])
@@ -115,7 +115,7 @@ class Log10MinMaxNormalizer(Normalizer):
                 "min": self.min.tolist(), "max": self.max.tolist()}
 
     @classmethod
-    def _from_state(cls, d: dict) -> "Normalizer":
+    def _from_state(cls, d: dict) -> "Normaliser":
         out = cls()
         if "genes" in d:
             out.genes = list(d["genes"])
@@ -124,8 +124,8 @@ class Log10MinMaxNormalizer(Normalizer):
         return out
 
 
-def make_normalizer(name: str) -> Normalizer:
+def make_normaliser(name: str) -> Normaliser:
     """A fresh (unfitted) normaliser by name: ``log1p`` or ``log10-minmax``."""
-    if name not in Normalizer._registry:
-        raise InputError(f"unknown normalisation '{name}'; expected one of {list(NORMALIZERS)}")
-    return Normalizer._registry[name]()
+    if name not in Normaliser._registry:
+        raise InputError(f"unknown normalisation '{name}'; expected one of {list(NORMALISERS)}")
+    return Normaliser._registry[name]()

@@ -21,6 +21,16 @@ import pandas as pd
 from ..errors import InputError
 
 PROTOCOLS = ("patient-kfold", "slide-loso", "split-file", "all")
+#: The protocols a user cross-validates with (``all`` is ``hgc train``'s single fold).
+CV_PROTOCOLS = PROTOCOLS[:3]
+PROTOCOL_HELP = ("patient-kfold: leave one patient out; slide-loso: leave one slide out; "
+                 "split-file: folds from --split-file.")
+
+
+def isolates_patients(protocol: str) -> bool:
+    """Whether ``protocol`` keeps every section of a test slide's patient out of training and out of
+    the references (patient-level folds), rather than only the test slide itself."""
+    return protocol == "patient-kfold"
 #: Version of the rule :func:`validation_slides` follows; cached graph stores built under another
 #: rule are rebuilt (2: the validation slide mirrors the test slide's relation to its patient).
 VALIDATION_RULE = 2
@@ -82,9 +92,11 @@ def _read_split_file(path: Path, patients: dict[str, str]) -> list[Fold]:
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
     except pd.errors.EmptyDataError:
-        raise InputError(f"split file {path} is empty; expected a header slide, fold, role and one row per slide and fold") from None
+        raise InputError(f"split file {path} is empty; expected a header slide, fold, role and one row per slide "
+                         "and fold") from None
     except Exception as exc:  # noqa: BLE001 - pandas raises many types for a malformed table
-        raise InputError(f"cannot read split file {path} ({type(exc).__name__}: {exc}); expected a TSV with columns slide, fold, role") from None
+        raise InputError(f"cannot read split file {path} ({type(exc).__name__}: {exc}); expected a TSV with columns "
+                         "slide, fold, role") from None
     table = table.apply(lambda c: c.str.strip())
     need = {"slide", "fold", "role"}
     if not need <= set(table.columns):

@@ -86,6 +86,7 @@ def embed_slide(
     """(n_spots, dim) float32 embeddings of one slide, in spot order."""
     import torch
     from torch.utils.data import DataLoader
+
     from .._progress import progress as progress_bar
 
     boxes = crop_boxes(slide, patch)

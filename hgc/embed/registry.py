@@ -8,14 +8,14 @@ can be reused.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
+from .._fingerprint import file_sha256
 from ..errors import InputError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ class EncoderSpec:
     hub: tuple[str, str] | None = None  # (repo id, file name)
     access_url: str | None = None
     pool_stages: bool = False  # also the intermediate stages, pooled (:mod:`hgc.embed.stages`)
+    #: timm keyword arguments that are classes (layer types), made when the network is built, so
+    #: that reading the registry imports neither timm nor torch
+    timm_layers: Callable[[], dict[str, Any]] | None = None
 
 
 def _lite(n: int, px: int, stages: tuple[int, ...] = ()) -> EncoderSpec:
@@ -128,6 +131,7 @@ ENCODERS: dict[str, EncoderSpec] = {
                 "dynamic_img_size": True,
                 **_NO_INIT,
             },
+            timm_layers=_uni2_layers,
             hub=("MahmoodLab/UNI2-h", "pytorch_model.bin"),
             access_url="https://huggingface.co/MahmoodLab/UNI2-h",
         ),
@@ -170,8 +174,8 @@ def build_model(spec: EncoderSpec, arch_overrides: dict[str, Any] | None = None)
     import timm
 
     kwargs = dict(spec.timm_kwargs)
-    if spec.name == "uni2-h":
-        kwargs.update(_uni2_layers())
+    if spec.timm_layers is not None:
+        kwargs.update(spec.timm_layers())
     kwargs.update(arch_overrides or {})
     return timm.create_model(spec.arch, pretrained=False, num_classes=spec.load_classes, **kwargs)
 
@@ -256,14 +260,6 @@ def _redact(text: str) -> str:
         if token:
             text = text.replace(token, "***")
     return text
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -16,14 +16,13 @@ import contextlib
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
 
 from .._outputs import atomic_h5, check_writable, command_line, is_temporary, output_lock, safe_name
-from .._records import check_format_version
+from .._records import open_h5
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -35,40 +34,11 @@ KEY_ATTRS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_px", 
 _REBUILD = "rebuild it with `hgc embed` (delete it first)"
 
 
-def _check_format(f, path: Path) -> None:
-    """Refuse files that are not embedding files or come from a newer hgc."""
-    fmt = f.attrs.get("format")
-    if fmt is None:  # hgc 0.1 wrote no format attributes
-        return
-    if isinstance(fmt, bytes):
-        fmt = fmt.decode()
-    if fmt != FORMAT:
-        raise InputError(f"{path} is not an hgc embedding file (its format is '{fmt}'; expected '{FORMAT}')")
-    check_format_version(f.attrs.get("format_version"), FORMAT_VERSION, f"embedding file {path}",
-                         f"upgrade hgc, or {_REBUILD}")
-
-
-@contextlib.contextmanager
-def _open(path: str | Path) -> Iterator["h5py.File"]:  # noqa: F821
-    """An embedding file opened for reading; damage of any kind becomes one InputError."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"embedding file not found: {path} (create it with `hgc embed`)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"cannot read embedding file {path} as HDF5 ({exc}); {_REBUILD}") from None
-    try:
-        _check_format(f, path)
-        yield f
-    except InputError:
-        raise
-    except (KeyError, ValueError, TypeError, OSError) as exc:
-        raise InputError(f"embedding file {path} is damaged or incomplete ({exc}); {_REBUILD}") from None
-    finally:
-        f.close()
+def _open(path: str | Path):
+    """An embedding file opened for reading (see :func:`hgc._records.open_h5`; hgc 0.1's files,
+    which carry no format attributes, are read too)."""
+    return open_h5(path, "embedding file", FORMAT, FORMAT_VERSION, _REBUILD, "create it with `hgc embed`",
+                   unformatted_ok=True)
 
 
 def _group(f, path: Path, slide_id: str):
@@ -149,7 +119,8 @@ class EmbeddingStore:
 
     def __enter__(self) -> "EmbeddingStore":
         if self.path.is_dir():
-            raise InputError(f"{self.path} is a folder; --out names the embedding file to write (e.g. {self.path / 'embeddings.h5'})")
+            raise InputError(f"{self.path} is a folder; --out names the embedding file to write "
+                             f"(e.g. {self.path / 'embeddings.h5'})")
         check_writable(self.path)
         self._stack.enter_context(output_lock(self.path, command_line()))
         try:

@@ -1,8 +1,8 @@
 """The reference bank: the spots a target slide's ``refer`` edges point at, and what using them needs.
 
 A bank holds, per reference spot, its image embedding, its normalised expression and its slide,
-patient and barcode; for the whole bank the genes, the fitted normaliser, the ``close`` edges
-among the references and the encoder that made the embeddings. A cross-validation fold's test
+patient and barcode; for the whole bank the genes, the fitted normaliser, the edges of the
+relations among references (``close``) and the encoder that made the embeddings. A cross-validation fold's test
 slides are predicted from the bank of its training slides; a trained model carries the bank of all
 its training slides (``bank.h5`` beside its weights), so a new slide is joined to exactly the
 references the model was validated with.
@@ -14,7 +14,8 @@ File layout (HDF5, written whole or not at all)::
     /x           (m, d) float32 embeddings
     /y           (m, G) float32 normalised expression
     /slide, /patient, /barcode   (m,) UTF-8
-    /close       (2, E) int64 [neighbour, reference];  /close_weight (E,) float32
+    /<relation>  edges of each relation among references (``close``): (2, E) int64 [neighbour, reference],
+    /<relation>_weight (E,) float32
     /coords      (m, 2) float64 pixel positions on their slides (optional)
 """
 from __future__ import annotations
@@ -28,8 +29,9 @@ import numpy as np
 
 from .. import __version__
 from .._outputs import atomic_h5
-from .._records import check_format_version
+from .._records import open_h5
 from ..errors import InputError
+from .record import read_edges, write_edges
 
 FORMAT = "hgc-bank"
 FORMAT_VERSION = 1
@@ -47,8 +49,8 @@ class ReferenceBank:
     barcode: np.ndarray  # (m,) str
     genes: list[str]
     normaliser: dict[str, Any]
-    close: np.ndarray  # (2, E) int64
-    close_weight: np.ndarray  # (E,) float32
+    edges: dict[str, np.ndarray]  # relations among references (``close``) -> (2, E) int64 [source, destination]
+    edge_weight: dict[str, np.ndarray]  # -> (E,) float32
     encoder: dict[str, Any] = field(default_factory=dict)
     coords: np.ndarray | None = None  # (m, 2) float64 pixel positions on their slides (None in older banks)
 
@@ -63,8 +65,9 @@ class ReferenceBank:
                              f"{self.y.shape[1:]} expression columns for {len(self.genes)} genes")
         if self.coords is not None and np.shape(self.coords) != (m, 2):
             raise InputError(f"reference bank has {np.shape(self.coords)} spot positions for {m} spots")
-        if self.close.size and (self.close.min() < 0 or self.close.max() >= m):
-            raise InputError(f"reference bank 'close' edges index references outside [0, {m})")
+        for name, e in self.edges.items():
+            if e.size and (e.min() < 0 or e.max() >= m):
+                raise InputError(f"reference bank '{name}' edges index references outside [0, {m})")
         slide = np.asarray(self.slide).astype(str)
         starts = np.flatnonzero(np.r_[True, slide[1:] != slide[:-1]]) if m else np.zeros(0, np.int64)
         self._spans = {str(slide[a]): slice(int(a), int(b)) for a, b in zip(starts, np.r_[starts[1:], m])}
@@ -89,7 +92,8 @@ class ReferenceBank:
         return np.concatenate([np.arange(r.start, r.stop) for r in spans]) if spans else np.zeros(0, np.int64)
 
     def nbytes(self) -> int:
-        return int(self.x.nbytes + self.y.nbytes + self.close.nbytes + self.close_weight.nbytes + 64 * self.n_ref)
+        edges = sum(a.nbytes for a in [*self.edges.values(), *self.edge_weight.values()])
+        return int(self.x.nbytes + self.y.nbytes + edges + 64 * self.n_ref)
 
 
 def write_bank(bank: ReferenceBank, path: str | Path) -> Path:
@@ -108,8 +112,7 @@ def write_bank(bank: ReferenceBank, path: str | Path) -> Path:
         f.create_dataset("y", data=np.ascontiguousarray(bank.y, np.float32))
         for name in ("slide", "patient", "barcode"):
             f.create_dataset(name, data=np.asarray(getattr(bank, name)).astype(str).astype(object), dtype=strings)
-        f.create_dataset("close", data=np.asarray(bank.close, np.int64))
-        f.create_dataset("close_weight", data=np.asarray(bank.close_weight, np.float32))
+        write_edges(f, bank.edges, bank.edge_weight)
         if bank.coords is not None:
             f.create_dataset("coords", data=np.asarray(bank.coords, np.float64))
     return path
@@ -117,26 +120,13 @@ def write_bank(bank: ReferenceBank, path: str | Path) -> Path:
 
 def read_bank(path: str | Path) -> ReferenceBank:
     """The bank stored at ``path``; a missing, foreign, newer or damaged file is one InputError."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"reference bank {path} does not exist; {_REBUILD}")
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                raise InputError(f"{path} is not an hgc reference bank")
-            check_format_version(f.attrs.get("format_version"), FORMAT_VERSION, f"reference bank {path}",
-                                 f"upgrade hgc, or {_REBUILD}")
-            return ReferenceBank(
-                x=f["x"][()], y=f["y"][()],
-                slide=f["slide"].asstr()[()].astype(object), patient=f["patient"].asstr()[()].astype(object),
-                barcode=f["barcode"].asstr()[()].astype(object),
-                genes=list(json.loads(f.attrs["genes"])), normaliser=dict(json.loads(f.attrs["normaliser"])),
-                close=f["close"][()], close_weight=f["close_weight"][()], encoder=dict(json.loads(f.attrs["encoder"])),
-                coords=f["coords"][()] if "coords" in f else None,
-            )
-    except InputError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"reference bank {path} is damaged or incomplete ({type(exc).__name__}: {exc}); {_REBUILD}") from None
+    with open_h5(path, "reference bank", FORMAT, FORMAT_VERSION, _REBUILD, _REBUILD) as f:
+        return ReferenceBank(
+            x=f["x"][()], y=f["y"][()],
+            slide=f["slide"].asstr()[()].astype(object), patient=f["patient"].asstr()[()].astype(object),
+            barcode=f["barcode"].asstr()[()].astype(object),
+            genes=list(json.loads(f.attrs["genes"])), normaliser=dict(json.loads(f.attrs["normaliser"])),
+            **dict(zip(("edges", "edge_weight"), read_edges(f, of_references=True))),
+            encoder=dict(json.loads(f.attrs["encoder"])),
+            coords=f["coords"][()] if "coords" in f else None,
+        )

@@ -41,7 +41,7 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 METRICS = ("l1", "l2", "cosine")
-BACKENDS = ("auto", "faiss", "faiss-ivf", "torch")
+KNN_BACKENDS = ("auto", "faiss", "faiss-ivf", "torch")
 
 
 #: float32 machine epsilon: the fast kernels' unit of rounding.
@@ -75,8 +75,8 @@ def search(
     """
     if metric not in METRICS:
         raise InputError(f"unknown similarity metric '{metric}'; expected one of {list(METRICS)}")
-    if backend not in BACKENDS:
-        raise InputError(f"unknown kNN backend '{backend}'; expected one of {list(BACKENDS)}")
+    if backend not in KNN_BACKENDS:
+        raise InputError(f"unknown kNN backend '{backend}'; expected one of {list(KNN_BACKENDS)}")
     if int(k) < 1:
         raise InputError(f"k must be at least 1, got {k}")
     k = int(k)

@@ -9,15 +9,88 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: Canonical edge types. Relation names are the contract between builder and model: a graph
-#: carrying a relation the model does not know is an error, never a silent skip.
-RELATIONS: tuple[tuple[str, str, str], ...] = (
-    ("spot", "near", "spot"),
-    ("ref", "refer", "spot"),
-    ("ref", "close", "ref"),
-)
-RELATION_NAMES: tuple[str, ...] = tuple(r[1] for r in RELATIONS)
-CANONICAL: dict[str, tuple[str, str, str]] = {r[1]: r for r in RELATIONS}
+from ..errors import InputError
+
+#: How a relation's messages are computed (:mod:`hgc.nn.layers` implements each kind once):
+#: ``mean`` -- a linear map of the mean of the sources' states (SAGE's neighbour term), to the
+#: destinations only; ``attention`` -- multi-head cross attention of the destinations over their
+#: sources and, on the same edges, of the sources back over their destinations.
+KINDS: tuple[str, ...] = ("mean", "attention")
+NODE_TYPES: tuple[str, ...] = ("spot", "ref")
+
+
+@dataclass(frozen=True)
+class Relation:
+    """One edge type of the graph: ``src`` nodes send along it to ``dst`` nodes, by ``kind``.
+
+    Edges of a relation between references only (``src == dst == "ref"``) belong to the
+    reference pool and are shared by every target joined to it; the others belong to the target.
+    """
+
+    src: str
+    name: str
+    dst: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"relation '{self.name}': kind '{self.kind}' is unknown; expected one of {list(KINDS)}")
+        bad = [t for t in (self.src, self.dst) if t not in NODE_TYPES]
+        if bad:
+            raise InputError(f"relation '{self.name}': node types {bad} are unknown; expected {list(NODE_TYPES)}")
+
+    @property
+    def canonical(self) -> tuple[str, str, str]:
+        """The (source type, name, destination type) triple DGL and PyG key edge types by."""
+        return (self.src, self.name, self.dst)
+
+    @property
+    def of_references(self) -> bool:
+        return self.src == self.dst == "ref"
+
+
+#: The relation table: relation names are the contract between builder, store and model; a graph
+#: carrying a relation that is not here is an error, never a silent skip. Extend it with
+#: :func:`register_relation`.
+RELATIONS: dict[str, Relation] = {r.name: r for r in (
+    Relation("spot", "near", "spot", "mean"),
+    Relation("ref", "refer", "spot", "attention"),
+    Relation("ref", "close", "ref", "mean"),
+)}
+#: The retrieval relation: each spot's most similar references, which the model's head pools over.
+RETRIEVAL = "refer"
+
+
+def relation_names() -> tuple[str, ...]:
+    """The known relations' names, in table order (the order graphs and layers use)."""
+    return tuple(RELATIONS)
+
+
+def relation(name: str) -> Relation:
+    """The table entry of relation ``name``; an unknown name is an :class:`InputError`."""
+    try:
+        return RELATIONS[name]
+    except KeyError:
+        raise InputError(f"relation '{name}' is unknown; known relations: {list(RELATIONS)}") from None
+
+
+def register_relation(rel: Relation) -> None:
+    """Add ``rel`` to the relation table (builders that make its edges, and models that use it,
+    need nothing else); re-registering a name with another definition is refused."""
+    known = RELATIONS.get(rel.name)
+    if known is not None and known != rel:
+        raise InputError(f"relation '{rel.name}' is already defined as {known}")
+    RELATIONS[rel.name] = rel
+
+
+def unregister_relation(name: str) -> None:
+    """Remove a relation added by :func:`register_relation` (the built-in ones stay)."""
+    if name in _BUILT_IN:
+        raise InputError(f"relation '{name}' is built in and cannot be removed")
+    RELATIONS.pop(name, None)
+
+
+_BUILT_IN = frozenset(RELATIONS)
 
 
 @dataclass(eq=False)
@@ -59,3 +132,17 @@ class SlideGraph:
     @property
     def n_genes(self) -> int:
         return int(self.ref_y.shape[1])
+
+
+def write_edges(group, edges: dict[str, np.ndarray], edge_weight: dict[str, np.ndarray]) -> None:
+    """Store relations' edges in an HDF5 group: ``<name>`` (2, E) int64 and ``<name>_weight`` (E,) float32."""
+    for name, e in edges.items():
+        group.create_dataset(name, data=np.asarray(e, np.int64))
+        group.create_dataset(f"{name}_weight", data=np.asarray(edge_weight[name], np.float32))
+
+
+def read_edges(group, of_references: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The edges :func:`write_edges` stored in ``group`` of the known relations among references
+    (``of_references``) or of a target; unknown datasets are left alone."""
+    names = [r.name for r in RELATIONS.values() if r.of_references == of_references and r.name in group]
+    return {n: group[n][()] for n in names}, {n: group[f"{n}_weight"][()] for n in names}

@@ -12,8 +12,10 @@ Layout (group names are percent-encoded slide / fold ids)::
                                      bank ("bank": the pool of all training slides, which test slides are predicted from)
     /folds/<fold>/genes       (G,) str
     /folds/<fold>/expression/<slide>   (n, G) f32, the fold's normalised expression of the slide
-    /folds/<fold>/pools/<key>          close (2, E) i64, close_weight (E,) f32; attrs: slides (JSON)
-    /folds/<fold>/graphs/<target>      near, refer (2, E) i64 and *_weight (E,) f32; attrs: role, pool
+    /folds/<fold>/pools/<key>          per relation among references (close): <name> (2, E) i64 and
+                                       <name>_weight (E,) f32; attrs: slides (JSON)
+    /folds/<fold>/graphs/<target>      per relation of the target (near, refer): <name> (2, E) i64 and
+                                       <name>_weight (E,) f32; attrs: role, pool
 
 A fold is read back as a :class:`~hgc.graph.build.BankGraphs`: its reference bank (the pool
 ``bank``: the training slides' embeddings from ``/slides``, their expression, the pool's ``close``
@@ -27,9 +29,7 @@ how to rebuild it.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import unquote
@@ -38,10 +38,10 @@ import numpy as np
 
 from .. import __version__
 from .._outputs import atomic_h5, command_line, output_lock, safe_name
-from .._records import check_format_version, record_from_dict
+from .._records import open_h5, record_from_dict
 from ..errors import InputError
-from .build import BANK, BankGraphs, FoldInfo, GraphConfig, GraphSet, Pool, SlideData, TargetEdges
-from .record import RELATION_NAMES, SlideGraph
+from .fold import BANK, BankGraphs, FoldInfo, GraphConfig, GraphSet, Pool, SlideData, TargetEdges
+from .record import SlideGraph, read_edges, relation, relation_names, write_edges
 
 FORMAT = "hgc-graphs"
 FORMAT_VERSION = 1
@@ -53,8 +53,8 @@ def _nbytes(graphs: GraphSet) -> int:
     total = sum(s.x.nbytes + s.coords.nbytes + 16 * len(s.barcodes) for s in graphs.slides.values())
     for fg in graphs.folds:
         total += sum(y.nbytes for y in fg.expression.values())
-        total += sum(p.close.nbytes + p.close_weight.nbytes for p in [fg.whole, *fg.pools.values()])
-        total += sum(t.near.nbytes + t.near_weight.nbytes + t.refer.nbytes + t.refer_weight.nbytes for t in fg.targets)
+        parts: list[Pool | TargetEdges] = [fg.whole, *fg.pools.values(), *fg.targets]
+        total += sum(a.nbytes for e in parts for a in [*e.edges.values(), *e.edge_weight.values()])
     return total
 
 
@@ -84,46 +84,22 @@ def write_graphs(graphs: GraphSet, out: str | Path) -> Path:
             g.attrs["targets"] = json.dumps([[t.target, t.role] for t in fg.targets])
             g.attrs["bank"] = BANK
             g.create_dataset("genes", data=np.asarray(fg.info.genes, dtype=object), dtype=strings)
-            for s, y in fg.expression.items():
-                g.create_dataset(f"expression/{safe_name(s)}", data=y)
+            for slide, y in fg.expression.items():
+                g.create_dataset(f"expression/{safe_name(slide)}", data=y)
             for key, pool in {BANK: fg.whole, **fg.pools}.items():
                 p = g.create_group(f"pools/{key}")
                 p.attrs["slides"] = json.dumps(pool.slides)
-                p.create_dataset("close", data=pool.close)
-                p.create_dataset("close_weight", data=pool.close_weight)
+                write_edges(p, pool.edges, pool.edge_weight)
             for t in fg.targets:
                 tg = g.create_group(f"graphs/{safe_name(t.target)}")
                 tg.attrs.update({"target": t.target, "role": t.role, "pool": t.pool})
-                for name in ("near", "refer"):
-                    tg.create_dataset(name, data=getattr(t, name))
-                    tg.create_dataset(f"{name}_weight", data=getattr(t, f"{name}_weight"))
+                write_edges(tg, t.edges, t.edge_weight)
     return out
 
 
-@contextlib.contextmanager
-def _open(path: str | Path) -> Iterator["h5py.File"]:  # noqa: F821
-    """A graph store opened for reading: format and version checked, damage reported in one line."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"graph file not found: {path} (create it with `hgc build-graph`)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"cannot read graph file {path} as HDF5 ({exc}); {_REBUILD}") from None
-    try:
-        if f.attrs.get("format") != FORMAT:
-            raise InputError(f"{path} is not an hgc graph file (made by `hgc build-graph`)")
-        check_format_version(f.attrs.get("format_version"), FORMAT_VERSION, f"graph file {path}",
-                             f"{_REBUILD} (or use the hgc version that wrote it)")
-        yield f
-    except InputError:
-        raise
-    except (KeyError, ValueError, TypeError, OSError) as exc:  # json errors are ValueErrors
-        raise InputError(f"graph file {path} is damaged or incomplete ({type(exc).__name__}: {exc}); {_REBUILD}") from None
-    finally:
-        f.close()
+def _open(path: str | Path):
+    """A graph store opened for reading (see :func:`hgc._records.open_h5`)."""
+    return open_h5(path, "graph file", FORMAT, FORMAT_VERSION, _REBUILD, "create it with `hgc build-graph`")
 
 
 def _fold_names(f, path, fold: str | None) -> list[str]:
@@ -164,13 +140,12 @@ def read_graph_set(path: str | Path, fold: str | None = None) -> GraphSet:
             g = f[f"folds/{safe_name(name)}"]
             info = _fold_info(f, path, name)
             expression = {unquote(k): v[()] for k, v in g["expression"].items()}
-            pools = {k: Pool(json.loads(p.attrs["slides"]), p["close"][()], p["close_weight"][()])
+            pools = {k: Pool(json.loads(p.attrs["slides"]), *read_edges(p, of_references=True))
                      for k, p in g.get("pools", {}).items()}
             targets = []
             for target, role in json.loads(g.attrs["targets"]):
                 t = g[f"graphs/{safe_name(target)}"]
-                targets.append(TargetEdges(target, role, t.attrs["pool"], t["near"][()], t["near_weight"][()],
-                                           t["refer"][()], t["refer_weight"][()]))
+                targets.append(TargetEdges(target, role, t.attrs["pool"], *read_edges(t, of_references=False)))
             key = str(g.attrs.get("bank", "")) or next(  # stores before banks: the pool of all training slides
                 (k for k, p in pools.items() if p.slides == list(info.train)), "")
             folds.append(_bank_graphs(info, slides, expression, pools, targets, key, config, encoder, where(name)))
@@ -224,10 +199,9 @@ def _check_consistent(fold: BankGraphs, where: str) -> None:
                              f"fold's reference bank {bank} in its order; {_REBUILD}")
         n_spot = len(fold.slides[t.target].barcodes)
         n_ref = sum(len(fold.slides[s].barcodes) for s in pool.slides)
-        bounds = {"near": (n_spot, n_spot), "refer": (n_ref, n_spot), "close": (n_ref, n_ref)}
-        edges = {"near": t.near, "refer": t.refer, "close": pool.close}
-        for rel, e in edges.items():
-            src_n, dst_n = bounds[rel]
+        n = {"spot": n_spot, "ref": n_ref}
+        for rel, e in {**t.edges, **pool.edges}.items():
+            src_n, dst_n = n[relation(rel).src], n[relation(rel).dst]
             if e.ndim != 2 or e.shape[0] != 2 or (e.size and (e.min() < 0 or e[0].max() >= src_n or e[1].max() >= dst_n)):
                 raise InputError(f"{where}: the '{rel}' edges of '{t.target}' do not fit its nodes; {_REBUILD}")
 
@@ -260,11 +234,12 @@ def summarize(path: str | Path) -> list[dict]:
                 t = g[f"graphs/{safe_name(target)}"]
                 pool = g[f"pools/{t.attrs['pool']}"]
                 refs = json.loads(pool.attrs["slides"])
-                counts = {"near": t["near"].shape[1], "refer": t["refer"].shape[1], "close": pool["close"].shape[1]}
+                counts = {r: (pool if relation(r).of_references else t)[r].shape[1] for r in relation_names()
+                          if r in (pool if relation(r).of_references else t)}
                 rows.append({
                     "fold": name, "target": target, "role": role, "patient": patient[target],
                     "n_spot": n_spots[target], "n_ref": sum(n_spots[s] for s in refs),
-                    "edges": {r: int(counts[r]) for r in RELATION_NAMES},
+                    "edges": {r: int(c) for r, c in counts.items()},
                     "ref_slides": refs, "ref_patients": sorted({patient[s] for s in refs}),
                 })
         return rows

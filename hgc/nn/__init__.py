@@ -18,13 +18,26 @@ Typical use (the trainer owns the loop, optimiser and seeds)::
 All training randomness (views, dropout, InfoNCE sampling) comes from ``g``, ideally a
 ``torch.Generator`` on ``device`` (a CPU one seeds a device generator); ``SpaHGC(..., seed=s)``
 initialises the weights from ``s`` without touching the global RNG. ``model(prepared)`` never
-masks, drops edges or applies dropout, in either train or eval mode. ``parts`` holds floats ``loss, mse, pcc, contrast_spot, contrast_ref``. ``ModelConfig.to_dict()``
+masks, drops edges or applies dropout, in either train or eval mode. ``parts`` holds floats
+``loss, mse, pcc, contrast_spot, contrast_ref``. ``ModelConfig.to_dict()``
 / ``from_dict()`` round-trip the configuration for checkpoints beside ``model.state_dict()``
 (which includes the EMA target encoder). A graph carrying relations the model does not know, or
 lacking ones it uses, is an :class:`~hgc.errors.InputError`. ``Ensemble([...])`` averages
 seed members and reports their spread (``predict_with_spread``).
 """
-from .backend import Backend, PreparedGraph, get_backend
-from .model import Ensemble, ModelConfig, SpaHGC, pearson_per_gene
+from importlib import import_module
+from typing import Any
 
-__all__ = ["Backend", "Ensemble", "ModelConfig", "PreparedGraph", "SpaHGC", "get_backend", "pearson_per_gene"]
+from .config import ModelConfig
+
+#: Exported names that need torch, imported on first use so that reading a config does not load torch.
+_LAZY = {"Backend": "graphlib", "PreparedGraph": "graphlib", "get_backend": "graphlib",
+         "Ensemble": "model", "SpaHGC": "model"}
+
+__all__ = ["Backend", "Ensemble", "ModelConfig", "PreparedGraph", "SpaHGC", "get_backend"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_LAZY[name]}", __name__), name)

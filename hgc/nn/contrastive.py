@@ -22,8 +22,6 @@ from torch import nn
 
 from .masking import randperm
 
-CONTRASTS: tuple[str, ...] = ("bgrl", "infonce", "none")
-
 
 def bgrl_loss(online_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean ``1 - cos`` between predicted and (detached) target embeddings, in [0, 2]."""

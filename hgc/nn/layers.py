@@ -1,32 +1,35 @@
-"""SpaHGC's building blocks, written once against the :class:`~hgc.nn.backend.Backend` seam.
+"""SpaHGC's building blocks, written once against the :class:`~hgc.nn.graphlib.Backend` seam.
 
 Per layer and node type ``t``::
 
-    out_t = lin_self_t(h_t) + mean over relations r into t of msg_r
+    out_t = lin_self_t(h_t) + mean over the messages into t
     h_t   = LeakyReLU(out_t)            (optionally: dropout, a residual and a post-LayerNorm)
 
-``msg_near = lin_near(mean of spot neighbours)``, ``msg_close = lin_close(mean of ref neighbours)``
-(SAGE-style), ``msg_refer`` = multi-head cross attention of each spot over the references it retrieved
-(keys/values from the refs' ``[hidden, expression]``, per-destination softmax), and
-``msg_rev_refer`` = attention of each reference over the spots that retrieved it. Averaging per-
-relation SAGE outputs that each carry their own root weight equals one shared root weight per node
-type plus the mean of the neighbour messages, which is what is computed (fewer parameters, same
-function class).
+Each relation of the table (:data:`hgc.graph.record.RELATIONS`) gets the message module of its
+kind (:data:`RELATION_KINDS`), like PyG's ``HeteroConv`` / DGL's ``HeteroGraphConv``: ``mean``
+relations (``near``, ``close``) send ``lin_r(mean of source states)`` (SAGE-style) to their
+destinations; ``attention`` relations (``refer``) send multi-head cross attention of each
+destination over its sources and of each source back over its destinations. Nodes that know their
+expression (references) attend with ``[hidden, expression]`` (the expression embedded and
+LayerNorm-ed per layer, as the published code does). :func:`group_by_destination` collects the
+messages per node type. Averaging per-relation SAGE outputs that each carry their own root weight
+equals one shared root weight per node type plus the mean of the neighbour messages, which is what
+is computed (fewer parameters, same function class).
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Iterable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .backend import Backend, PreparedGraph, reverse_key
-
-if TYPE_CHECKING:
-    from .model import ModelConfig
+from ..graph.record import NODE_TYPES, RETRIEVAL, Relation, relation
+from .config import ModelConfig
+from .graphlib import Backend, PreparedGraph, reverse_key
 
 Dropout = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,14 +38,23 @@ def no_dropout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-ATTENTION_LOGITS = ("scaled", "leaky")
-
-
 class CrossAttention(nn.Module):
     """Multi-head attention of destination queries over their in-edges' source keys/values.
 
-    ``logits="scaled"``: softmax of ``q.k / sqrt(d)`` (transformer form); ``"leaky"``: of
-    ``LeakyReLU(q.k / sqrt(d))`` (GAT-like, the published code's form).
+    Parameters
+    ----------
+    q_dim, kv_dim : int
+        Widths of the destinations' query input and the sources' key/value input.
+    hidden : int
+        Output width (``heads`` heads of ``hidden // heads``).
+    logits : {"scaled", "leaky"}
+        Softmax of ``q.k / sqrt(d)`` (transformer form) or of ``LeakyReLU(q.k / sqrt(d))``
+        (GAT-like, the published code's form), per destination over its in-edges.
+
+    Shapes
+    ------
+    ``q_in`` (n_dst, q_dim), ``kv_in`` (n_src, kv_dim) -> (n_dst, hidden); a destination
+    without in-edges gets ``o(0)``.
     """
 
     def __init__(
@@ -71,30 +83,102 @@ class CrossAttention(nn.Module):
         return self.o(backend.weighted_sum(op, v, a).reshape(q_in.shape[0], -1))
 
 
-class RelationalLayer(nn.Module):
-    """One heterogeneous message-passing layer over the relations of ``cfg``.
+#: Node types whose attention inputs carry their expression beside their hidden state.
+EXPRESSION_NODES = ("ref",)
 
-    ``expr_dim`` is the width of the references' expression input to the ``refer`` attention:
-    the genes (``cfg.expression="raw"``) or the hidden size (``"embedded"``, then LayerNorm-ed
-    per layer, as the published code does).
+Messages = Iterable[tuple[str, torch.Tensor]]  # (destination node type, (n_dst, hidden) message)
+
+
+class MeanMessages(nn.Module):
+    """``kind="mean"``: ``lin(mean of the sources' states)`` to each destination (0 without in-edges).
+
+    Shapes
+    ------
+    ``h[rel.src]`` (n_src, hidden) -> one message (n_dst, hidden) for ``rel.dst``.
     """
 
-    def __init__(self, cfg: "ModelConfig", expr_dim: int) -> None:
+    def __init__(self, rel: Relation, hidden: int, widths: dict[str, int], cfg: ModelConfig) -> None:
         super().__init__()
-        hidden, heads, relations = cfg.hidden, cfg.heads, cfg.relations
-        self.relations = relations
+        self.rel = rel
+        self.lin = nn.Linear(hidden, hidden)
+
+    def forward(self, backend: Backend, g: PreparedGraph, h: dict[str, torch.Tensor],
+                att_in: dict[str, torch.Tensor], attention_dropout: Dropout) -> Messages:
+        yield self.rel.dst, self.lin(backend.mean(g.ops[self.rel.name], h[self.rel.src]))
+
+
+class AttentionMessages(nn.Module):
+    """``kind="attention"``: cross attention of destinations over their sources (``forward_attn``)
+    and, over the same edges reversed, of sources over their destinations (``reverse_attn``).
+
+    Shapes
+    ------
+    ``att_in[t]`` (n_t, widths[t]) for both ends -> messages (n_dst, hidden) for ``rel.dst`` and
+    (n_src, hidden) for ``rel.src``.
+    """
+
+    def __init__(self, rel: Relation, hidden: int, widths: dict[str, int], cfg: ModelConfig) -> None:
+        super().__init__()
+        self.rel = rel
+        src, dst = widths[rel.src], widths[rel.dst]
+        self.forward_attn = CrossAttention(dst, src, hidden, cfg.heads, cfg.attention_logits, cfg.negative_slope)
+        self.reverse_attn = CrossAttention(src, dst, hidden, cfg.heads, cfg.attention_logits, cfg.negative_slope)
+
+    def forward(self, backend: Backend, g: PreparedGraph, h: dict[str, torch.Tensor],
+                att_in: dict[str, torch.Tensor], attention_dropout: Dropout) -> Messages:
+        r = self.rel
+        yield r.dst, self.forward_attn(backend, g.ops[r.name], att_in[r.dst], att_in[r.src], attention_dropout)
+        yield r.src, self.reverse_attn(backend, g.ops[reverse_key(r.name)], att_in[r.src], att_in[r.dst],
+                                       attention_dropout)
+
+
+#: The message module of each relation kind (:data:`hgc.graph.record.KINDS`).
+RELATION_KINDS: dict[str, type[nn.Module]] = {"mean": MeanMessages, "attention": AttentionMessages}
+
+
+def group_by_destination(messages: Messages) -> dict[str, list[torch.Tensor]]:
+    """Messages collected per destination node type (every node type present, maybe empty)."""
+    grouped: dict[str, list[torch.Tensor]] = {t: [] for t in NODE_TYPES}
+    for t, m in messages:
+        grouped[t].append(m)
+    return grouped
+
+
+class RelationalLayer(nn.Module):
+    """One heterogeneous message-passing layer over the relations of ``cfg``, one module each.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Sizes, the relations (each gets the module of its kind, :data:`RELATION_KINDS`), and the
+        residual / LayerNorm / activation choices.
+    expr_dim : int
+        Width of the references' expression input to the attention relations: the genes
+        (``cfg.expression="raw"``) or the hidden size (``"embedded"``, then LayerNorm-ed per
+        layer, as the published code does).
+
+    Shapes
+    ------
+    ``h[t]`` (n_t, hidden) per node type and ``ref_y`` (n_ref, expr_dim) -> ``h[t]`` (n_t, hidden).
+    """
+
+    def __init__(self, cfg: ModelConfig, expr_dim: int) -> None:
+        super().__init__()
+        hidden = cfg.hidden
         self.residual = cfg.residual
-        self.self_lin = nn.ModuleDict({t: nn.Linear(hidden, hidden) for t in ("spot", "ref")})
-        self.neigh = nn.ModuleDict({r: nn.Linear(hidden, hidden) for r in ("near", "close") if r in relations})
-        if "refer" in relations:
-            kv = hidden + expr_dim
-            self.refer = CrossAttention(hidden, kv, hidden, heads, cfg.attention_logits, cfg.negative_slope)
-            self.refer_rev = CrossAttention(kv, hidden, hidden, heads, cfg.attention_logits, cfg.negative_slope)
+        # mean relations first: the parameter order of hgc <= 0.2, so a seed still initialises the same network
+        rels = sorted((relation(r) for r in cfg.relations), key=lambda r: r.kind != "mean")
+        self.self_lin = nn.ModuleDict({t: nn.Linear(hidden, hidden) for t in NODE_TYPES})
+        widths = {t: hidden + expr_dim if t in EXPRESSION_NODES else hidden for t in NODE_TYPES}
+        self.convs = nn.ModuleDict({r.name: RELATION_KINDS[r.kind](r, hidden, widths, cfg) for r in rels})
+        self.attends = any(r.kind == "attention" for r in rels)
+        if self.attends:
             self.expr_norm = nn.LayerNorm(expr_dim) if cfg.expression == "embedded" else nn.Identity()
         self.act = nn.LeakyReLU(cfg.negative_slope)
         self.norm = nn.ModuleDict(
-            {t: nn.LayerNorm(hidden) if cfg.layer_norm else nn.Identity() for t in ("spot", "ref")}
+            {t: nn.LayerNorm(hidden) if cfg.layer_norm else nn.Identity() for t in NODE_TYPES}
         )
+        self._register_load_state_dict_pre_hook(_rename_before_relation_table)
 
     def forward(
         self,
@@ -105,17 +189,12 @@ class RelationalLayer(nn.Module):
         dropout: Dropout = no_dropout,
         attention_dropout: Dropout = no_dropout,
     ) -> dict[str, torch.Tensor]:
-        msgs: dict[str, list[torch.Tensor]] = {"spot": [], "ref": []}
-        if "near" in self.relations:
-            msgs["spot"].append(self.neigh["near"](backend.mean(g.ops["near"], h["spot"])))
-        if "close" in self.relations:
-            msgs["ref"].append(self.neigh["close"](backend.mean(g.ops["close"], h["ref"])))
-        if "refer" in self.relations:
-            ref_kv = torch.cat([h["ref"], self.expr_norm(ref_y)], dim=1)
-            msgs["spot"].append(self.refer(backend, g.ops["refer"], h["spot"], ref_kv, attention_dropout))
-            msgs["ref"].append(
-                self.refer_rev(backend, g.ops[reverse_key("refer")], ref_kv, h["spot"], attention_dropout)
-            )
+        att_in = h
+        if self.attends:
+            att_in = {t: torch.cat([h[t], self.expr_norm(ref_y)], dim=1) if t in EXPRESSION_NODES else h[t]
+                      for t in h}
+        msgs = group_by_destination(m for conv in self.convs.values()
+                                    for m in conv(backend, g, h, att_in, attention_dropout))
         out = {}
         for t, hs in h.items():
             z = self.self_lin[t](hs)
@@ -126,8 +205,19 @@ class RelationalLayer(nn.Module):
         return out
 
 
-INPUT_BLOCKS = ("linear", "mlp")
-EXPRESSION_INPUTS = ("raw", "embedded")
+#: Parameter names of layers saved before the relation table (hgc <= 0.2): one prefix each.
+_OLD_PREFIXES = (("neigh.near.", "convs.near.lin."), ("neigh.close.", "convs.close.lin."),
+                 ("refer_rev.", "convs.refer.reverse_attn."), ("refer.", "convs.refer.forward_attn."))
+
+
+def _rename_before_relation_table(state_dict: dict, prefix: str, *args) -> None:
+    """Let checkpoints written before the relation table load into today's layer."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in _OLD_PREFIXES:
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break
 
 
 class InputMLP(nn.Module):
@@ -144,10 +234,18 @@ class InputMLP(nn.Module):
         return self.act(self.norm(self.lin2(dropout(self.act(self.lin(x))))))
 
 
-class Encoder(nn.Module):
-    """Input maps (linear, or :class:`InputMLP`), mask tokens and the stack of relational layers (online or EMA target)."""
+class GraphEncoder(nn.Module):
+    """Input maps (linear, or :class:`InputMLP`), mask tokens and the stack of relational layers
+    (the online encoder, or BGRL's EMA target).
 
-    def __init__(self, cfg: "ModelConfig", spot_dim: int, ref_dim: int, n_genes: int) -> None:
+    Shapes
+    ------
+    ``g.x["spot"]`` (n_spot, spot_dim), ``g.x["ref"]`` (n_ref, ref_dim) and ``g.ref_y``
+    (n_ref, n_genes), with optional masks -> hidden states ``h[t]`` (n_t, hidden) and the
+    references' expression as the layers saw it (n_ref, expr_dim).
+    """
+
+    def __init__(self, cfg: ModelConfig, spot_dim: int, ref_dim: int, n_genes: int) -> None:
         super().__init__()
         hidden = cfg.hidden
         self.ref_dim = ref_dim
@@ -196,33 +294,34 @@ def _apply_mask(x: torch.Tensor, mask: torch.Tensor, token: torch.Tensor) -> tor
     return x.masked_fill(mask, 0.0)
 
 
-HEADS = ("hgc", "published")
-
-
 class Head(nn.Module):
     """Attention pooling of each spot over its retrieved references plus a linear skip -> genes.
 
     ``"hgc"``: ``genes = out(LeakyReLU(skip(h_spot) + pool(h_spot over [h_ref, y_ref])))``; the
     nonlinearity keeps the skip path from collapsing into the output layer. ``"published"``:
     ``t = skip(h_spot)``, ``genes = out(t + pool(t over h_ref))`` (references' hidden states only).
-    Without ``refer`` (an ablation) only the skip path remains. With ``cfg.gene_rank`` r the last
-    map is low-rank: ``genes = mean + out(z) @ axes``, with the mean and the r leading principal
+    Without the retrieval relation ``refer`` (an ablation) only the skip path remains. With
+    ``cfg.gene_rank`` r the last map is low-rank: ``genes = mean + out(z) @ axes``, with the mean and the r leading principal
     axes of the training expression (:meth:`fit_gene_basis`, kept as buffers in the checkpoint).
+
+    Shapes
+    ------
+    ``h[t]`` (n_t, hidden), ``ref_y`` (n_ref, expr_dim) -> (n_spot, n_genes).
     """
 
-    def __init__(self, cfg: "ModelConfig", n_genes: int, expr_dim: int) -> None:
+    def __init__(self, cfg: ModelConfig, n_genes: int, expr_dim: int) -> None:
         super().__init__()
         hidden, self.kind = cfg.hidden, cfg.head
         rank = cfg.gene_rank if cfg.gene_rank is not None and cfg.gene_rank < n_genes else None  # else: full rank
         kv = hidden + expr_dim if self.kind == "hgc" else hidden
-        use_refer = "refer" in cfg.relations
-        self.pool = CrossAttention(hidden, kv, hidden, cfg.heads, cfg.attention_logits, cfg.negative_slope) if use_refer else None
+        pools = RETRIEVAL in cfg.relations
+        self.pool = CrossAttention(hidden, kv, hidden, cfg.heads, cfg.attention_logits, cfg.negative_slope) if pools else None
         self.skip = nn.Linear(hidden, hidden)
         self.act = nn.LeakyReLU(cfg.negative_slope)
         self.out = nn.Linear(hidden, rank or n_genes)
         self.low_rank = rank is not None
         self.basis_fitted = not self.low_rank  # a low-rank output needs its basis: fitted or loaded
-        if self.low_rank:
+        if rank is not None:
             self.register_buffer("gene_mean", torch.zeros(n_genes))
             self.register_buffer("gene_axes", torch.zeros(rank, n_genes))
             self.register_load_state_dict_post_hook(Head._basis_loaded)
@@ -245,11 +344,11 @@ class Head(nn.Module):
         if self.kind == "published":
             z = self.skip(h["spot"])
             if self.pool is not None:
-                z = z + self.pool(backend, g.ops["refer"], z, h["ref"])
+                z = z + self.pool(backend, g.ops[RETRIEVAL], z, h["ref"])
         else:
             z = self.skip(h["spot"])
             if self.pool is not None:
-                z = z + self.pool(backend, g.ops["refer"], h["spot"], torch.cat([h["ref"], ref_y], dim=1))
+                z = z + self.pool(backend, g.ops[RETRIEVAL], h["spot"], torch.cat([h["ref"], ref_y], dim=1))
             z = self.act(z)
         out = self.out(z)
         if not self.low_rank:

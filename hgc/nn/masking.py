@@ -26,7 +26,7 @@ from typing import Mapping
 
 import torch
 
-from .backend import Backend, PreparedGraph
+from .graphlib import Backend, PreparedGraph
 
 
 @dataclass(eq=False)
@@ -69,9 +69,6 @@ def random_subset(n: int, ratio: float, generator: torch.Generator | None, devic
     chosen = torch.zeros(n, dtype=torch.bool, device=device)
     chosen[randperm(n, generator, device)[: round(ratio * n)]] = True
     return chosen
-
-
-MASK_UNITS = ("node", "feature")
 
 
 def complementary_masks(
@@ -118,7 +115,8 @@ def make_views(
     With ``second=False`` (no contrast term) view 2 is not built; view 1 is drawn identically.
     """
     device = g.x["spot"].device
-    shapes = {"spot": tuple(g.x["spot"].shape), "ref": (g.num_nodes["ref"], g.x["ref"].shape[1] + g.ref_y.shape[1])}
+    n_spot, d_spot = g.x["spot"].shape
+    shapes = {"spot": (n_spot, d_spot), "ref": (g.num_nodes["ref"], g.x["ref"].shape[1] + g.ref_y.shape[1])}
     m1, m2 = complementary_masks(shapes, mask_ratios, generator, device, unit)
     v1 = View(drop_edges(backend, g, drop_ratios, generator), m1)
     return v1, (View(drop_edges(backend, g, drop_ratios, generator), m2) if second else None)

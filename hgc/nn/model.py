@@ -19,156 +19,21 @@ removing residual + LayerNorm alone recovered most of the gap). hgc 0.1's model 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..graph.record import RELATION_NAMES
-from .backend import Backend, PreparedGraph, get_backend
-from .contrastive import CONTRASTS, bgrl_loss, ema_momentum, ema_update, infonce_loss
-from .layers import ATTENTION_LOGITS, EXPRESSION_INPUTS, HEADS, INPUT_BLOCKS, Dropout, Encoder, Head, mlp, no_dropout
-from .masking import MASK_UNITS, View, make_views, on_device, rand
+from ..graph.record import NODE_TYPES, RELATIONS
+from .config import ModelConfig
+from .contrastive import bgrl_loss, ema_momentum, ema_update, infonce_loss
+from .graphlib import Backend, PreparedGraph, get_backend
+from .layers import Dropout, GraphEncoder, Head, mlp, no_dropout
+from .masking import View, make_views, on_device, rand
 
 log = logging.getLogger(__name__)
-
-NODE_TYPES = ("spot", "ref")
-SUPERVISE = ("view1", "clean")
-#: What a stored config that lacks an option meant: the behaviour before the option existed
-#: (hgc 0.1's model), so bundles written then rebuild the same network.
-BEFORE_OPTION: dict[str, Any] = {
-    "mask_unit": "node", "input_block": "linear", "expression": "raw", "attention_logits": "scaled",
-    "attention_dropout": 0.0, "dropout_layers": True, "head": "hgc", "gene_rank": None,
-}
-
-
-@dataclass
-class ModelConfig:
-    """Every size and switch of SpaHGC; defaults follow the paper and the published code.
-
-    ``relations`` lists the relations the model uses; a graph must carry them, and may carry other
-    known relations, which the model then ignores on purpose (an explicit ablation). ``masking``
-    switches all augmentation (feature masks and edge dropping) on or off; with it off both views
-    are the unmasked graph. ``drop_<relation>`` is the fraction of that relation's edges each view
-    drops. ``ema_total_steps`` (epochs x graphs) enables BGRL's cosine momentum schedule.
-    ``supervise`` picks the input of the supervised terms: ``view1`` (SpaHGC: the masked online
-    view) or ``clean`` (the unmasked graph; one more encoder pass per step).
-
-    Architectural choices (defaults: the published code's; the preset ``hgc-0.1`` of
-    :mod:`hgc.train.presets` sets hgc 0.1's): ``mask_unit`` (``node``: whole
-    rows replaced by a mask token; ``feature``: entries zeroed independently), ``input_block``
-    (``linear`` or the published two-layer ``mlp``), ``expression`` (references' expression into
-    the attention ``raw`` or ``embedded`` by a linear map + LayerNorm), ``attention_logits``
-    (``scaled`` or ``leaky``), ``attention_dropout`` (on attention weights), ``dropout_layers``
-    (dropout after each layer too, or on the input only) and ``head`` (``hgc`` or ``published``,
-    see :class:`~hgc.nn.layers.Head`). ``gene_rank`` makes the head's output low-rank: predictions
-    in the span of the training expression's leading principal axes (set by
-    :meth:`SpaHGC.fit_gene_basis` before training); at or above the number of genes, or None, it
-    is the full rank. Rank 10 (hgc 0.2's default) raised validation PCC-ALL on every validation
-    slide it was tried on, under both protocols (``bench/results/ablation-*``).
-    """
-
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 4
-    dropout: float = 0.2
-    negative_slope: float = 0.2
-    residual: bool = False
-    layer_norm: bool = False
-    relations: tuple[str, ...] = RELATION_NAMES
-    contrast: str = "bgrl"
-    masking: bool = True
-    mask_spot: float = 0.1
-    mask_ref: float = 0.9
-    drop_near: float = 0.5
-    drop_refer: float = 0.4
-    drop_close: float = 0.0
-    lambda_pcc: float = 0.5
-    lambda_spot: float = 0.2
-    lambda_ref: float = 0.1
-    ema_momentum: float = 0.99
-    ema_total_steps: int | None = None
-    predictor_hidden: int = 512
-    proj_dim: int = 128
-    tau: float = 0.5
-    infonce_max_nodes: int = 2048
-    supervise: str = "view1"
-    mask_unit: str = "feature"
-    input_block: str = "mlp"
-    expression: str = "embedded"
-    attention_logits: str = "leaky"
-    attention_dropout: float = 0.1
-    dropout_layers: bool = False
-    head: str = "published"
-    gene_rank: int | None = 10
-
-    def __post_init__(self) -> None:
-        self.relations = tuple(self.relations)
-        unknown = sorted(set(self.relations) - set(RELATION_NAMES))
-        if unknown:
-            raise InputError(f"model relations {unknown} are unknown; expected a subset of {list(RELATION_NAMES)}")
-        choices = {"supervise": SUPERVISE, "contrast": CONTRASTS, "mask_unit": MASK_UNITS, "input_block": INPUT_BLOCKS,
-                   "expression": EXPRESSION_INPUTS, "attention_logits": ATTENTION_LOGITS, "head": HEADS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise InputError(f"model option {name} '{getattr(self, name)}' is unknown; expected one of {list(allowed)}")
-        if self.hidden <= 0 or self.heads <= 0 or self.hidden % self.heads:
-            raise InputError(f"hidden ({self.hidden}) must be a positive multiple of heads ({self.heads})")
-        if self.layers < 0:
-            raise InputError(f"layers must be >= 0, got {self.layers}")
-        for name in ("dropout", "attention_dropout", "mask_spot", "mask_ref", "drop_near", "drop_refer", "drop_close",
-                     "ema_momentum"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise InputError(f"model option {name} must lie in [0, 1], got {v}")
-        if self.dropout >= 1.0 or self.attention_dropout >= 1.0:
-            raise InputError("model options dropout and attention_dropout must be < 1")
-        for name in ("lambda_pcc", "lambda_spot", "lambda_ref"):
-            if getattr(self, name) < 0:
-                raise InputError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("predictor_hidden", "proj_dim"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"model option {name} must be positive, got {getattr(self, name)}")
-        if self.tau <= 0 or self.infonce_max_nodes < 2:
-            raise InputError(f"InfoNCE needs tau > 0 and infonce_max_nodes >= 2, got {self.tau}, {self.infonce_max_nodes}")
-        if self.gene_rank is not None and not (isinstance(self.gene_rank, int) and self.gene_rank >= 1):
-            raise InputError(f"gene_rank must be None (full rank) or a whole number >= 1, got {self.gene_rank!r}")
-        if self.ema_total_steps is not None and self.ema_total_steps < 1:
-            raise InputError(f"ema_total_steps must be None or >= 1, got {self.ema_total_steps}")
-
-    @property
-    def mask_ratios(self) -> dict[str, float]:
-        return {"spot": self.mask_spot, "ref": self.mask_ref}
-
-    @property
-    def drop_ratios(self) -> dict[str, float]:
-        return {r: getattr(self, f"drop_{r}") for r in self.relations}
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["relations"] = list(self.relations)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """A config from options (missing ones take the defaults); unknown options are refused."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError(f"model config has unknown options {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def from_stored(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """A config read back from a model bundle: options it lacks take the value they had
-        before they existed (:data:`BEFORE_OPTION`), not today's default."""
-        return cls.from_dict({**BEFORE_OPTION, **d})
-
 
 class SpaHGC(nn.Module):
     """SpaHGC on one backend. ``forward`` predicts; ``training_loss`` trains on two masked views.
@@ -176,6 +41,43 @@ class SpaHGC(nn.Module):
     ``forward`` never masks, drops edges or applies dropout, whatever ``train()``/``eval()`` mode
     the module is in: the only stochastic path is :meth:`training_loss`, and all its randomness
     (views, dropout, InfoNCE node sampling) comes from the generator passed to it.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Every size and switch (defaults: the published code's choices with a rank-10 head).
+    spot_dim, ref_dim : int
+        Embedding widths of target spots and references; ``n_genes`` the expression columns.
+    backend : Backend or {"auto", "dgl", "pyg"}
+        The graph library (:func:`hgc.nn.graphlib.get_backend`).
+    seed : int, optional
+        Initialises the weights without touching torch's global generator.
+
+    Shapes
+    ------
+    A :class:`~hgc.nn.graphlib.PreparedGraph` of ``n_spot`` spots and ``n_ref`` references ->
+    (n_spot, n_genes) predictions in the graph's expression space.
+
+    Examples
+    --------
+    A three-spot slide with two references (in practice :func:`hgc.graph.build_graphs` makes
+    the graph):
+
+    >>> import numpy as np, torch
+    >>> from hgc.graph import SlideGraph
+    >>> from hgc.nn import ModelConfig, SpaHGC, get_backend
+    >>> rng = np.random.default_rng(0)
+    >>> g = SlideGraph(fold="f", target="S", role="test", patient="P",
+    ...     spot_x=rng.normal(size=(3, 8)).astype(np.float32), spot_coords=np.zeros((3, 2)),
+    ...     spot_barcodes=np.array(["a", "b", "c"]), ref_x=rng.normal(size=(2, 8)).astype(np.float32),
+    ...     ref_y=rng.random((2, 5)).astype(np.float32), ref_slide=np.array(["R", "R"]),
+    ...     ref_patient=np.array(["Q", "Q"]),
+    ...     edges={"near": np.array([[1, 0], [0, 1]]), "refer": np.array([[0, 1, 1], [0, 1, 2]]),
+    ...            "close": np.array([[1, 0], [0, 1]])})
+    >>> backend = get_backend("pyg")
+    >>> model = SpaHGC(ModelConfig(hidden=16, heads=2, layers=2, gene_rank=None), 8, 8, 5, backend, seed=0)
+    >>> model(backend.prepare(g)).shape
+    torch.Size([3, 5])
     """
 
     def __init__(
@@ -198,7 +100,7 @@ class SpaHGC(nn.Module):
 
     def _build(self) -> None:
         c, d = self.cfg, self.dims
-        self.encoder = Encoder(c, d["spot"], d["ref"], d["genes"])
+        self.encoder = GraphEncoder(c, d["spot"], d["ref"], d["genes"])
         self.head = Head(c, d["genes"], self.encoder.expr_dim)
         if c.contrast == "bgrl":
             self.target = copy.deepcopy(self.encoder).requires_grad_(False)
@@ -218,9 +120,9 @@ class SpaHGC(nn.Module):
         """Raise :class:`InputError` unless ``g`` fits this model's backend, sizes and relations."""
         if g.backend != self.backend.name:
             raise InputError(f"{g.name} was prepared for backend '{g.backend}', the model runs on '{self.backend.name}'")
-        unknown = sorted(set(g.relations) - set(RELATION_NAMES))
+        unknown = sorted(set(g.relations) - set(RELATIONS))
         if unknown:
-            raise InputError(f"{g.name} has relations {unknown} the model does not know ({list(RELATION_NAMES)})")
+            raise InputError(f"{g.name} has relations {unknown} the model does not know ({list(RELATIONS)})")
         missing = [r for r in self.cfg.relations if r not in g.relations]
         if missing:
             raise InputError(
@@ -259,7 +161,8 @@ class SpaHGC(nn.Module):
         c = self.cfg
         generator = on_device(generator, g.x["spot"].device)
         contrast = c.contrast != "none"
-        v1 = v2 = View(g, None)
+        v1: View = View(g, None)
+        v2: View | None = v1
         if c.masking and (contrast or c.supervise == "view1"):
             v1, v2 = make_views(self.backend, g, c.mask_ratios, c.drop_ratios, generator, contrast, c.mask_unit)
         drop = self._dropout(generator, c.dropout)
@@ -274,9 +177,11 @@ class SpaHGC(nn.Module):
         if rows is not None:
             pred, y = pred[rows], y[rows]
         mse = F.mse_loss(pred, y)
-        pcc = pearson_per_gene(pred, y).mean()
+        pcc = differentiable_pcc(pred, y).mean()
         zero = mse.new_zeros(())
-        c_spot, c_ref = self._contrast(h1, v2, drop, attn_drop, generator) if contrast else (zero, zero)
+        c_spot, c_ref = (zero, zero)
+        if contrast and v2 is not None:  # (view 2 is built whenever there is a contrast)
+            c_spot, c_ref = self._contrast(h1, v2, drop, attn_drop, generator)
         loss = mse + c.lambda_pcc * (1 - pcc) + c.lambda_spot * c_spot + c.lambda_ref * c_ref
         parts = {"loss": loss, "mse": mse, "pcc": pcc, "contrast_spot": c_spot, "contrast_ref": c_ref}
         return loss, {k: float(v.detach()) for k, v in parts.items()}
@@ -350,8 +255,9 @@ class Ensemble(nn.Module):
         return self.predict_with_spread(g)[0]
 
 
-def pearson_per_gene(pred: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(G,) Pearson correlation over spots per gene; 0 where either side is constant."""
+def differentiable_pcc(pred: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(G,) Pearson correlation over spots per gene, differentiable (the loss's PCC term); 0 where
+    either side is constant. Metrics use :func:`hgc.evaluate.metrics.pearson_per_gene` (NumPy)."""
     pc = pred - pred.mean(0)
     yc = y - y.mean(0)
     return (pc * yc).sum(0) / (pc.norm(dim=0) * yc.norm(dim=0) + eps)

@@ -1,6 +1,9 @@
 """Training SpaHGC per fold, the baselines beside it, and predictions for the held-out slides."""
 from .baselines import BASELINES, KnnBaseline, MeanBaseline, RidgeBaseline, make_baseline
-from .fit import FitConfig, check_leakage, fit, fit_folds, load_folds, load_model
+from .config import FitConfig
+from .fit import fit, fit_folds
+from .folds import check_leakage, load_folds
+from .inference import load_model
 from .predict import METHODS, predict, predict_fold
 from .rundir import Run, open_run
 

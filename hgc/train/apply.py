@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..evaluate.metrics import training_gene_sets
 from ..evaluate.predictions import Prediction, check_prediction_output, spatial_entry, writing_predictions
 from .baselines import make_baseline, training_set
-from .fit import load_bundle_model, predict_with_spread
+from .inference import load_bundle_model, predict_with_spread
 from .predict import check_methods
 from .rundir import ModelBundle, open_model
 
@@ -119,12 +119,12 @@ class SlidePredictor:
 
     def __init__(self, bundle: ModelBundle, methods: Sequence[str] = ("hgc",), backend: str | None = None,
                  device: str = "cpu") -> None:
-        from ..data.normalize import Normalizer
+        from ..data.normalize import Normaliser
 
         self.bundle, self.methods, self.device = bundle, check_methods(methods), device
         self.bank = bundle.bank()
         self.config = bundle.graph_config()
-        self.normaliser = Normalizer.from_dict(bundle.info["normaliser"])
+        self.normaliser = Normaliser.from_dict(bundle.info["normaliser"])
         self.genes = list(bundle.info["genes"])
         self.heg, self.hvg = training_gene_sets(self.bank.y)
         self.model = load_bundle_model(bundle, backend, device)[:2] if "hgc" in self.methods else None
@@ -203,9 +203,8 @@ def predict_slides(
     Everything that can be checked before embedding is (the model, its encoder's weights, every
     target's files, that no target is one of the model's reference slides, the output folder).
     """
-    from ..data.tissue import SpotGeometry, draw_tissue
-
     from ..data.manifest import read_manifest
+    from ..data.tissue import SpotGeometry, draw_tissue
     from ..embed import embed_manifest
     from ..embed.patches import require_image
     from ..embed.store import read_embeddings

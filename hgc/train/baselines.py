@@ -310,7 +310,8 @@ class KnnBaseline:
         """Nothing to learn for the retrieval (the graph's refer edges); the gene-PCA output rank is
         chosen by retrieving each held-out group's spots from the other groups' spots (with the
         graphs' default k and metric)."""
-        from ..graph.build import GraphConfig, refer_edges
+        from ..graph.edges import refer_edges
+        from ..graph.fold import GraphConfig
 
         groups = cv_groups(train)
         config = GraphConfig()

@@ -15,160 +15,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import platform
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .._devices import check_device, resolve_device
+from .._devices import resolve_device
 from .._outputs import atomic_dir, check_replaceable_folder, command_line, output_lock, safe_name
 from ..errors import InputError
 from ..evaluate.metrics import nan_mean, pearson_per_gene
-from ..graph.build import BankGraphs
-from ..graph.record import RELATION_NAMES, SlideGraph
-from .presets import DEFAULT_PRESET, get_preset
-from .rundir import ModelBundle, is_run_folder, open_run, user_entries, write_fold, write_record
+from ..graph.fold import BankGraphs
+from ..graph.record import SlideGraph
+from .config import FitConfig, model_config
+from .folds import BLOCK_BANDS, Block, check_leakage, choose_validation, hold_out_block, load_folds
+from .inference import predict_graph
+from .rundir import is_run_folder, user_entries, write_fold, write_record
 
 log = logging.getLogger(__name__)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass
-class FitConfig:
-    """Training settings; every field is a ``hgc fit`` option and is saved in ``config.json``."""
-
-    backend: str = "auto"  # auto | dgl | pyg
-    device: str = "auto"  # auto | cpu | cuda[:i]
-    epochs: int = 200
-    seed: int = 0
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    patience: int | None = 50  # epochs without validation improvement before stopping; None: never stop
-    contrast: str = "bgrl"  # bgrl | infonce | none
-    masking: bool = True
-    relations: tuple[str, ...] | None = None  # None: every relation of the graphs
-    folds: tuple[str, ...] | None = None  # None: every fold of the store
-    val_slides: tuple[str, ...] | None = None  # early-stopping slides instead of the store's choice (() for none)
-    model: dict[str, Any] = field(default_factory=dict)  # further ModelConfig overrides (over the preset's)
-    preset: str = DEFAULT_PRESET  # named model/training choices (hgc.train.presets); see from_preset
-    ensemble: int = 1  # seeds trained per fold and averaged; their spread is the predictions' uncertainty
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        from ..nn.backend import BACKENDS
-
-        if self.backend not in BACKENDS:
-            raise InputError(f"unknown graph backend '{self.backend}'; expected one of {list(BACKENDS)}")
-        self.device = check_device(self.device)
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise InputError(f"epochs must be a whole number >= 1, got {self.epochs!r}")
-        if not (_is_number(self.lr) and self.lr > 0):
-            raise InputError(f"lr (the learning rate) must be a finite number > 0, got {self.lr!r}")
-        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
-            raise InputError(f"weight decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if not (isinstance(self.ensemble, int) and self.ensemble >= 1):
-            raise InputError(f"ensemble must be a whole number >= 1 (models per fold), got {self.ensemble!r}")
-        if self.patience is not None and not (isinstance(self.patience, int) and self.patience >= 1):
-            raise InputError(f"patience must be a whole number >= 1 (or None: never stop early), got {self.patience!r}")
-        if self.relations is not None:
-            self.relations = tuple(self.relations)
-            unknown = sorted(set(self.relations) - set(RELATION_NAMES))
-            if unknown or not self.relations:
-                raise InputError(f"relations {unknown or '(none)'} are not relations of hgc's graphs; "
-                                 f"choose from {', '.join(RELATION_NAMES)}")
-        if self.folds is not None:
-            self.folds = tuple(self.folds)
-        if self.val_slides is not None:
-            self.val_slides = tuple(self.val_slides)
-        get_preset(self.preset)
-        model_config(self)  # the model options (and contrast, masking) are checked by ModelConfig
-
-    @classmethod
-    def from_preset(cls, name: str, **options: Any) -> "FitConfig":
-        """A config with preset ``name``'s training defaults; ``options`` override them."""
-        return cls(**{**get_preset(name).fit, **options, "preset": name})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["relations"] = list(self.relations) if self.relations is not None else None
-        d["folds"] = list(self.folds) if self.folds is not None else None
-        d["val_slides"] = list(self.val_slides) if self.val_slides is not None else None
-        return d
-
-
-def load_folds(graphs_path: str | Path, folds: Sequence[str] | None = None) -> list[BankGraphs]:
-    """Every (or the named) fold of a graph store written by ``hgc build-graph``: a bank and its targets."""
-    from ..graph import store
-
-    path = Path(graphs_path)
-    if not path.is_file():
-        raise InputError(f"graph store {path} does not exist; build it with `hgc build-graph`")
-    names = [f.name for f in store.read_fold_info(path)]
-    if folds is not None:
-        unknown = sorted(set(folds) - set(names))
-        if unknown:
-            raise InputError(f"folds {unknown} are not in graph store {path}; it has {names}")
-        names = [n for n in names if n in set(folds)]
-    return [fold for name in names for fold in store.read_graph_set(path, fold=name).folds]
-
-
-def check_leakage(fold: BankGraphs) -> None:
-    """Raise :class:`InputError` if test data can reach training or the reference bank.
-
-    Checked: the bank holds training slides only; every training target is a training slide of
-    the fold; no target references itself (except a fold's only training slide, whose training
-    graph references only itself); no training target and no reference of any graph (training or
-    test) is a test slide; under ``patient-kfold`` the same for every spot of a test patient.
-    Under ``slide-loso`` other sections of a test slide's patient are references by design (the
-    published protocol); that is logged, not refused.
-    """
-    info, bank = fold.info, fold.whole.slides
-    test, train = set(info.test), set(info.train)
-    patient = {s: d.patient for s, d in fold.slides.items()}
-    test_patients = {patient[s] for s in test if s in patient}
-    patient_level = info.protocol == "patient-kfold"
-    where = f"graph store fold '{fold.name}' ({info.protocol})"
-    outside = sorted(set(bank) - train)
-    if outside:
-        raise InputError(f"{where}: the reference bank holds slides {outside}, which are not training slides")
-    for t in fold.targets:
-        if t.role == "train" and (t.target in test or t.target not in train):
-            raise InputError(f"{where}: training graph targets slide '{t.target}', which is not a training slide")
-        if t.role == "train" and patient_level and patient[t.target] in test_patients:
-            raise InputError(f"{where}: training target '{t.target}' belongs to test patient '{patient[t.target]}'")
-        refs = set(fold.references(t).slides)
-        own_only = t.role == "train" and t.target in info.self_referenced and refs == {t.target}
-        if t.target in refs and not own_only:
-            raise InputError(f"{where}: the {t.role} graph of slide '{t.target}' has the slide itself among its references")
-        leaked = sorted(refs & test)
-        if leaked:
-            raise InputError(f"{where}: the {t.role} graph of slide '{t.target}' has test slides {leaked} among its references")
-        if patient_level:
-            leaked = sorted({patient[s] for s in refs} & test_patients)
-            if leaked:
-                raise InputError(
-                    f"{where}: the {t.role} graph of slide '{t.target}' has spots of test patients {leaked} among its references"
-                )
-    if not patient_level:
-        shared = sum(len(fold.slides[s].barcodes) for s in bank if patient[s] in test_patients)
-        if shared:
-            log.info("fold %s: %d reference spots share a patient with a test slide (slide-level protocol)", fold.name, shared)
-
-
-def choose_validation(fold: BankGraphs, chosen: Sequence[str] | None = None) -> list[str]:
-    """``chosen`` validation slides, else the store's choice (always recorded by the builder);
-    always training slides, never test slides."""
-    val = list(chosen) if chosen is not None else list(fold.info.val)
-    bad = sorted(set(val) - set(fold.info.train))
-    if bad:
-        raise InputError(f"fold '{fold.name}': validation slides {bad} are not training slides")
-    return val
 
 
 @contextlib.contextmanager
@@ -186,41 +51,6 @@ def deterministic(seed: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(was)
 
 
-def model_config(config: FitConfig, steps: int | None = None):
-    """The :class:`hgc.nn.ModelConfig` a FitConfig asks for: its preset's model choices, then
-    ``config.model``; ``steps`` (epochs x graphs) drives BGRL's momentum schedule unless set."""
-    from ..nn import ModelConfig
-
-    overrides: dict[str, Any] = {"ema_total_steps": steps, **get_preset(config.preset).model, **config.model}
-    overrides.update(contrast=config.contrast, masking=config.masking)
-    if config.relations is not None:
-        overrides["relations"] = tuple(config.relations)
-    return ModelConfig.from_dict(overrides)
-
-
-def build_model(cfg_model, spot_dim: int, ref_dim: int, n_genes: int, backend, seed: int | None = None):
-    from ..nn import SpaHGC
-
-    return SpaHGC(cfg_model, spot_dim, ref_dim, n_genes, backend, seed=seed)
-
-
-def predict_graph(model, prepared) -> np.ndarray:
-    """Deterministic prediction on the unmasked graph in eval mode, (n_spot, G) float32."""
-    return predict_with_spread(model, prepared)[0]
-
-
-def predict_with_spread(model, prepared) -> tuple[np.ndarray, np.ndarray | None]:
-    """(prediction, spread across ensemble members or None for one model), (n_spot, G) float32 each."""
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        if hasattr(model, "predict_with_spread"):
-            mean, spread = model.predict_with_spread(prepared)
-            return mean.cpu().numpy().astype(np.float32), spread.cpu().numpy().astype(np.float32)
-        return model(prepared).detach().cpu().numpy().astype(np.float32), None
-
-
 def _validate(model, prepared: list, graphs: list[SlideGraph], block: "Block | None" = None
               ) -> tuple[float, float, dict[str, np.ndarray]]:
     """Mean over validation slides (or the held-out block) of PCC-ALL (NaN genes excluded) and
@@ -235,42 +65,6 @@ def _validate(model, prepared: list, graphs: list[SlideGraph], block: "Block | N
         pccs.append(nan_mean(pearson_per_gene(g.spot_y, pred)))
         mses.append(float(((pred - g.spot_y) ** 2).mean()))
     return nan_mean(pccs), float(np.mean(mses)), preds
-
-
-#: A lone training slide stops early on one of this many spatial bands of its own tissue.
-BLOCK_BANDS = 5
-
-
-@dataclass
-class Block:
-    """Spots of a lone training slide held out for early stopping: one spatial band of it."""
-
-    slide: str
-    band: int
-    rows: np.ndarray  # (n_spot,) bool
-
-    def describe(self) -> dict[str, Any]:
-        return {"slide": self.slide, "band": self.band, "n_bands": BLOCK_BANDS, "n_spots": int(self.rows.sum())}
-
-
-def hold_out_block(graph: SlideGraph, seed: int) -> tuple[SlideGraph, Block] | None:
-    """A self-referenced training graph (a fold's lone training slide) with one spatial band of
-    its spots held out: the graph without every edge that would carry the band's expression
-    (``refer`` edges from the band's spots as references, ``close`` edges touching them), and the
-    band. None when the graph's references are not its own spots in order (then nothing is held out)."""
-    from .baselines import spatial_bands
-
-    if graph.n_ref != graph.n_spot or not np.array_equal(graph.ref_x, graph.spot_x) or graph.spot_y is None:
-        return None
-    band = seed % BLOCK_BANDS
-    rows = spatial_bands(graph.spot_coords, BLOCK_BANDS) == band
-    refer, close = graph.edges["refer"], graph.edges["close"]
-    keep_refer = ~rows[refer[0]]
-    keep_close = ~(rows[close[0]] | rows[close[1]])
-    edges = {**graph.edges, "refer": refer[:, keep_refer], "close": close[:, keep_close]}
-    weights = {**graph.edge_weight, "refer": graph.edge_weight["refer"][keep_refer],
-               "close": graph.edge_weight["close"][keep_close]}
-    return replace(graph, edges=edges, edge_weight=weights), Block(graph.target, band, rows)
 
 
 def _state_dict_cpu(model) -> dict:
@@ -372,13 +166,17 @@ def member_seed(seed: int, k: int) -> int:
 
 @dataclass
 class _Member:
-    """One trained model of a fold: its best validation epoch, score, weights and predictions there."""
+    """One model of a fold as it trains: its best validation epoch so far, the score, weights
+    (on the CPU) and validation predictions there, and every epoch's losses."""
 
-    epoch: int
-    pcc: float
-    state: dict
-    val_pred: dict[str, np.ndarray]
-    history: list[dict[str, float]]
+    epoch: int = -1
+    pcc: float = -np.inf
+    state: dict[str, Any] | None = None
+    val_pred: dict[str, np.ndarray] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def keep(self, epoch: int, pcc: float, model, val_pred: dict[str, np.ndarray]) -> None:
+        self.epoch, self.pcc, self.state, self.val_pred = epoch, pcc, _state_dict_cpu(model), val_pred
 
 
 def _train_member(fold: BankGraphs, mcfg, dims: dict[str, int], train_graphs: list[SlideGraph],
@@ -386,10 +184,12 @@ def _train_member(fold: BankGraphs, mcfg, dims: dict[str, int], train_graphs: li
                   seed: int, name: str) -> _Member:
     """Train one model from ``seed`` and keep its best validation epoch (the last without validation)."""
     import torch
+
     from .._progress import progress
+    from ..nn import SpaHGC
 
     with deterministic(seed):
-        model = build_model(mcfg, dims["spot_dim"], dims["ref_dim"], dims["n_genes"], backend, seed).to(device)
+        model = SpaHGC(mcfg, dims["spot_dim"], dims["ref_dim"], dims["n_genes"], backend, seed=seed).to(device)
         model.fit_gene_basis(torch.as_tensor(fold.bank.y))  # the training spots' expression (low-rank head)
         prepared = [backend.prepare(g, device) for g in train_graphs]
         prepared_val = prepared if block is not None else [backend.prepare(g, device) for g in val_graphs]
@@ -398,8 +198,7 @@ def _train_member(fold: BankGraphs, mcfg, dims: dict[str, int], train_graphs: li
                                 weight_decay=config.weight_decay)
         gen = torch.Generator(device=device).manual_seed(seed)
         order = np.random.default_rng(seed)
-        best: dict[str, Any] = {"epoch": -1, "pcc": -np.inf, "state": None, "val_pred": {}}
-        history: list[dict[str, float]] = []
+        best = _Member()
         bar = progress(range(config.epochs), desc=f"fold {name}", disable=None if config.progress else True,
                        leave=False)
         for epoch in bar:
@@ -417,17 +216,17 @@ def _train_member(fold: BankGraphs, mcfg, dims: dict[str, int], train_graphs: li
             val_pred: dict[str, np.ndarray] = {}
             if val_graphs:
                 row["val_pcc"], row["val_mse"], val_pred = _validate(model, prepared_val, val_graphs, block)
-            history.append(row)
+            best.history.append(row)
             score = row.get("val_pcc", float("nan"))
             # Without validation every epoch replaces the last; an undefined PCC never beats a defined one.
-            if not val_graphs or best["state"] is None or (not np.isnan(score) and score > best["pcc"]):
-                best.update(epoch=epoch, pcc=score, state=_state_dict_cpu(model), val_pred=val_pred)
+            if not val_graphs or best.state is None or (not np.isnan(score) and score > best.pcc):
+                best.keep(epoch, score, model, val_pred)
             bar.set_postfix(loss=f"{row['loss']:.4f}", val_pcc=f"{score:.3f}")
-            if val_graphs and config.patience is not None and epoch - best["epoch"] >= config.patience:
-                log.info("fold %s: early stop at epoch %d (best %d)", name, epoch, best["epoch"])
+            if val_graphs and config.patience is not None and epoch - best.epoch >= config.patience:
+                log.info("fold %s: early stop at epoch %d (best %d)", name, epoch, best.epoch)
                 break
         bar.close()
-    return _Member(int(best["epoch"]), float(best["pcc"]), best["state"], best["val_pred"], history)
+    return best
 
 
 def _ensemble_score(members: list[_Member], val_graphs: list[SlideGraph], block: Block | None) -> float:
@@ -485,33 +284,3 @@ def fit(graphs_path: str | Path, out_dir: str | Path, config: FitConfig | None =
     config = config or FitConfig()
     check_run_output(out_dir)
     return fit_folds(load_folds(graphs_path, config.folds), out_dir, config)
-
-
-def load_model(run_dir: str | Path, fold: str, backend: str | None = None, device: str = "cpu"):
-    """Rebuild fold ``fold``'s model from a run directory and load its best checkpoint.
-
-    Returns ``(model, backend, fold_info)``; ``backend`` defaults to the one the run trained with
-    (weights are backend-neutral, so either backend may load them).
-    """
-    run = open_run(run_dir)
-    return load_bundle_model(run.bundle(fold), backend or run.backend, device)
-
-
-def load_bundle_model(bundle: ModelBundle, backend: str | None = None, device: str = "cpu"):
-    """(model in eval mode, backend, fold info) of a model bundle; backend defaults to its training's."""
-    from ..nn import ModelConfig, get_backend
-
-    from ..nn import Ensemble
-
-    info = bundle.info
-    be = get_backend(backend or info.get("backend", "auto"))
-    mcfg = ModelConfig.from_stored(info["model"])
-    members = [build_model(mcfg, info["spot_dim"], info["ref_dim"], info["n_genes"], be)
-               for _ in range(int(info.get("ensemble", 1)))]
-    model = members[0] if len(members) == 1 else Ensemble(members)
-    try:
-        model.load_state_dict(bundle.checkpoint())
-    except RuntimeError as exc:  # tensors of another shape or name than fold.json describes
-        raise InputError(f"model {bundle.path}: the checkpoint does not match its fold.json "
-                         f"({str(exc).splitlines()[0]}); train it again with `hgc fit`") from None
-    return model.to(device).eval(), be, info

@@ -34,7 +34,8 @@ from .._fingerprint import file_record
 from .._outputs import check_writable, command_line, output_lock, write_text
 from ..data.splits import VALIDATION_RULE
 from ..errors import InputError
-from .fit import FitConfig, fit, model_config
+from .config import FitConfig, model_config
+from .fit import fit
 from .predict import METHODS, check_methods, predict
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,11 @@ def _pipeline(manifest, protocol, genes, encoder, out_dir, *, fit_config, normal
     from ..data.manifest import read_manifest
     from ..data.splits import make_folds
     from ..embed import embed_manifest, load_encoder
-    from ..evaluate.report import write_report
-    from ..graph.build import GraphConfig, build_from_manifest
     from ..evaluate.predictions import RECORD as PREDICTION_RECORD
     from ..evaluate.predictions import check_prediction_output
+    from ..evaluate.report import write_report
+    from ..graph.build import build_from_manifest
+    from ..graph.fold import GraphConfig
     from .fit import check_run_output
     from .rundir import RUN_RECORD, open_run
 

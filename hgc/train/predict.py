@@ -17,10 +17,11 @@ from .._devices import resolve_device
 from ..errors import InputError
 from ..evaluate.metrics import training_gene_sets
 from ..evaluate.predictions import Prediction, check_prediction_output, writing_predictions
-from ..graph.build import BankGraphs
+from ..graph.fold import BankGraphs
 from ..graph.record import SlideGraph
 from .baselines import BASELINES, make_baseline, training_set
-from .fit import check_leakage, load_folds, load_model, predict_with_spread
+from .folds import check_leakage, load_folds
+from .inference import load_model, predict_with_spread
 from .rundir import Run, open_run
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,11 @@ def predict(
     """
     from .._outputs import command_line, output_lock, require_free_space
     from ..graph.store import read_fold_info, summarize
-    from ..nn.backend import BACKENDS
+    from ..nn.config import check_backend
 
     methods = check_methods(methods)
-    if backend is not None and backend not in BACKENDS:
-        raise InputError(f"unknown graph backend '{backend}'; expected one of {list(BACKENDS)}")
+    if backend is not None:
+        check_backend(backend)
     device = str(resolve_device(device))
     graphs_path = Path(graphs_path)
     if "hgc" in methods and run_dir is None:

@@ -42,7 +42,7 @@ PRESETS: dict[str, Preset] = {
             "mask_unit": "node", "input_block": "linear", "expression": "raw", "attention_logits": "scaled",
             "attention_dropout": 0.0, "dropout": 0.1, "dropout_layers": True, "head": "hgc",
             "residual": True, "layer_norm": True, "negative_slope": 0.01,
-            "drop_near": 0.2, "drop_refer": 0.2, "drop_close": 0.2, "gene_rank": None,
+            "drop": {"near": 0.2, "refer": 0.2, "close": 0.2}, "gene_rank": None,
         },
     ),
     "spahgc-published": Preset(
@@ -51,7 +51,7 @@ PRESETS: dict[str, Preset] = {
             "mask_unit": "feature", "input_block": "mlp", "expression": "embedded", "attention_logits": "leaky",
             "attention_dropout": 0.1, "dropout": 0.2, "dropout_layers": False, "head": "published",
             "residual": False, "layer_norm": False, "negative_slope": 0.2,
-            "drop_near": 0.5, "drop_refer": 0.4, "drop_close": 0.0, "gene_rank": None,
+            "drop": {"near": 0.5, "refer": 0.4, "close": 0.0}, "gene_rank": None,
         },
         fit={"patience": None},
     ),

@@ -34,7 +34,7 @@ from ..errors import InputError
 
 if TYPE_CHECKING:
     from ..graph.bank import ReferenceBank
-    from ..graph.build import GraphConfig
+    from ..graph.fold import GraphConfig
 
 FORMAT = "hgc-run"
 FORMAT_VERSION = 1
@@ -79,7 +79,7 @@ class ModelBundle:
     def graph_config(self) -> "GraphConfig":
         """How the model's graphs were built; a new slide's graph is built the same way."""
         from .._records import record_from_dict
-        from ..graph.build import GraphConfig
+        from ..graph.fold import GraphConfig
 
         return record_from_dict(GraphConfig, self.info.get("graph_config"), f"model {self.path}, its graph settings", _REFIT)
 

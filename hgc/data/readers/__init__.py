@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..manifest import SlideEntry
+from ..entry import SlideEntry
 from ..slide import Slide
 from . import h5ad, hest, image, st, visium
 

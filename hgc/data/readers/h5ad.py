@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...errors import InputError
-from ..checks import as_raw_counts, check_slide
-from ..manifest import SlideEntry
-from ..slide import Slide
+from ..checks import as_raw_counts
+from ..entry import SlideEntry
+from ..slide import Slide, check_slide
 from ._common import attach_annotations, existing, make_unique, reading, require_file
 from .visium import VISIUM_SPOT_DIAMETER_UM
 
@@ -65,15 +65,7 @@ def input_files(entry: SlideEntry) -> list[Path]:
 
 def from_entry(entry: SlideEntry) -> Slide:
     """Adapter for ``FORMATS['h5ad'].read``: manifest columns ``path`` and optional ``image``."""
-    return read_h5ad(
-        entry.paths["path"],
-        slide=entry.slide,
-        patient=entry.patient,
-        image=entry.paths.get("image"),
-        microns_per_pixel=entry.microns_per_pixel,
-        coord_scale=entry.coord_scale,
-        annotations=entry.annotations,
-    )
+    return read_h5ad(entry.paths["path"], image=entry.paths.get("image"), **entry.reader_keywords())
 
 
 def load_anndata(path: Path, slide: str) -> "anndata.AnnData":

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from ...errors import InputError
-from ..manifest import SlideEntry
+from ..entry import SlideEntry
 from ..slide import Slide
 from ._common import existing, require_file
 from .h5ad import load_anndata, slide_from_anndata
@@ -79,15 +79,7 @@ def input_files(entry: SlideEntry) -> list[Path]:
 
 def from_entry(entry: SlideEntry) -> Slide:
     """Adapter for ``FORMATS['hest'].read``: column ``path`` (the HEST root) and field ``id``."""
-    return read_hest(
-        entry.paths["path"],
-        entry.extra["id"],
-        slide=entry.slide,
-        patient=entry.patient,
-        microns_per_pixel=entry.microns_per_pixel,
-        coord_scale=entry.coord_scale,
-        annotations=entry.annotations,
-    )
+    return read_hest(entry.paths["path"], entry.extra["id"], **entry.reader_keywords())
 
 
 def _read_metadata(path: Path, slide: str) -> dict:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import InputError
+from ..entry import SlideEntry
 from ..image import SlideImage
-from ..manifest import SlideEntry
 from ..slide import Slide
 from ._common import existing
 

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 
 from ...errors import InputError
+from ..checks import as_raw_counts
+from ..entry import SlideEntry
 from ..image import SlideImage
-from ..manifest import SlideEntry
-from ..slide import SPOT_PITCH_UM, Slide
-from ..checks import as_raw_counts, check_slide
+from ..slide import SPOT_PITCH_UM, Slide, check_slide
 from ._common import existing, numeric_columns, reading
 
 log = logging.getLogger(__name__)
@@ -109,16 +109,7 @@ def input_files(entry: SlideEntry) -> list[Path]:
 
 
 def from_entry(entry: SlideEntry) -> Slide:
-    return read_st(
-        entry.paths.get("counts"),
-        entry.paths["spots"],
-        entry.paths["image"],
-        slide=entry.slide,
-        patient=entry.patient,
-        microns_per_pixel=entry.microns_per_pixel,
-        coord_scale=entry.coord_scale,
-        annotations=entry.annotations,
-    )
+    return read_st(entry.paths.get("counts"), entry.paths["spots"], entry.paths["image"], **entry.reader_keywords())
 
 
 def _read_counts(path: Path, slide: str) -> pd.DataFrame:

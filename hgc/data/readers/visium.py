@@ -16,10 +16,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ...errors import InputError
-from ..checks import as_raw_counts, check_slide
+from ..checks import as_raw_counts
+from ..entry import SlideEntry
 from ..image import SlideImage
-from ..manifest import SlideEntry
-from ..slide import SPOT_DIAMETER_UM, Slide
+from ..slide import SPOT_DIAMETER_UM, Slide, check_slide
 from ._common import attach_annotations, existing, make_unique, numeric_columns, reading, require_file
 
 log = logging.getLogger(__name__)
@@ -138,15 +138,7 @@ def input_files(entry: SlideEntry) -> list[Path]:
 
 def from_entry(entry: SlideEntry) -> Slide:
     """Adapter for ``FORMATS['visium'].read``: manifest columns ``path`` (outs/) and optional ``image``."""
-    return read_visium(
-        entry.paths["path"],
-        slide=entry.slide,
-        patient=entry.patient,
-        image=entry.paths.get("image"),
-        microns_per_pixel=entry.microns_per_pixel,
-        coord_scale=entry.coord_scale,
-        annotations=entry.annotations,
-    )
+    return read_visium(entry.paths["path"], image=entry.paths.get("image"), **entry.reader_keywords())
 
 
 def _has_matrix(outs: Path) -> bool:

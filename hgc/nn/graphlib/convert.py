@@ -13,7 +13,7 @@ edge weights              ``g.edges[canon].data["w"]``    ``data[canon].edge_wei
 ========================  ==============================  =====================================
 
 ``y`` is set for ``ref`` always and for ``spot`` only where the graph knows it. Edge types are
-the canonical triples of :data:`~hgc.graph.record.RELATIONS`; a relation name outside them is
+the canonical triples of the relation table (:data:`~hgc.graph.record.RELATIONS`); a relation outside it is
 an :class:`~hgc.errors.InputError` (the published SpaHGC code silently skipped convolutions whose
 names did not match).
 """
@@ -26,16 +26,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .._optional import require
-from ..errors import InputError
-from .record import CANONICAL, RELATION_NAMES, SlideGraph
+from ..._optional import require
+from ...errors import InputError
+from ...graph.record import NODE_TYPES, RELATIONS, SlideGraph, relation, relation_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import dgl
     from torch_geometric.data import HeteroData
-
-NODE_TYPES: tuple[str, ...] = ("spot", "ref")
-
 
 @dataclass(frozen=True)
 class GraphTensors:
@@ -52,14 +49,14 @@ def _where(g: SlideGraph) -> str:
     return f"graph of slide '{g.target}' (fold '{g.fold}')"
 
 
-def check_graph(g: SlideGraph) -> None:
+def check_slide_graph(g: SlideGraph) -> None:
     """Raise :class:`InputError` unless ``g``'s arrays and relations are mutually consistent."""
     where = _where(g)
-    unknown = sorted(set(g.edges) - set(RELATION_NAMES))
+    unknown = sorted(set(g.edges) - set(RELATIONS))
     if unknown:
         raise InputError(
             f"{where} has relations {unknown} that hgc does not know; expected a subset of "
-            f"{list(RELATION_NAMES)} (relation names are the contract between builder and model)"
+            f"{list(RELATIONS)} (relation names are the contract between builder and model)"
         )
     if set(g.edge_weight) - set(g.edges):
         raise InputError(
@@ -76,7 +73,7 @@ def check_graph(g: SlideGraph) -> None:
         )
     n = {"spot": g.n_spot, "ref": g.n_ref}
     for name, e in g.edges.items():
-        src_t, _, dst_t = CANONICAL[name]
+        src_t, dst_t = RELATIONS[name].src, RELATIONS[name].dst
         e = np.asarray(e)
         if e.ndim != 2 or e.shape[0] != 2 or not np.issubdtype(e.dtype, np.integer):
             raise InputError(f"{where}: edges['{name}'] must be a (2, E) integer array, got {e.shape} {e.dtype}")
@@ -95,7 +92,7 @@ def graph_tensors(
     g: SlideGraph, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> GraphTensors:
     """Check ``g`` and move its arrays to ``device`` (floats as ``dtype``) in canonical order."""
-    check_graph(g)
+    check_slide_graph(g)
 
     def f(a: np.ndarray) -> torch.Tensor:  # contiguous: torch refuses negative-stride views
         return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
@@ -104,7 +101,7 @@ def graph_tensors(
     y = {"ref": f(g.ref_y)}
     if g.spot_y is not None:
         y["spot"] = f(g.spot_y)
-    names = [r for r in RELATION_NAMES if r in g.edges]
+    names = [r for r in relation_names() if r in g.edges]
     edge_index = {r: torch.as_tensor(np.ascontiguousarray(g.edges[r]), dtype=torch.int64, device=device) for r in names}
     edge_weight = {
         r: f(g.edge_weight[r]) if r in g.edge_weight else torch.ones(edge_index[r].shape[1], dtype=dtype, device=device)
@@ -130,10 +127,10 @@ def dgl_from_tensors(t: GraphTensors, where: str = "graph") -> "dgl.DGLHeteroGra
     """Build the DGL heterograph around already-checked tensors (no copies)."""
     dgl = import_dgl("converting a SlideGraph to DGL")
     if not t.edge_index:
-        raise InputError(f"{where} has no edges at all; expected some of {list(RELATION_NAMES)}")
+        raise InputError(f"{where} has no edges at all; expected some of {list(relation_names())}")
     device = next(iter(t.edge_index.values())).device
     hg = dgl.heterograph(
-        {CANONICAL[r]: (e[0], e[1]) for r, e in t.edge_index.items()},
+        {relation(r).canonical: (e[0], e[1]) for r, e in t.edge_index.items()},
         num_nodes_dict={nt: t.num_nodes[nt] for nt in _node_types_of(t)},
         idtype=torch.int64,
         device=device,
@@ -143,13 +140,13 @@ def dgl_from_tensors(t: GraphTensors, where: str = "graph") -> "dgl.DGLHeteroGra
         if nt in t.y:
             hg.nodes[nt].data["y"] = t.y[nt]
     for r, w in t.edge_weight.items():
-        hg.edges[CANONICAL[r]].data["w"] = w
+        hg.edges[relation(r).canonical].data["w"] = w
     return hg
 
 
 def _node_types_of(t: GraphTensors) -> list[str]:
     """Node types some relation touches (DGL drops node types outside its metagraph)."""
-    used = {nt for r in t.edge_index for nt in (CANONICAL[r][0], CANONICAL[r][2])}
+    used = {nt for r in t.edge_index for nt in (relation(r).src, relation(r).dst)}
     return [nt for nt in NODE_TYPES if nt in used]
 
 
@@ -172,6 +169,6 @@ def pyg_from_tensors(t: GraphTensors) -> "HeteroData":
         if nt in t.y:
             data[nt].y = t.y[nt]
     for r, e in t.edge_index.items():
-        data[CANONICAL[r]].edge_index = e
-        data[CANONICAL[r]].edge_weight = t.edge_weight[r]
+        data[relation(r).canonical].edge_index = e
+        data[relation(r).canonical].edge_weight = t.edge_weight[r]
     return data

@@ -1,14 +1,17 @@
 """DGL implementation of the backend seam: ``dgl.ops`` fused kernels on per-relation views."""
 from __future__ import annotations
 
+import os
+from functools import lru_cache
 from typing import Any
 
 import torch
 
-from ..errors import InputError
-from ..graph.convert import GraphTensors, dgl_from_tensors, import_dgl
-from ..graph.record import CANONICAL
-from .backend import Backend, dgl_supports, reverse_key
+from ..._optional import available
+from ...errors import InputError
+from ...graph.record import relation
+from .base import Backend, reverse_key
+from .convert import GraphTensors, dgl_from_tensors, import_dgl
 
 
 class DGLBackend(Backend):
@@ -27,7 +30,7 @@ class DGLBackend(Backend):
         hg = dgl_from_tensors(t, name)
         ops: dict[str, Any] = {}
         for r in t.edge_index:
-            unit = hg[CANONICAL[r]]  # a one-relation view sharing hg's structure
+            unit = hg[relation(r).canonical]  # a one-relation view sharing hg's structure
             ops[r] = unit
             ops[reverse_key(r)] = self._dgl.reverse(unit)
         return hg, ops
@@ -43,3 +46,24 @@ class DGLBackend(Backend):
 
     def weighted_sum(self, op: Any, v_src: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self._dgl.ops.u_mul_e_sum(op, v_src, a.unsqueeze(-1))
+
+
+def dgl_available() -> bool:
+    os.environ.setdefault("DGLBACKEND", "pytorch")
+    return available("dgl")
+
+
+def dgl_supports(device: str | torch.device) -> bool:
+    """Whether the installed DGL can build graphs on ``device`` (CPU always; CUDA only in CUDA builds)."""
+    device = torch.device(device)
+    return device.type == "cpu" or _dgl_supports(str(device))
+
+
+@lru_cache(maxsize=None)
+def _dgl_supports(device: str) -> bool:
+    dgl = import_dgl("the DGL graph backend")
+    try:
+        dgl.graph((torch.tensor([0]), torch.tensor([0])), device=device)
+    except Exception:  # DGL raises its own DGLError (or a CUDA error) for an unsupported device
+        return False
+    return True

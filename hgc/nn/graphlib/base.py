@@ -16,23 +16,15 @@ A :class:`PreparedGraph` holds the library graph and these operands, built once 
 """
 from __future__ import annotations
 
-import logging
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Any, ClassVar, Mapping
 
 import torch
 
-from .._optional import available, require
-from ..errors import InputError
-from ..graph.convert import GraphTensors, graph_tensors, import_dgl
-from ..graph.record import SlideGraph
-
-log = logging.getLogger(__name__)
-
-BACKENDS: tuple[str, ...] = ("auto", "dgl", "pyg")
+from ...errors import InputError
+from ...graph.record import SlideGraph
+from .convert import GraphTensors, graph_tensors
 
 
 def reverse_key(relation: str) -> str:
@@ -85,7 +77,7 @@ class Backend(ABC):
         return self
 
     def __reduce__(self) -> tuple:
-        return (get_backend, (self.name,))
+        return (type(self), ())
 
     def prepare(
         self, g: SlideGraph, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
@@ -134,43 +126,3 @@ class Backend(ABC):
     @abstractmethod
     def weighted_sum(self, op: Any, v_src: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """(n_dst, H, D) sum over in-edges of (n_src, H, D) values times (E, H) weights."""
-
-
-def get_backend(name: str = "auto", device: str | torch.device | None = None) -> Backend:
-    """The backend called ``name``; ``auto`` is DGL when it imports (and, if ``device`` is given,
-    can place graphs there: PyPI's DGL wheels are CPU-only), else PyG."""
-    if name not in BACKENDS:
-        raise InputError(f"unknown graph backend '{name}'; expected one of {list(BACKENDS)}")
-    if name == "auto":
-        name = "dgl" if _dgl_available() and (device is None or dgl_supports(device)) else "pyg"
-        log.debug("graph backend auto -> %s", name)
-    if name == "dgl":
-        import_dgl("the DGL graph backend")
-        from .backend_dgl import DGLBackend
-
-        return DGLBackend()
-    require("torch_geometric", "the PyG graph backend")
-    from .backend_pyg import PyGBackend
-
-    return PyGBackend()
-
-
-def _dgl_available() -> bool:
-    os.environ.setdefault("DGLBACKEND", "pytorch")
-    return available("dgl")
-
-
-def dgl_supports(device: str | torch.device) -> bool:
-    """Whether the installed DGL can build graphs on ``device`` (CPU always; CUDA only in CUDA builds)."""
-    device = torch.device(device)
-    return device.type == "cpu" or _dgl_supports(str(device))
-
-
-@lru_cache(maxsize=None)
-def _dgl_supports(device: str) -> bool:
-    dgl = import_dgl("the DGL graph backend")
-    try:
-        dgl.graph((torch.tensor([0]), torch.tensor([0])), device=device)
-    except Exception:  # DGL raises its own DGLError (or a CUDA error) for an unsupported device
-        return False
-    return True

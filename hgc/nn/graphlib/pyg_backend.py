@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from ..graph.convert import GraphTensors, pyg_from_tensors
-from ..graph.record import CANONICAL
-from .backend import Backend, reverse_key
+from ...graph.record import relation
+from .base import Backend, reverse_key
+from .convert import GraphTensors, pyg_from_tensors
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ class PyGBackend(Backend):
         data = pyg_from_tensors(t)
         ops: dict[str, Any] = {}
         for r in t.edge_index:
-            src_t, _, dst_t = CANONICAL[r]
-            e = data[CANONICAL[r]].edge_index
+            src_t, _, dst_t = relation(r).canonical
+            e = data[relation(r).canonical].edge_index
             ops[r] = _Rel(e[0], e[1], t.num_nodes[dst_t])
             ops[reverse_key(r)] = _Rel(e[1], e[0], t.num_nodes[src_t])
         return data, ops
