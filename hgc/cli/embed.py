@@ -5,10 +5,13 @@ from pathlib import Path
 
 import click
 
+from ..embed.extract import BATCH_SIZE
 from ..embed.registry import DEFAULT_ENCODER, ENCODERS
 from . import data_root_option, device_option
 
 #: The working-resolution option, shared by every command that embeds a training manifest.
+batch_size_option = click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True,
+                                 help="Patches per forward pass of the encoder.")
 patch_mpp_option = click.option(
     "--patch-mpp",
     type=click.FloatRange(min=0, min_open=True),
@@ -43,7 +46,7 @@ def _patch_options(f):
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Local weights file (state dict or .safetensors) instead of the default source.")
 @device_option()
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@batch_size_option
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="DataLoader workers cutting patches (default: 0 on CPU, spare cores up to 8 on GPU).")
 @_patch_options

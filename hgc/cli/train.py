@@ -5,6 +5,7 @@ import json
 
 import click
 
+from ..data.slide import SPOT_PITCH_UM
 from ..data.splits import CV_PROTOCOLS, PROTOCOL_HELP
 from ..embed.registry import DEFAULT_ENCODER
 from ..graph.fold import GraphConfig
@@ -12,7 +13,7 @@ from ..nn.config import BACKENDS, ModelConfig
 from ..train.config import FitConfig
 from ..train.predict import METHODS
 from . import data_root_option, device_option
-from .embed import patch_mpp_option
+from .embed import batch_size_option, patch_mpp_option
 from .options import config_kwargs, config_options
 
 METHOD_CHOICES = ",".join(METHODS)
@@ -73,7 +74,7 @@ def register(main: click.Group) -> None:
     @click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help="Image encoder (see `hgc embed --help`).")
     @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
                   help="Folder to write (embeddings, graphs and the model; steps are cached there).")
-    @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
+    @batch_size_option
     @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
                   help="The encoder's weights file, when not its default source (see `hgc embed --help`).")
     @patch_mpp_option
@@ -110,14 +111,14 @@ def register(main: click.Group) -> None:
                   help="TARGETS: file caching their embeddings (default: OUT.embeddings.h5 beside OUT).")
     @click.option("--weights", default=None, type=click.Path(dir_okay=False, exists=True),
                   help="TARGETS: the encoder's weights file, when not the default source (must be the model's).")
-    @click.option("--geometry", type=click.Choice(["st", "visium"]), default=None,
+    @click.option("--geometry", type=click.Choice(list(SPOT_PITCH_UM)), default=None,
                   help="TARGETS that are an image alone: the virtual spots' grid (default: the model's training platform).")
     @click.option("--pitch-um", type=click.FloatRange(min=0, min_open=True), default=None,
                   help="Virtual spots' centre-to-centre distance (default: ST 200, Visium 100 µm).")
     @click.option("--spot-diameter-um", type=click.FloatRange(min=0, min_open=True), default=None,
                   help="Virtual spots' diameter (default: ST 100, Visium 55 µm).")
     @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None, help="Default: the model's backend.")
-    @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
+    @batch_size_option
     @click.option("--no-progress", is_flag=True, help="No progress bars.")
     @data_root_option
     @device_option()
@@ -168,7 +169,7 @@ def register(main: click.Group) -> None:
     @click.option("--methods", default=METHOD_CHOICES, show_default=True, help="Comma-separated methods.")
     @click.option("--split-file", type=click.Path(dir_okay=False, exists=True), default=None,
                   help="TSV slide/fold/role for --protocol split-file.")
-    @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size.")
+    @batch_size_option
     @patch_mpp_option
     @data_root_option
     @_graph_options

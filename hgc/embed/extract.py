@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Patches per forward pass (``--batch-size``).
+BATCH_SIZE = 64
+
 
 class SlideSource(Protocol):
     """What embedding needs from a manifest: slide ids and a loader (``hgc.data.Manifest``)."""
@@ -79,7 +82,7 @@ def embed_slide(
     encoder: Encoder,
     patch: PatchSpec,
     device: torch.device,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     workers: int = 0,
     progress: bool = True,
 ) -> np.ndarray:
@@ -144,7 +147,7 @@ def embed_manifest(
     *,
     weights: str | Path | None = None,
     device: str = "auto",
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     workers: int | None = None,
     patch_um: float | None = None,
     patch_native_px: int | None = None,

@@ -18,6 +18,7 @@ import numpy as np
 
 from .._devices import resolve_device
 from .._outputs import command_line, output_lock
+from ..embed.extract import BATCH_SIZE
 from ..errors import InputError
 from ..evaluate.metrics import training_gene_sets
 from ..evaluate.predictions import Prediction, check_prediction_output, spatial_entry, writing_predictions
@@ -188,7 +189,7 @@ def predict_slides(
     weights: str | Path | None = None,
     backend: str | None = None,
     device: str = "auto",
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     data_root: str | Path | None = None,
     progress: bool = True,
     geometry: str | None = None,

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .._fingerprint import file_record
 from .._outputs import check_writable, command_line, output_lock, write_text
 from ..data.splits import VALIDATION_RULE
+from ..embed.extract import BATCH_SIZE
 from ..errors import InputError
 from .config import FitConfig, model_config
 from .fit import fit
@@ -117,7 +118,7 @@ def run_pipeline(
     device: str = "auto",
     data_root: str | Path | None = None,
     split_file: str | Path | None = None,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     graph_options: dict[str, Any] | None = None,
     progress: bool = True,
     weights: str | Path | None = None,
@@ -144,7 +145,7 @@ def train_model(
     normalize: str = "log1p",
     device: str = "auto",
     data_root: str | Path | None = None,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     graph_options: dict[str, Any] | None = None,
     progress: bool = True,
     weights: str | Path | None = None,
