@@ -208,7 +208,8 @@ def combine_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         seed_means = {k: v for r in records for k, v in r["methods"][name]["seed_means"].items()}
         methods[name] = {"per_slide": rows, "mean": mean, "std": std, "seed_means": seed_means, "n": len(rows)}
     first = {k: v for k, v in first.items() if k != "_source"}
-    return {**first, "seeds": seeds, "runs": [x for r in records for x in r["runs"]],
+    runs = [{**x, "git_commit": x.get("git_commit") or r["git_commit"]} for r in records for x in r["runs"]]
+    return {**first, "seeds": seeds, "runs": runs,  # each run keeps the commit it was made at
             "wall_s": round(sum(r["wall_s"] for r in records), 2), "methods": json_safe(methods),
             "combined_from": [r.get("_source", "") for r in records]}  # wall_s: their sum (compute, not elapsed)
 

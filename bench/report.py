@@ -53,6 +53,16 @@ def commit(c: str | None) -> str:
     return head[:10] + (f"+{mark}" if mark else "")
 
 
+def commits(r: dict[str, Any]) -> str:
+    """The commit of a record, or of each of its seeds when combined runs were made at several."""
+    made = {}
+    for run in r.get("runs", []):
+        made.setdefault(run.get("git_commit") or r["git_commit"], []).append(run["seed"])
+    if len(made) < 2:
+        return f"commit {commit(r['git_commit'])}"
+    return "commits " + ", ".join(f"{commit(c)} (seed{'s' * (len(s) > 1)} {', '.join(map(str, s))})" for c, s in made.items())
+
+
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
@@ -154,7 +164,7 @@ def accuracy_caption(r: dict[str, Any]) -> str:
         f"encoder `{r['encoder']}`, backend {r['backend']}, {r['mode']} mode: {fit['epochs']} epochs, "
         f"seeds {r['seeds']}; expression space {r['space']}; mean ± std over held-out slides x seeds "
         f"(column n; {r['n_slides']} held-out slides in all). hgc {r['hgc_version']}, "
-        f"commit {commit(r['git_commit'])}, {short(r['machine'])}; {fmt(r['wall_s'] / 60, 1)} min. "
+        f"{commits(r)}, {short(r['machine'])}; {fmt(r['wall_s'] / 60, 1)} min. "
         f"Source: `bench/results/{r['_file']}`."
     )
 

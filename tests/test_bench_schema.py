@@ -226,6 +226,11 @@ def test_seed_records_combine_into_one(tiny_accuracy, tmp_path):
     assert merged["methods"]["hgc"]["n"] == 3 * 4 and set(merged["methods"]["hgc"]["seed_means"]) == {"0", "1", "2"}
     # deterministic baselines: three seeds average to what two did (up to summation order)
     assert merged["methods"]["ridge"]["mean"] == pytest.approx(full["methods"]["ridge"]["mean"], nan_ok=True)
+    # each seed keeps the commit it ran at, and the caption names both when they differ
+    later = accuracy.combine_records([full, {**one, "git_commit": "f" * 40}])
+    assert [r["git_commit"] for r in later["runs"]] == [full["git_commit"]] * 2 + ["f" * 40]
+    assert report.commits(later) == f"commits {report.commit(full['git_commit'])} (seeds 0, 1), ffffffffff (seed 2)"
+    assert report.commits(merged) == f"commit {report.commit(full['git_commit'])}"
     with pytest.raises(SystemExit, match="repeat seeds"):
         accuracy.combine_records([full, full])
     with pytest.raises(SystemExit, match="differ in"):
