@@ -34,6 +34,8 @@ EXPECTED_ACCURACY: tuple[tuple[str, str], ...] = (("her2st", "slide-loso"), ("he
 ABLATION_MATCH = ("dataset", "protocol", "genes", "encoder", "backend")
 ABLATION_MATCH_FIT = ("epochs", "patience", "lr", "weight_decay", "preset")
 GPU_COMMAND = "bash bench/gpu.sh OUTDIR"
+#: Records of hgc's own defaults name no preset, or this one (hgc.train.presets.DEFAULT_PRESET).
+DEFAULT_PRESET = "hgc"
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -159,9 +161,11 @@ def load(folder: Path = RESULTS) -> list[dict[str, Any]]:
 # -- accuracy -------------------------------------------------------------------------------------
 def accuracy_caption(r: dict[str, Any]) -> str:
     fit = r["fit"]
+    preset = r.get("preset") or DEFAULT_PRESET
+    model = "" if preset == DEFAULT_PRESET else f"model preset **`{preset}`** (row hgc), "
     return (
         f"**{r['dataset']}**, protocol **{r['protocol']}**, genes `{r['genes']}` ({r['n_genes']} genes), "
-        f"encoder `{r['encoder']}`, backend {r['backend']}, {r['mode']} mode: {fit['epochs']} epochs, "
+        f"encoder `{r['encoder']}`, {model}backend {r['backend']}, {r['mode']} mode: {fit['epochs']} epochs, "
         f"seeds {r['seeds']}; expression space {r['space']}; mean ± std over held-out slides x seeds "
         f"(column n; {r['n_slides']} held-out slides in all). hgc {r['hgc_version']}, "
         f"{commits(r)}, {short(r['machine'])}; {fmt(r['wall_s'] / 60, 1)} min. "
@@ -180,6 +184,24 @@ def accuracy_markdown(r: dict[str, Any]) -> str:
     for p in r.get("published", []):
         rows.append([p["method"], f"published ({p['note']})", fmt(p["pcc_all"])] + ["—"] * (len(METRICS) + 1))
     return "\n".join([accuracy_caption(r), "", *table(head, rows)]) + "\n"
+
+
+def preset_markdown(r: dict[str, Any], default: dict[str, Any]) -> str:
+    """A preset's hgc beside hgc's default preset on the same graphs and seeds, per held-out slide
+    (mean over seeds), with ridge of the default run for scale."""
+    def per_slide(record: dict[str, Any], method: str) -> dict[str, tuple[float, float]]:
+        rows = [x for x in record["methods"][method]["per_slide"] if x["seed"] in r["seeds"]]
+        slides = dict.fromkeys(x["slide"] for x in rows)
+        return {s: tuple(float(sum(x[k] for x in rows if x["slide"] == s) / sum(x["slide"] == s for x in rows))
+                         for k in ("pcc_all", "pcc_heg")) for s in slides}
+
+    mine, base, ridge = per_slide(r, "hgc"), per_slide(default, "hgc"), per_slide(default, "ridge")
+    head = ["held-out slide", f"hgc `{r['preset']}`", f"hgc `{DEFAULT_PRESET}`", "ridge"]
+    rows = [[s, *(" / ".join(fmt(v) for v in t[s]) for t in (mine, base, ridge))] for s in mine if s in base]
+    caption = (f"The `{r['preset']}` preset beside hgc's default on the same embeddings, graphs, folds and seeds "
+               f"{r['seeds']} (PCC-ALL / PCC-HEG per held-out slide, mean over seeds; `{r['_file']}` beside "
+               f"`{default['_file']}`).")
+    return "\n".join([caption, "", *table(head, rows)]) + "\n"
 
 
 def summarise_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -364,12 +386,18 @@ def ablation_of(a: dict[str, Any], full: dict[str, Any]) -> bool:
             and all(a["fit"].get(k) == full["fit"].get(k) for k in ABLATION_MATCH_FIT))
 
 
-def with_ablations(r: dict[str, Any], ablated: list[dict[str, Any]]) -> list[str]:
-    """A full run's table, then the table of its ablations (same data, genes, encoder, seeds) if any."""
+def with_ablations(r: dict[str, Any], ablated: list[dict[str, Any]], full: Sequence[dict[str, Any]] = ()
+                   ) -> list[str]:
+    """A full run's table, then the table of its ablations (same data, genes, encoder, seeds) if any,
+    and for a non-default preset its comparison with the default-preset run of the same inputs."""
     same = [a for a in ablated if ablation_of(a, r)]
     tables = []
     for seeds in dict.fromkeys(tuple(a["seeds"]) for a in same):
         tables.append(ablation_markdown(r, [a for a in same if tuple(a["seeds"]) == seeds]))
+    if (r.get("preset") or DEFAULT_PRESET) != DEFAULT_PRESET:
+        default = [d for d in full if (d.get("preset") or DEFAULT_PRESET) == DEFAULT_PRESET
+                   and all(d[k] == r[k] for k in ABLATION_MATCH) and set(r["seeds"]) <= set(d["seeds"])]
+        tables += [preset_markdown(r, d) for d in default[:1]]
     return [accuracy_markdown(r)] + tables
 
 
@@ -387,10 +415,10 @@ def generated(records: list[dict[str, Any]]) -> str:
             out += [f"Not yet measured: `python bench/accuracy.py --dataset {dataset} --protocol {protocol} "
                     f"--seeds 0,1,2`.", ""]
         for r in runs:
-            out += with_ablations(r, ablated)
+            out += with_ablations(r, ablated, full)
     others = [r for r in full if (r["dataset"], r["protocol"]) not in EXPECTED_ACCURACY]
     for r in others:
-        out += [f"### {r['dataset']}, {r['protocol']}", ""] + with_ablations(r, ablated)
+        out += [f"### {r['dataset']}, {r['protocol']}", ""] + with_ablations(r, ablated, full)
     orphans = [a for a in ablated if not any(ablation_of(a, r) for r in full)]
     if orphans:
         out += ["### Ablation runs without a matching full run (other model settings or hgc versions)", ""] + [

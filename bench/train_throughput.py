@@ -180,6 +180,7 @@ def measure(
     out: dict[str, Any] = {"prepare_s": time.perf_counter() - t0}
     torch.manual_seed(seed)
     net = SpaHGC(ModelConfig(**model), graph.spot_x.shape[1], graph.ref_x.shape[1], graph.n_genes, be, seed=seed)
+    net.fit_gene_basis(torch.as_tensor(graph.ref_y))  # as training does (the low-rank head's axes)
     net = net.to(device)
     opt = torch.optim.AdamW((p for p in net.parameters() if p.requires_grad), lr=1e-4, weight_decay=1e-4)
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -16,3 +16,7 @@ class InputError(HgcError, ValueError):
 
 class MissingDependencyError(HgcError, ImportError):
     """An optional package (an extra of hgc) is needed for this operation."""
+
+
+class PeerFailedError(HgcError, RuntimeError):
+    """Another process of a distributed (torchrun) run stopped; its own message says why."""

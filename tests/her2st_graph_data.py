@@ -63,3 +63,14 @@ def write_embedding_file(path: Path, slides: dict[str, Slide], embeddings: dict[
                              dtype=h5py.string_dtype())
             g.attrs.update({"encoder": "colour-stats", "complete": True, "patch_um": FIELD_UM})
     return path
+
+
+def write_her2st_store(manifest: Path, path: Path, genes: str = "top-mean:20") -> Path:
+    """A patient-kfold graph store of the six sections on their colour embeddings."""
+    from hgc.data.splits import make_folds
+    from hgc.graph import GraphConfig, build_graphs, write_graphs
+
+    slides = load_slides(manifest)
+    folds = make_folds({s: sl.patient for s, sl in slides.items()}, "patient-kfold")
+    graphs = build_graphs(slides, load_colour_embeddings(manifest), folds, "patient-kfold", GraphConfig(genes=genes))
+    return write_graphs(graphs, path)

@@ -56,6 +56,16 @@ def test_synthetic_graph_has_builder_degrees():
     assert g.edges["refer"][0].max() < 50 and g.spot_y.shape == (100, 3)
 
 
+def test_a_training_step_is_measured_with_the_default_model():
+    """The default model (low-rank head) trains in the bench as in hgc fit: its gene basis is fitted."""
+    import torch
+
+    g = train_throughput.synthetic_graph(60, 30, dim=8, n_genes=12)
+    row = train_throughput.measure(g, "pyg", torch.device("cpu"), {"hidden": 8, "layers": 1}, repeats=1, warmup=0,
+                                   seed=0)
+    assert row["status"] == "ok" and row["train_step_s"] > 0 and row["peak_train_mib"] > 0
+
+
 def test_scaling_exponent():
     e = np.array([1e3, 1e4, 1e5])
     assert train_throughput.scaling_exponent(e, 2e-6 * e**1.2) == pytest.approx(1.2)

@@ -283,3 +283,22 @@ def test_stored_configs_without_newer_options_rebuild_the_network_they_described
     assert ModelConfig.from_stored({**old, "head": "published"}).head == "published"  # stored values win
     with pytest.raises(InputError, match="unknown options"):
         ModelConfig.from_stored({**old, "heads_per_layer": 2})
+
+
+@pytest.mark.parametrize("preset", ["hgc", "hgc-0.1"])  # dropout on the input only / after every layer too
+def test_checkpointed_layers_change_no_number(graph, be, pg, preset):
+    """Recomputing each layer in the backward pass replays its dropout masks: the same loss, the
+    same gradients, and the generator left where the plain step leaves it."""
+    def step(checkpoint: bool):
+        model = _model(graph, be, **{**PRESETS[preset].model, "checkpoint_layers": checkpoint, "attention_dropout": 0.1})
+        gen = _gen(3)
+        loss, parts = model.training_loss(pg, gen)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return parts, grads, torch.rand(4, generator=gen)
+
+    (p1, g1, after1), (p2, g2, after2) = step(False), step(True)
+    assert p1 == pytest.approx(p2, rel=1e-6) and g1.keys() == g2.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert torch.equal(after1, after2)

@@ -150,15 +150,9 @@ def test_dgl_backend_trains_and_matches_pyg(tmp_path, run, fold):
 
 @pytest.fixture(scope="module")
 def her2st_store(tmp_path_factory, her2st_manifest):
-    from her2st_graph_data import colour_embeddings, load_slides
-    from hgc.data.splits import make_folds
-    from hgc.graph import GraphConfig, build_graphs, write_graphs
+    from her2st_graph_data import write_her2st_store
 
-    slides = load_slides(her2st_manifest)
-    emb = {s: colour_embeddings(sl) for s, sl in slides.items()}
-    folds = make_folds({s: sl.patient for s, sl in slides.items()}, "patient-kfold")
-    graphs = build_graphs(slides, emb, folds, "patient-kfold", GraphConfig(genes="top-mean:20"))
-    return write_graphs(graphs, tmp_path_factory.mktemp("store") / "graphs.h5")
+    return write_her2st_store(her2st_manifest, tmp_path_factory.mktemp("store") / "graphs.h5")
 
 
 def _cli(*args: str):

@@ -60,8 +60,14 @@ def main(verbose: int) -> None:
     Typical flow: 'hgc data inspect' a manifest, 'hgc embed' the spots' image patches,
     'hgc build-graph', 'hgc fit', 'hgc predict', 'hgc evaluate' — or 'hgc run' for all of it.
     """
+    from .._distributed import DISTRIBUTED_COMMANDS, ranks
+
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    command = click.get_current_context().invoked_subcommand
+    if ranks().distributed and command not in DISTRIBUTED_COMMANDS:
+        raise click.ClickException(f"'hgc {command}' runs in one process; under torchrun only "
+                                   f"{' and '.join(f'hgc {c}' for c in DISTRIBUTED_COMMANDS)} share their work")
 
 
 data_root_option = click.option(

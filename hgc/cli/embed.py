@@ -91,7 +91,7 @@ def patches_command(manifest, out_dir, px, patch_um, patch_native_px, patch_mpp,
     spec = PatchSpec(out_px=px, um=patch_um, native_px=patch_native_px, mpp=patch_mpp)
     check_writable(Path(out_dir) / "probe")
     for slide_id in progress(m.slide_ids, desc="slides", unit="slide"):
-        export_patches(m.load(slide_id), spec, Path(out_dir) / f"{safe_name(slide_id)}.h5")
+        export_patches(m.load(slide_id, expression=False), spec, Path(out_dir) / f"{safe_name(slide_id)}.h5")
     click.echo(f"patches: {out_dir} ({len(m.slide_ids)} slides)")
 
 

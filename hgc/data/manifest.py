@@ -70,18 +70,18 @@ class Manifest:
                 return e
         raise InputError(f"slide '{slide_id}' is not in manifest {self.path}")
 
-    def load(self, slide_id: str) -> Slide:
-        """Read and validate one slide."""
-        return load_entry(self.entry(slide_id))
+    def load(self, slide_id: str, expression: bool = True) -> Slide:
+        """Read and validate one slide (``expression=False``: all but its counts, which stay unparsed)."""
+        return load_entry(self.entry(slide_id), expression)
 
     def slides(self) -> Iterator[Slide]:
         for e in self.entries:
             yield load_entry(e)
 
 
-def load_entry(entry: SlideEntry) -> Slide:
+def load_entry(entry: SlideEntry, expression: bool = True) -> Slide:
     """Read one manifest entry with its format's reader (readers validate what they return)."""
-    return FORMATS[entry.format].read(entry)
+    return FORMATS[entry.format].read(entry, expression)
 
 
 def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:

@@ -45,7 +45,7 @@ class SlideSource(Protocol):
     @property
     def slide_ids(self) -> list[str]: ...
 
-    def load(self, slide_id: str) -> Slide: ...
+    def load(self, slide_id: str, expression: bool = True) -> Slide: ...
 
 
 def default_workers(device: torch.device) -> int:
@@ -114,24 +114,23 @@ def embed_slide(
 
 
 def _prefetched(
-    manifest: SlideSource, store: EmbeddingStore, cache_key: Callable[[Slide], dict[str, object]]
+    ids: list[str], manifest: SlideSource, store: EmbeddingStore, cache_key: Callable[[Slide], dict[str, object]]
 ) -> Iterator[tuple[str, Slide, dict[str, object], str | None]]:
-    """(slide id, slide, cache key, where cached or None) in manifest order.
+    """(slide id, slide, cache key, where cached or None) for ``ids``, in their order.
 
-    The next slide is read, checked against the cache and, if it must be embedded, decoded in a
-    background thread while the current one runs: reading counts and decoding a large JPEG take
-    seconds per slide, which would otherwise leave a GPU idle.
+    The next slide's spots are read (not its counts), checked against the cache and, if it must
+    be embedded, its image decoded in a background thread while the current one runs: decoding a
+    large JPEG takes seconds per slide, which would otherwise leave a GPU idle.
     """
 
     def prepare(slide_id: str) -> tuple[str, Slide, dict[str, object], str | None]:
-        slide = manifest.load(slide_id)
+        slide = manifest.load(slide_id, expression=False)  # the image and spots are all it needs
         key = cache_key(slide)
         where = store.cached(slide_id, key, slide.barcodes)
         if where is None and not slide.image.tiled:  # a tiled WSI is read tile by tile instead
             slide.image.pixels()
         return slide_id, slide, key, where
 
-    ids = list(manifest.slide_ids)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hgc-prefetch") as pool:
         pending = pool.submit(prepare, ids[0]) if ids else None
         for i in range(len(ids)):
@@ -159,9 +158,14 @@ def embed_manifest(
     """Embed every slide of ``manifest`` into the HDF5 file ``out`` (see docs/embeddings.md).
 
     Resumable: rerunning after an interruption, or with more slides, computes only what is
-    missing or was made with other settings.
+    missing or was made with other settings. Started by ``torchrun`` with N processes, each
+    embeds every N-th slide (on its own GPU) into the store's parts and the main process merges
+    them: the same file as one process makes. A process that dies leaves the others' finished
+    slides in the parts, which a rerun reuses.
     """
     import torch
+
+    from .. import _distributed
 
     if isinstance(manifest, (str, Path)):
         from ..data.manifest import read_manifest
@@ -171,7 +175,8 @@ def embed_manifest(
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     enc = load_encoder(encoder, weights, arch_overrides)
     patch = PatchSpec(out_px=enc.spec.input_px, um=patch_um, native_px=patch_native_px, mpp=patch_mpp)
-    dev = resolve_device(device)
+    where = _distributed.ranks()
+    dev = resolve_device(_distributed.local_device(str(resolve_device(device)), where))
     workers = default_workers(dev) if workers is None else workers
     _, precision = _precision(dev)
     model: torch.nn.Module | None = None
@@ -188,10 +193,14 @@ def embed_manifest(
             "image_record": json.dumps(image, sort_keys=True),
         }
 
-    with EmbeddingStore(out) as store:
-        for slide_id, slide, key, where in _prefetched(manifest, store, cache_key):
-            if where is not None:
-                log.info("slide '%s': embeddings up to date (%s), skipped", slide_id, where)
+    with _distributed.process_group("gloo"), contextlib.ExitStack() as stack:
+        store = EmbeddingStore(out, owner=where.main)
+        if where.main:  # the owner locks the output and clears a killed run's files before anyone writes
+            stack.enter_context(store)
+        _distributed.barrier()
+        for slide_id, slide, key, cached in _prefetched(where.share(manifest.slide_ids), manifest, store, cache_key):
+            if cached is not None:
+                log.info("slide '%s': embeddings up to date (%s), skipped", slide_id, cached)
                 continue
             if model is None:
                 model = enc.build().to(dev)
@@ -199,7 +208,7 @@ def embed_manifest(
                     model = model.to(memory_format=torch.channels_last)
             log.info("slide '%s': embedding %d spots with %s on %s", slide_id, slide.n_spots, enc.spec.name, dev)
             t0 = time.perf_counter()
-            emb = embed_slide(slide, model, enc, patch, dev, batch_size, workers, progress)
+            emb = embed_slide(slide, model, enc, patch, dev, batch_size, workers, progress and where.main)
             log.info("slide '%s': %.1f patches/s", slide_id, slide.n_spots / (time.perf_counter() - t0))
             attrs = {
                 **key,
@@ -210,5 +219,8 @@ def embed_manifest(
                 "hgc_version": __version__,
             }
             store.write(slide_id, slide.barcodes, emb, attrs)
-        store.commit()
+        _distributed.barrier()  # every process's slides are in the parts
+        if where.main:
+            store.commit()
+        _distributed.barrier()  # and merged: every process returns a complete file
     return out

@@ -109,15 +109,20 @@ class EmbeddingStore:
     """Reads, reuses and writes the per-slide groups of one output file during one run.
 
     Holds the output's lock (see :func:`hgc._outputs.output_lock`) for the whole run, so two runs
-    cannot write one output; a parts folder left empty by a failed run is removed on exit.
+    cannot write one output; a parts folder left empty by a failed run is removed on exit. In a
+    distributed run only the main process is the ``owner`` (it locks, cleans and commits); the
+    others only read the cache and write their slides' parts, after the owner has entered.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, owner: bool = True) -> None:
         self.path = Path(path)
         self.parts = self.path.with_name(self.path.name + ".parts")
+        self.owner = owner
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "EmbeddingStore":
+        if not self.owner:
+            return self
         if self.path.is_dir():
             raise InputError(f"{self.path} is a folder; --out names the embedding file to write "
                              f"(e.g. {self.path / 'embeddings.h5'})")
@@ -142,6 +147,8 @@ class EmbeddingStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if not self.owner:
+            return
         try:
             if self.parts.is_dir() and not any(self.parts.iterdir()):
                 self.parts.rmdir()
@@ -206,6 +213,9 @@ class EmbeddingStore:
     def commit(self) -> None:
         """Merge the output's other groups and every part into a new output, atomically."""
         import h5py
+
+        if not self.owner:
+            raise RuntimeError("only the owner of an embedding store commits it")
 
         parts = sorted(self.parts.glob("*.h5")) if self.parts.is_dir() else []
         if parts:

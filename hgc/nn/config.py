@@ -96,6 +96,9 @@ class ModelConfig(ConfigRecord):
     dropout_layers: bool = False
     head: str = "published"
     gene_rank: int | None = 10
+    checkpoint_layers: bool = field(default=False, metadata=option(
+        "Keep only each layer's inputs while training and recompute the rest in the backward pass: "
+        "less memory for very large slide graphs, more time; the same numbers."))
 
     def __post_init__(self) -> None:
         self.relations = tuple(self.relations)

@@ -30,12 +30,56 @@ from ..errors import InputError
 from ..graph.record import NODE_TYPES, RETRIEVAL, Relation, relation
 from .config import ModelConfig
 from .graphlib import Backend, PreparedGraph, reverse_key
+from .masking import rand
 
 Dropout = Callable[[torch.Tensor], torch.Tensor]
 
 
 def no_dropout(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+class RandomDropout:
+    """Dropout with rate ``p`` whose masks come from ``generator`` (None: torch's global one), so a
+    seed fixes them and a layer run again for checkpointing can replay them."""
+
+    def __init__(self, generator: torch.Generator | None, p: float) -> None:
+        self.generator, self.p = generator, p
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        keep = rand(tuple(x.shape), self.generator, x.device, x.dtype) >= self.p
+        return x * keep / (1 - self.p)
+
+
+def checkpointed(layer: nn.Module, dropouts: Iterable[Dropout], *args: object) -> dict[str, torch.Tensor]:
+    """``layer(*args)`` keeping only its inputs for the backward pass, which runs it again.
+
+    The rerun draws the same dropout masks: the dropouts' generators are set back to their state
+    at the first run and afterwards returned to where they were, so checkpointing changes memory
+    and time, not a single number.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    generators = list({id(d.generator): d.generator for d in dropouts
+                       if isinstance(d, RandomDropout) and d.generator is not None}.values())
+    start = [g.get_state() for g in generators]
+    runs = 0
+
+    def run(*inputs):
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            return layer(*inputs)
+        now = [g.get_state() for g in generators]
+        for g, state in zip(generators, start):
+            g.set_state(state)
+        try:
+            return layer(*inputs)
+        finally:
+            for g, state in zip(generators, now):
+                g.set_state(state)
+
+    return checkpoint(run, *args, use_reentrant=False)
 
 
 class CrossAttention(nn.Module):
@@ -263,6 +307,7 @@ class GraphEncoder(nn.Module):
         self.expr = nn.Linear(n_genes, hidden, bias=False) if cfg.expression == "embedded" else None
         self.expr_dim = hidden if self.expr is not None else n_genes
         self.layers = nn.ModuleList(RelationalLayer(cfg, self.expr_dim) for _ in range(cfg.layers))
+        self.checkpoint_layers = cfg.checkpoint_layers
 
     def forward(
         self,
@@ -283,7 +328,11 @@ class GraphEncoder(nn.Module):
              for t, xt in x.items()}
         layer_dropout = dropout if self.dropout_layers else no_dropout
         for layer in self.layers:
-            h = layer(backend, g, h, ref_y, layer_dropout, attention_dropout)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                h = checkpointed(layer, (layer_dropout, attention_dropout), backend, g, h, ref_y, layer_dropout,
+                                 attention_dropout)
+            else:
+                h = layer(backend, g, h, ref_y, layer_dropout, attention_dropout)
         return h, ref_y
 
 

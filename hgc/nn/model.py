@@ -30,8 +30,8 @@ from ..graph.record import NODE_TYPES, RELATIONS
 from .config import ModelConfig
 from .contrastive import bgrl_loss, ema_momentum, ema_update, infonce_loss
 from .graphlib import Backend, PreparedGraph, get_backend
-from .layers import Dropout, GraphEncoder, Head, mlp, no_dropout
-from .masking import View, make_views, on_device, rand
+from .layers import Dropout, GraphEncoder, Head, RandomDropout, mlp, no_dropout
+from .masking import View, make_views, on_device
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +204,7 @@ class SpaHGC(nn.Module):
 
     @staticmethod
     def _dropout(generator: torch.Generator | None, p: float) -> Dropout:
-        if p == 0:
-            return no_dropout
-
-        def dropout(x: torch.Tensor) -> torch.Tensor:
-            keep = rand(tuple(x.shape), generator, x.device, x.dtype) >= p
-            return x * keep / (1 - p)
-
-        return dropout
+        return no_dropout if p == 0 else RandomDropout(generator, p)
 
     @torch.no_grad()
     def update_target(self) -> None:

@@ -97,10 +97,10 @@ class TargetSlides:
     def slide_ids(self) -> list[str]:
         return self.manifest.slide_ids
 
-    def load(self, slide_id: str):
+    def load(self, slide_id: str, expression: bool = True):
         if slide_id in self.prepared:
             return self.prepared[slide_id]
-        slide = self.manifest.load(slide_id)
+        slide = self.manifest.load(slide_id, expression)
         if slide.needs_spots:
             from ..data.tissue import tissue_mask, virtual_spots
 

@@ -52,6 +52,10 @@ class FitConfig(ConfigRecord):
     ensemble: int = field(default=1, metadata=option(
         "Models per fold, trained from successive seeds and averaged; predictions then carry their spread "
         "across members as layers['uncertainty'] (per spot and gene).", minimum=1))
+    graphs_per_step: int | None = field(default=None, metadata=option(
+        "Slide graphs per optimiser step, their gradients averaged (0 or unset: one per process, so 1 "
+        "unless started by torchrun). A one-process run with N matches an N-process torchrun run.",
+        minimum=0, zero_means_none=True))
     progress: bool = field(default=True, metadata=option("Progress bars."))
 
     def __post_init__(self) -> None:
@@ -65,6 +69,9 @@ class FitConfig(ConfigRecord):
             raise InputError(f"weight decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not (isinstance(self.ensemble, int) and self.ensemble >= 1):
             raise InputError(f"ensemble must be a whole number >= 1 (models per fold), got {self.ensemble!r}")
+        if self.graphs_per_step is not None and not (isinstance(self.graphs_per_step, int) and self.graphs_per_step >= 1):
+            raise InputError(f"graphs per step must be a whole number >= 1 (or None: one per process), "
+                             f"got {self.graphs_per_step!r}")
         if self.patience is not None and not (isinstance(self.patience, int) and self.patience >= 1):
             raise InputError(f"patience must be a whole number >= 1 (or None: never stop early), got {self.patience!r}")
         if self.relations is not None:

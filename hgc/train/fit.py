@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .. import _distributed
 from .._devices import resolve_device
 from .._outputs import atomic_dir, check_replaceable_folder, command_line, output_lock, safe_name
 from ..errors import InputError
@@ -95,8 +96,10 @@ def _split_validation(fold: BankGraphs, graphs: list[SlideGraph], config: FitCon
     return val, train, [g for g in graphs if g.target in set(val)]
 
 
-def _train_fold(fold: BankGraphs, config: FitConfig, out_dir: Path, backend, device: str, seed: int) -> FoldResult | None:
-    """Train the fold's model (or seed ensemble) and write its bundle into ``out_dir``."""
+def _train_fold(fold: BankGraphs, config: FitConfig, out_dir: Path | None, backend, device: str, seed: int
+                ) -> FoldResult | None:
+    """Train the fold's model (or seed ensemble) and write its bundle into ``out_dir`` (None: a
+    helper process of a distributed run, which trains with the others but writes nothing)."""
     check_leakage(fold)
     graphs = fold.graphs("train")
     if not graphs:
@@ -122,7 +125,7 @@ def _train_fold(fold: BankGraphs, config: FitConfig, out_dir: Path, backend, dev
 
     first = graphs[0]
     dims = {"spot_dim": int(first.spot_x.shape[1]), "ref_dim": int(first.ref_x.shape[1]), "n_genes": int(first.n_genes)}
-    mcfg = model_config(config, steps=config.epochs * len(train_graphs))
+    mcfg = model_config(config, steps=config.epochs * -(-len(train_graphs) // graphs_per_step(config)))
     members = []
     for k in range(config.ensemble):
         name = fold.name if config.ensemble == 1 else f"{fold.name} member {k + 1}/{config.ensemble}"
@@ -137,19 +140,20 @@ def _train_fold(fold: BankGraphs, config: FitConfig, out_dir: Path, backend, dev
         history = [{"member": k, **row} for k, m in enumerate(members) for row in m.history]
         best_pcc = _ensemble_score(members, val_graphs, block)
     best_pcc = best_pcc if val_graphs and np.isfinite(best_pcc) else float("nan")
-    write_fold(out_dir / safe_name(fold.name), state, history, {
-        "fold": fold.name, "protocol": fold.info.protocol, "genes": list(fold.bank.genes),
-        "normaliser": fold.bank.normaliser, "train_slides": [g.target for g in train_graphs], "validation_slides": val,
-        "test_slides": list(fold.info.test), **dims, "model": mcfg.to_dict(),
-        "validation_block": None if block is None else block.describe(),
-        "best_epoch": int(best.epoch), "best_val_pcc": None if np.isnan(best_pcc) else best_pcc,
-        "epochs_run": max(len(m.history) for m in members), "seed": seed, "backend": backend.name,
-        "ensemble": config.ensemble,
-        "members": [{"seed": member_seed(seed, k), "best_epoch": m.epoch, "epochs_run": len(m.history),
-                     "best_val_pcc": float(m.pcc) if np.isfinite(m.pcc) else None} for k, m in enumerate(members)],
-        "graph_config": asdict(fold.config), "platform": fold.platform, "image_mpp": fold.image_mpp,
-        "encoder": fold.bank.encoder, "reference_slides": fold.bank.slides,
-    }, fold.bank)
+    if out_dir is not None:
+        write_fold(out_dir / safe_name(fold.name), state, history, {
+            "fold": fold.name, "protocol": fold.info.protocol, "genes": list(fold.bank.genes),
+            "normaliser": fold.bank.normaliser, "train_slides": [g.target for g in train_graphs], "validation_slides": val,
+            "test_slides": list(fold.info.test), **dims, "model": mcfg.to_dict(),
+            "validation_block": None if block is None else block.describe(),
+            "best_epoch": int(best.epoch), "best_val_pcc": None if np.isnan(best_pcc) else best_pcc,
+            "epochs_run": max(len(m.history) for m in members), "seed": seed, "backend": backend.name,
+            "ensemble": config.ensemble,
+            "members": [{"seed": member_seed(seed, k), "best_epoch": m.epoch, "epochs_run": len(m.history),
+                         "best_val_pcc": float(m.pcc) if np.isfinite(m.pcc) else None} for k, m in enumerate(members)],
+            "graph_config": asdict(fold.config), "platform": fold.platform, "image_mpp": fold.image_mpp,
+            "encoder": fold.bank.encoder, "reference_slides": fold.bank.slides,
+        }, fold.bank)
     val_pred = members[0].val_pred if config.ensemble == 1 else {
         s: np.mean([m.val_pred[s] for m in members], axis=0) for s in members[0].val_pred}
     return FoldResult(fold.name, val, int(best.epoch), best_pcc, max(len(m.history) for m in members), val_pred,
@@ -162,6 +166,93 @@ ENSEMBLE_SEED_STEP = 1009
 
 def member_seed(seed: int, k: int) -> int:
     return seed + ENSEMBLE_SEED_STEP * k
+
+
+def graphs_per_step(config: FitConfig) -> int:
+    """Graphs per optimiser step: the configured number, else one per process."""
+    where = _distributed.ranks()
+    n = config.graphs_per_step or where.world
+    if n < where.world:
+        raise InputError(f"graphs per step ({n}) is smaller than the number of processes ({where.world}): "
+                         "some would have nothing to train; leave it unset or give at least one per process")
+    return n
+
+
+@dataclass
+class _Lanes:
+    """How one model's training graphs are dealt to the steps of each epoch, and to processes.
+
+    With G graphs per step the graphs are dealt into G lanes (graph i into lane i mod G). Every
+    epoch each lane is shuffled by its own random stream, and step s trains on the s-th graph of
+    every lane at once, their gradients averaged. Lane l runs in process l mod W and draws its
+    masks from its own generator, so which process runs a lane changes nothing it computes: a
+    W-process run repeats a one-process run with G = W. Lane 0's streams are the model's seed
+    itself, so G = 1 trains exactly as one graph per step always has.
+    """
+
+    graphs: list[list[int]]  # per lane: indices of the training graphs it holds
+    mine: list[int]  # the lanes this process runs
+    shuffles: dict[int, np.random.Generator]
+    generators: dict[int, Any]  # torch.Generator per lane
+
+    @classmethod
+    def deal(cls, n_graphs: int, per_step: int, seed: int, device: str) -> "_Lanes":
+        import torch
+
+        def lane_seed(lane: int) -> int:
+            return seed if lane == 0 else int(np.random.SeedSequence([seed, lane]).generate_state(1)[0])
+
+        mine = _distributed.ranks().share(list(range(per_step)))
+        return cls([list(range(lane, n_graphs, per_step)) for lane in range(per_step)], mine,
+                   {lane: np.random.default_rng(lane_seed(lane)) for lane in mine},
+                   {lane: torch.Generator(device=device).manual_seed(lane_seed(lane)) for lane in mine})
+
+    @property
+    def steps(self) -> int:
+        return len(self.graphs[0])
+
+    def epoch(self) -> list[list[tuple[int, int]]]:
+        """Per step, the (lane, graph) pairs this process trains, in a freshly shuffled order."""
+        order = {lane: [self.graphs[lane][j] for j in self.shuffles[lane].permutation(len(self.graphs[lane]))]
+                 for lane in self.mine}
+        return [[(lane, order[lane][s]) for lane in self.mine if s < len(order[lane])] for s in range(self.steps)]
+
+    def batch(self, step: int) -> int:
+        """Graphs trained at ``step`` over all processes (the last step of an epoch may have fewer)."""
+        return sum(step < len(g) for g in self.graphs)
+
+
+def _sum_gradients(params: list) -> None:
+    """Sum every parameter's gradient over the processes (each is already divided by the step's
+    graph count, so the sum is their mean); a parameter no process touched keeps no gradient, as
+    in a one-process run, so AdamW skips it the same way."""
+    import torch
+    import torch.distributed as dist
+
+    device = params[0].device
+    touched = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    flat = torch.cat([touched] + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    with _distributed.peers():
+        dist.all_reduce(flat)
+    offset = len(params)
+    for i, p in enumerate(params):
+        size = p.numel()
+        p.grad = flat[offset : offset + size].view_as(p).clone() if flat[i] > 0 else None
+        offset += size
+
+
+def _sum_losses(sums: dict[str, float]) -> dict[str, float]:
+    """Each loss part summed over the processes' graphs of the epoch."""
+    import torch.distributed as dist
+
+    gathered: list[dict[str, float] | None] = [None] * _distributed.ranks().world
+    with _distributed.peers():
+        dist.all_gather_object(gathered, sums)
+    total: dict[str, float] = {}
+    for part in gathered:
+        for k, v in (part or {}).items():
+            total[k] = total.get(k, 0.0) + v
+    return total
 
 
 @dataclass
@@ -188,31 +279,39 @@ def _train_member(fold: BankGraphs, mcfg, dims: dict[str, int], train_graphs: li
     from .._progress import progress
     from ..nn import SpaHGC
 
+    where = _distributed.ranks()
     with deterministic(seed):
         model = SpaHGC(mcfg, dims["spot_dim"], dims["ref_dim"], dims["n_genes"], backend, seed=seed).to(device)
         model.fit_gene_basis(torch.as_tensor(fold.bank.y))  # the training spots' expression (low-rank head)
-        prepared = [backend.prepare(g, device) for g in train_graphs]
-        prepared_val = prepared if block is not None else [backend.prepare(g, device) for g in val_graphs]
+        lanes = _Lanes.deal(len(train_graphs), graphs_per_step(config), seed, device)
+        prepared = {i: backend.prepare(train_graphs[i], device) for lane in lanes.mine for i in lanes.graphs[lane]}
+        if block is not None:  # the lone training slide's held-out band
+            prepared_val = [prepared[0] if 0 in prepared else backend.prepare(train_graphs[0], device)]
+        else:
+            prepared_val = [backend.prepare(g, device) for g in val_graphs]
         supervised = None if block is None else torch.as_tensor(~block.rows, device=device)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                weight_decay=config.weight_decay)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        order = np.random.default_rng(seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         best = _Member()
-        bar = progress(range(config.epochs), desc=f"fold {name}", disable=None if config.progress else True,
-                       leave=False)
+        bar = progress(range(config.epochs), desc=f"fold {name}",
+                       disable=None if config.progress and where.main else True, leave=False)
         for epoch in bar:
             model.train()
             sums: dict[str, float] = {}
-            for i in order.permutation(len(prepared)):
-                loss, parts = model.training_loss(prepared[i], generator=gen, rows=supervised)
+            for step, pairs in enumerate(lanes.epoch()):
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                for lane, i in pairs:
+                    loss, parts = model.training_loss(prepared[i], generator=lanes.generators[lane], rows=supervised)
+                    (loss / lanes.batch(step)).backward()
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                if where.distributed:
+                    _sum_gradients(params)
                 opt.step()
                 model.update_target()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-            row = {"epoch": epoch, **{k: v / len(prepared) for k, v in sums.items()}}
+            if where.distributed:
+                sums = _sum_losses(sums)
+            row = {"epoch": epoch, **{k: v / len(train_graphs) for k, v in sums.items()}}
             val_pred: dict[str, np.ndarray] = {}
             if val_graphs:
                 row["val_pcc"], row["val_mse"], val_pred = _validate(model, prepared_val, val_graphs, block)
@@ -266,16 +365,26 @@ def fit_folds(folds: Sequence[BankGraphs], out_dir: str | Path, config: FitConfi
     device = str(resolve_device(config.device))
     out_dir = check_run_output(out_dir)
     results, skipped = [], {}
-    with output_lock(out_dir, command_line()), atomic_dir(out_dir, keep=user_entries) as tmp:
-        for i, fold in enumerate(folds):
-            r = _train_fold(fold, config, tmp, backend, device, seed=config.seed + i)
-            if r is None:
-                skipped[fold.name] = "no training graph: no training slide has references from another one"
-                continue
-            log.info("fold %s: best epoch %d, validation PCC %.4f", r.fold, r.best_epoch, r.best_val_pcc)
-            results.append(r)
-        write_record(tmp, [r.fold for r in results], skipped, fit=config.to_dict(), backend=backend.name,
-                     device=device, torch_version=torch.__version__, python=platform.python_version())
+    group = "nccl" if device.startswith("cuda") else "gloo"
+    with _distributed.process_group(group) as where:
+        device = _distributed.local_device(device, where)
+        with contextlib.ExitStack() as stack:
+            tmp = None
+            if where.main:  # the main process writes the run; the others train beside it
+                stack.enter_context(output_lock(out_dir, command_line()))
+                tmp = stack.enter_context(atomic_dir(out_dir, keep=user_entries))
+            for i, fold in enumerate(folds):
+                r = _train_fold(fold, config, tmp, backend, device, seed=config.seed + i)
+                if r is None:
+                    skipped[fold.name] = "no training graph: no training slide has references from another one"
+                    continue
+                log.info("fold %s: best epoch %d, validation PCC %.4f", r.fold, r.best_epoch, r.best_val_pcc)
+                results.append(r)
+            if tmp is not None:
+                write_record(tmp, [r.fold for r in results], skipped, fit=config.to_dict(), backend=backend.name,
+                             device=device, processes=where.world, graphs_per_step=graphs_per_step(config),
+                             torch_version=torch.__version__, python=platform.python_version())
+        _distributed.barrier()  # the run is complete before any process returns
     return results
 
 

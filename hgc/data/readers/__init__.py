@@ -1,7 +1,8 @@
 """Readers from each on-disk format to :class:`hgc.data.Slide`.
 
-Each format module owns its files: ``from_entry`` reads a manifest entry, ``input_files`` lists
-the files that read depends on (so caches can be keyed on their content).
+Each format module owns its files: ``from_entry`` reads a manifest entry (``expression=False``:
+its spots, positions and image without parsing counts, all embedding needs), ``input_files``
+lists the files that read depends on (so caches can be keyed on their content).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from . import h5ad, hest, image, st, visium
 class SlideFormat:
     """A manifest ``format``: how to read an entry, and which files that reads."""
 
-    read: Callable[[SlideEntry], Slide]
+    read: Callable[[SlideEntry, bool], Slide]
     input_files: Callable[[SlideEntry], list[Path]]
 
 

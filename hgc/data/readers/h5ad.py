@@ -33,12 +33,14 @@ def read_h5ad(
     microns_per_pixel: float | None = None,
     coord_scale: float | None = None,
     annotations: str | Path | None = None,
+    expression: bool = True,
 ) -> Slide:
     """Read an AnnData file of raw counts; arguments override what the file records.
 
     Without ``slide``/``patient``/``image``/``microns_per_pixel`` the values :meth:`Slide.to_anndata`
     stored in ``uns['hgc']`` are used; microns per pixel also falls back to a scanpy Visium
-    ``uns['spatial'][library]['scalefactors']['spot_diameter_fullres']``.
+    ``uns['spatial'][library]['scalefactors']['spot_diameter_fullres']``. ``expression=False``
+    leaves ``X`` on disk (spots, positions and metadata only, for embedding).
     """
     path = Path(path)
     name = slide or path.stem
@@ -46,7 +48,7 @@ def read_h5ad(
     if image is not None:
         require_file(Path(image), name, "image")
     return slide_from_anndata(
-        load_anndata(path, name),
+        load_anndata(path, name, expression),
         path,
         slide=slide,
         patient=patient,
@@ -55,6 +57,7 @@ def read_h5ad(
         mpp_source="manifest",
         coord_scale=coord_scale,
         annotations=annotations,
+        expression=expression,
     )
 
 
@@ -63,18 +66,28 @@ def input_files(entry: SlideEntry) -> list[Path]:
     return existing([entry.paths["path"], entry.paths.get("image"), entry.annotations])
 
 
-def from_entry(entry: SlideEntry) -> Slide:
+def from_entry(entry: SlideEntry, expression: bool = True) -> Slide:
     """Adapter for ``FORMATS['h5ad'].read``: manifest columns ``path`` and optional ``image``."""
-    return read_h5ad(entry.paths["path"], image=entry.paths.get("image"), **entry.reader_keywords())
+    return read_h5ad(entry.paths["path"], image=entry.paths.get("image"), expression=expression,
+                     **entry.reader_keywords())
 
 
-def load_anndata(path: Path, slide: str) -> "anndata.AnnData":
+def load_anndata(path: Path, slide: str, expression: bool = True) -> "anndata.AnnData":
+    """The AnnData of ``path``; without ``expression`` only its spots (obs, obsm, uns), ``X``
+    and ``var`` left unread."""
     import anndata
 
     try:
         with warnings.catch_warnings():  # repeated symbols are made unique (and logged) later
             warnings.filterwarnings("ignore", message="Variable names are not unique")
-            return anndata.read_h5ad(path)
+            if expression:
+                return anndata.read_h5ad(path)
+            backed = anndata.read_h5ad(path, backed="r")
+            try:
+                return anndata.AnnData(obs=backed.obs.copy(), obsm={k: np.asarray(v) for k, v in backed.obsm.items()},
+                                       uns=dict(backed.uns))
+            finally:
+                backed.file.close()
     except Exception as exc:  # h5py/anndata raise many types for a file that is not AnnData
         raise InputError(
             f"slide '{slide}': cannot read {path} as AnnData (expected an .h5ad file): {exc}"
@@ -93,6 +106,7 @@ def slide_from_anndata(
     coord_scale: float | None,
     platform: str | None = None,
     annotations: str | Path | None = None,
+    expression: bool = True,
 ) -> Slide:
     """:meth:`Slide.from_anndata` plus what a file reader adds: the file named in errors, raw-count
     validation, unique gene symbols, coordinate scaling, a microns-per-pixel fallback, annotations
@@ -115,7 +129,8 @@ def slide_from_anndata(
         result.counts = as_raw_counts(result.counts, result.id, path, spots=result.barcodes, genes=result.genes)
         result.genes = make_unique(result.genes, result.id, path)
     else:
-        log.info("slide %s: %s has no X: spots and image only, no expression", result.id, path)
+        if expression:
+            log.info("slide %s: %s has no X: spots and image only, no expression", result.id, path)
         result.genes = np.zeros(0, dtype=object)
     if coord_scale:
         result.coords = result.coords * float(coord_scale)
@@ -128,7 +143,8 @@ def slide_from_anndata(
         result.mpp_source = "format"
         if result.platform == "unknown":  # only Visium records a spot diameter
             result.platform = "visium"
-    result.source = {"format": "h5ad", "path": str(path), "counts": str(path) if result.counts is not None else ""}
+    result.source = {"format": "h5ad", "path": str(path),
+                     "counts": str(path) if result.counts is not None or not expression else ""}
     if result.image is not None:
         result.source["image"] = str(result.image.path)
     if annotations is not None:

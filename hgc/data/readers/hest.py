@@ -33,11 +33,13 @@ def read_hest(
     microns_per_pixel: float | None = None,
     coord_scale: float | None = None,
     annotations: str | Path | None = None,
+    expression: bool = True,
 ) -> Slide:
     """Read HEST-1k sample ``sample_id`` from the folder ``root`` (holding st/, wsis/, metadata/).
 
     Patient: ``patient`` > the metadata's ``patient`` > the sample id. Microns per pixel:
     ``microns_per_pixel`` > ``pixel_size_um_estimated`` (> ``pixel_size_um_embedded``).
+    ``expression=False`` leaves the expression matrix unread (see :func:`~hgc.data.readers.h5ad.read_h5ad`).
     """
     root = Path(root)
     name = slide or sample_id
@@ -55,7 +57,7 @@ def read_hest(
                     name, technology, meta_file)
     mpp = microns_per_pixel or _metadata_mpp(meta, meta_file, name)
     result = slide_from_anndata(
-        load_anndata(h5ad, name),
+        load_anndata(h5ad, name, expression),
         h5ad,
         slide=name,
         patient=patient or _metadata_text(meta.get("patient")) or sample_id,
@@ -65,6 +67,7 @@ def read_hest(
         coord_scale=coord_scale,
         platform=platform,
         annotations=annotations,
+        expression=expression,
     )
     result.source.update(format="hest", image=str(wsi), metadata=str(meta_file))
     return result
@@ -77,9 +80,9 @@ def input_files(entry: SlideEntry) -> list[Path]:
                      root / "metadata" / f"{sample}.json", entry.annotations])
 
 
-def from_entry(entry: SlideEntry) -> Slide:
+def from_entry(entry: SlideEntry, expression: bool = True) -> Slide:
     """Adapter for ``FORMATS['hest'].read``: column ``path`` (the HEST root) and field ``id``."""
-    return read_hest(entry.paths["path"], entry.extra["id"], **entry.reader_keywords())
+    return read_hest(entry.paths["path"], entry.extra["id"], expression=expression, **entry.reader_keywords())
 
 
 def _read_metadata(path: Path, slide: str) -> dict:

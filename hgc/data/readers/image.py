@@ -58,8 +58,9 @@ def input_files(entry: SlideEntry) -> list[Path]:
     return existing([entry.paths["image"], entry.paths.get("mask")])
 
 
-def from_entry(entry: SlideEntry) -> Slide:
-    """Adapter for ``FORMATS['image'].read``: columns ``image``, optional ``mask`` and ``image_reader``."""
+def from_entry(entry: SlideEntry, expression: bool = True) -> Slide:
+    """Adapter for ``FORMATS['image'].read``: columns ``image``, optional ``mask`` and ``image_reader``
+    (an image has no expression to read or skip)."""
     return read_image_slide(
         entry.paths["image"], slide=entry.slide, patient=entry.patient, microns_per_pixel=entry.microns_per_pixel,
         mask=entry.paths.get("mask"), reader=entry.extra.get("image_reader", "auto"),

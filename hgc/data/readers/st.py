@@ -36,10 +36,13 @@ def read_st(
     microns_per_pixel: float | None = None,
     coord_scale: float | None = None,
     annotations: str | Path | None = None,
+    expression: bool = True,
 ) -> Slide:
     """Read one legacy-ST section from its counts table, spot table and H&E image.
 
     Without ``counts`` the slide has spots and an image but no expression: a slide to predict.
+    ``expression=False`` reads only the counts table's spot ids (which spots the slide has), not
+    its values: the same spots, for work that needs only the image and positions (embedding).
     """
     spots, image = Path(spots), Path(image)
     spot_table = _read_spots(spots, slide)
@@ -54,6 +57,10 @@ def read_st(
     spot_table = spot_table.set_index("_id")
     if counts is None:
         common, matrix, genes = spot_table.index, None, np.zeros(0, dtype=object)
+    elif not expression:
+        counts = Path(counts)
+        common = _spots_with_counts(_read_count_ids(counts, slide), counts, spot_table, spots, slide)
+        matrix, genes = None, np.zeros(0, dtype=object)
     else:
         counts = Path(counts)
         common, matrix, genes = _counts_of_spots(_read_counts(counts, slide), counts, spot_table, spots, slide)
@@ -88,6 +95,15 @@ def read_st(
 def _counts_of_spots(table: pd.DataFrame, counts: Path, spot_table: pd.DataFrame, spots: Path, slide: str):
     """(spot ids with counts and a position, their counts as CSR, gene symbols)."""
     count_ids = _array_ids(table.index.to_numpy(), counts, slide)
+    common = _spots_with_counts(count_ids, counts, spot_table, spots, slide)
+    rows = pd.Series(np.arange(len(count_ids)), index=count_ids).loc[common].to_numpy()
+    matrix = as_raw_counts(table.to_numpy()[rows], slide, counts, spots=np.asarray(common), genes=table.columns)
+    return common, matrix, np.asarray(table.columns.astype(str), dtype=object)
+
+
+def _spots_with_counts(count_ids: np.ndarray, counts: Path, spot_table: pd.DataFrame, spots: Path,
+                       slide: str) -> pd.Index:
+    """Ids of the spots that have both counts and a position, in the counts table's order."""
     common = pd.Index(count_ids).intersection(spot_table.index, sort=False)
     if len(common) == 0:
         raise InputError(
@@ -98,9 +114,7 @@ def _counts_of_spots(table: pd.DataFrame, counts: Path, spot_table: pd.DataFrame
     n_dropped = len(count_ids) - len(common)
     if n_dropped:
         log.warning("slide %s: %d spot(s) of %s have no row in %s and are left out", slide, n_dropped, counts.name, spots.name)
-    rows = pd.Series(np.arange(len(count_ids)), index=count_ids).loc[common].to_numpy()
-    matrix = as_raw_counts(table.to_numpy()[rows], slide, counts, spots=np.asarray(common), genes=table.columns)
-    return common, matrix, np.asarray(table.columns.astype(str), dtype=object)
+    return common
 
 
 def input_files(entry: SlideEntry) -> list[Path]:
@@ -108,8 +122,9 @@ def input_files(entry: SlideEntry) -> list[Path]:
     return existing([entry.paths.get("counts"), entry.paths["spots"], entry.paths["image"], entry.annotations])
 
 
-def from_entry(entry: SlideEntry) -> Slide:
-    return read_st(entry.paths.get("counts"), entry.paths["spots"], entry.paths["image"], **entry.reader_keywords())
+def from_entry(entry: SlideEntry, expression: bool = True) -> Slide:
+    return read_st(entry.paths.get("counts"), entry.paths["spots"], entry.paths["image"], expression=expression,
+                   **entry.reader_keywords())
 
 
 def _read_counts(path: Path, slide: str) -> pd.DataFrame:
@@ -129,6 +144,25 @@ def _read_counts(path: Path, slide: str) -> pd.DataFrame:
     if text:  # a value like "12,5" or "n/a" makes pandas read its whole column as text
         table[text] = numeric_columns(table, text, path, slide, row_name="spot")
     return table
+
+
+def _read_count_ids(path: Path, slide: str) -> np.ndarray:
+    """The spot ids of a counts table (either orientation) without parsing its values."""
+    if not path.is_file():
+        raise InputError(f"slide '{slide}': counts file not found: {path}")
+    with reading(path, slide, "counts table"):
+        first = pd.read_csv(path, sep="\t", usecols=[0], dtype=str, keep_default_na=False).iloc[:, 0]
+        header = pd.read_csv(path, sep="\t", nrows=0).columns
+    if len(first) == 0 or len(header) < 2:
+        raise InputError(f"slide '{slide}': counts table {path} has no spots or no genes")
+    if _SPOT_ID.match(str(first.iloc[0])) is None and _SPOT_ID.match(str(header[1])) is not None:
+        ids = header[1:].to_numpy()  # genes x spots (some GEO uploads)
+    else:
+        ids = first.to_numpy()
+    unique, n = np.unique(ids.astype(str), return_counts=True)
+    if (n > 1).any():
+        raise InputError(f"slide '{slide}': counts table {path} has duplicate spot ids: {', '.join(unique[n > 1][:5])}")
+    return _array_ids(ids, path, slide)
 
 
 def _read_spots(path: Path, slide: str) -> pd.DataFrame:

@@ -42,6 +42,7 @@ def read_visium(
     microns_per_pixel: float | None = None,
     coord_scale: float | None = None,
     annotations: str | Path | None = None,
+    expression: bool = True,
 ) -> Slide:
     """Read a Space Ranger ``outs/`` folder: in-tissue spots of the filtered matrix.
 
@@ -50,6 +51,8 @@ def read_visium(
     ``coord_scale`` multiplies the positions when they are in another pixel space than ``image``.
     ``microns_per_pixel`` overrides the value derived from the 55 µm spot diameter.
     ``annotations``: a CSV/TSV of per-spot labels keyed by barcode (e.g. a Loupe export).
+    ``expression=False`` reads the matrix's barcodes but not its counts (the same spots, for
+    embedding, which needs only the image and positions).
     """
     outs = Path(path)
     slide_id = slide or (outs.parent.name if outs.name == "outs" else outs.name)
@@ -60,7 +63,10 @@ def read_visium(
         )
     cs = float(coord_scale) if coord_scale else 1.0
     positions, positions_file = _read_positions(outs / "spatial", slide_id)
-    if _has_matrix(outs):
+    if _has_matrix(outs) and not expression:
+        barcodes, matrix_file = read_10x_barcodes(outs, slide_id)
+        genes, counts = np.zeros(0, dtype=object), None
+    elif _has_matrix(outs):
         barcodes, genes, counts, matrix_file = read_10x_matrix(outs, slide_id)
     else:  # spatial/ only: the in-tissue spots, to be predicted
         log.info("slide %s: no count matrix in %s; its spots are read without expression", slide_id, outs)
@@ -136,9 +142,10 @@ def input_files(entry: SlideEntry) -> list[Path]:
                      *(spatial / n for n in names), entry.paths.get("image"), entry.annotations])
 
 
-def from_entry(entry: SlideEntry) -> Slide:
+def from_entry(entry: SlideEntry, expression: bool = True) -> Slide:
     """Adapter for ``FORMATS['visium'].read``: manifest columns ``path`` (outs/) and optional ``image``."""
-    return read_visium(entry.paths["path"], image=entry.paths.get("image"), **entry.reader_keywords())
+    return read_visium(entry.paths["path"], image=entry.paths.get("image"), expression=expression,
+                       **entry.reader_keywords())
 
 
 def _has_matrix(outs: Path) -> bool:
@@ -175,6 +182,25 @@ def read_10x_matrix(
             )
         names, counts = names[is_gene], counts[:, is_gene]
     return barcodes, names, as_raw_counts(counts, slide, source, spots=barcodes, genes=names), source
+
+
+def read_10x_barcodes(outs: Path, slide: str) -> tuple[np.ndarray, Path]:
+    """(barcodes, file) of the filtered matrix, reading neither its counts nor its features."""
+    h5 = outs / "filtered_feature_bc_matrix.h5"
+    if h5.is_file():
+        import h5py
+
+        with reading(h5, slide, "10x HDF5 matrix"):
+            with h5py.File(h5, "r") as f:
+                groups = ["matrix"] if "matrix" in f else [k for k in f if isinstance(f[k], h5py.Group)]
+                if len(groups) != 1 or "barcodes" not in f[groups[0]]:
+                    raise InputError(f"slide '{slide}': {h5} is not a 10x feature-barcode matrix (no matrix/barcodes)")
+                return _as_str(f[groups[0]]["barcodes"][:]), h5
+    folder = outs / "filtered_feature_bc_matrix"
+    barcodes_file = _find(folder, ("barcodes.tsv",), slide)
+    with reading(barcodes_file, slide, "barcode list"):
+        barcodes = pd.read_csv(barcodes_file, sep="\t", header=None, dtype=str)[0]
+    return barcodes.to_numpy(dtype=object), folder
 
 
 def _as_str(values) -> np.ndarray:
