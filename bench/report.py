@@ -347,7 +347,9 @@ def throughput_markdown(r: dict[str, Any]) -> str:
     ]
     stages = r["stages"]
     sections = (
-        ("Embedding: encoder forward pass alone (random weights; the ceiling)", "embedding", "rows", EMBED_COLUMNS),
+        ("Embedding: encoder forward pass alone (random weights; the ceiling), and the patch loader alone "
+         "(kind `loader`: one core cutting, resampling and normalising patches, or cutting only as on a GPU)",
+         "embedding", "rows", EMBED_COLUMNS),
         ("Embedding: `hgc embed` end to end (real her2st slides)", "embedding", "end_to_end", E2E_COLUMNS),
         ("Similarity search", "search", "search", None),
         ("Graph building, her2st folds", "search", "graph_build_her2st", None),

@@ -64,7 +64,8 @@ SETS: dict[str, BenchSet] = {
         name="cpu",
         device="cpu",
         embed={"encoders": ("effnet-lite0",), "batch_sizes": (32, 64), "dtypes": ("fp32",),
-               "end_to_end": {"slides": ["B4"], "workers": 1, "batch_sizes": (64,), "repeats": 2}},
+               "end_to_end": {"slides": ["B4"], "workers": 1, "batch_sizes": (64,), "repeats": 2},
+               "loader": {"slides": ["B4", "C2"], "batch_sizes": (64,), "repeats": 3}},
         # fewer queries for larger pools keep each case near 10 s (exact search costs pool x queries);
         # no IVF there: its k-means training alone takes many minutes on 2 cores
         search=[{"sizes": ((10_000, 1_000),), "devices": ("cpu",)},
@@ -151,6 +152,17 @@ def stage_embedding(s: BenchSet, data_root: Path | None) -> dict[str, Any]:
                 except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest batch
                     log.warning("bare forward %s batch %d %s failed: %s", encoder, batch, dtype, exc)
                     rows.append({**row, "status": f"error: {type(exc).__name__}: {str(exc)[:200]}"})
+    if s.embed.get("loader") and data_root is not None:  # the loader alone, one core: can N cores feed a GPU?
+        import embed_throughput
+
+        spec = dict(s.embed["loader"])
+        for batch in spec.pop("batch_sizes"):
+            for crops_only in (False, True):
+                r = embed_throughput.loader(REPO / "examples" / "her2st.tsv", batch_size=batch, crops_only=crops_only,
+                                            data_root=data_root, **spec)
+                kind = "loader, crops only (GPU path), 1 core" if crops_only else "loader, 1 core"
+                rows.append({"encoder": "effnet-lite0 input, no model", "batch_size": batch, "dtype": "fp32",
+                             "kind": kind, "device": "cpu", **r, "status": "ok"})
     end_to_end: list[dict[str, Any]] | dict[str, Any]
     if s.embed.get("end_to_end") and data_root is not None:
         import embed_throughput

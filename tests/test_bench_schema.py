@@ -66,6 +66,16 @@ def test_a_training_step_is_measured_with_the_default_model():
     assert row["status"] == "ok" and row["train_step_s"] > 0 and row["peak_train_mib"] > 0
 
 
+def test_the_loader_bench_cuts_every_spot_in_both_modes(tmp_path):
+    import embed_throughput
+    from embed_helpers import tiny_manifest
+
+    manifest = tiny_manifest(tmp_path, ("S1", "S2"), grid=3)
+    full, crops = (embed_throughput.loader(manifest, batch_size=4, crops_only=c, repeats=1) for c in (False, True))
+    assert full["spots"] == crops["spots"] == 18 and full["slides"] == ["S1", "S2"]
+    assert full["patches_per_s"] > 0 and crops["patches_per_s"] > 0 and crops["crops_only"]
+
+
 def test_scaling_exponent():
     e = np.array([1e3, 1e4, 1e5])
     assert train_throughput.scaling_exponent(e, 2e-6 * e**1.2) == pytest.approx(1.2)

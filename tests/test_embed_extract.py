@@ -91,6 +91,10 @@ def test_cpu_embeddings_are_deterministic(her2st_run, her2st_manifest):
     np.testing.assert_array_equal(one, stored[:64])
     again = embed_slide(sub, model, enc, PatchSpec(224), dev, batch_size=64, workers=2, progress=False)
     np.testing.assert_array_equal(one, again)
+    # the GPU path's split: workers only cut 8-bit crops, resampling and normalising follow on the device
+    split = embed_slide(sub, model, enc, PatchSpec(224), dev, batch_size=64, workers=2, progress=False,
+                        resize_on_device=True)
+    np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture()

@@ -85,8 +85,13 @@ def embed_slide(
     batch_size: int = BATCH_SIZE,
     workers: int = 0,
     progress: bool = True,
+    resize_on_device: bool | None = None,
 ) -> np.ndarray:
-    """(n_spots, dim) float32 embeddings of one slide, in spot order."""
+    """(n_spots, dim) float32 embeddings of one slide, in spot order.
+
+    Patches are resampled and normalised on the model's device when ``resize_on_device`` (default:
+    on a GPU), so CPU workers only cut crops; elsewhere the workers do all of it.
+    """
     import torch
     from torch.utils.data import DataLoader
 
@@ -94,8 +99,9 @@ def embed_slide(
 
     boxes = crop_boxes(slide, patch)
     share = workers > 0 and torch.multiprocessing.get_start_method() != "fork"
+    on_device = device.type == "cuda" if resize_on_device is None else resize_on_device
     data = PatchBatches(patch_source(slide), boxes, patch.out_px, batch_size, encoder.spec.mean, encoder.spec.std, share,
-                        patch.via_px(slide))
+                        patch.via_px(slide), raw=on_device)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     autocast, _ = _precision(device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -105,7 +111,10 @@ def embed_slide(
         total=slide.n_spots, desc=slide.id, unit="patch", disable=None if progress else True, leave=False
     ) as bar:
         for x in loader:
-            feats = model(x.to(device, non_blocking=True).contiguous(memory_format=fmt)).float().cpu().numpy()
+            x = x.to(device, non_blocking=True)
+            if on_device:
+                x = data.finish(x)
+            feats = model(x.contiguous(memory_format=fmt)).float().cpu().numpy()
             out[start : start + len(feats)] = feats
             start += len(feats)
             bar.update(len(feats))

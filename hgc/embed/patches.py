@@ -139,10 +139,21 @@ def resample(crops: np.ndarray, out_px: int, via_px: int | None = None) -> torch
     With ``via_px`` the crops are first downsampled to that width and rounded to 8 bits, as a
     slide scanned at the working resolution would be.
     """
+    return resample_tensor(channels_first(crops), out_px, via_px)
+
+
+def channels_first(crops: np.ndarray) -> torch.Tensor:
+    """(B, h, w, 3) uint8 crops as a contiguous (B, 3, h, w) uint8 tensor."""
     import torch
+
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
+
+
+def resample_tensor(x: torch.Tensor, out_px: int, via_px: int | None = None) -> torch.Tensor:
+    """:func:`resample` of (B, 3, h, w) uint8 crops already in a tensor, on whatever device holds them."""
     import torch.nn.functional as F
 
-    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
+    x = x.float()
     if via_px is not None and via_px < x.shape[-1]:
         x = F.interpolate(x, size=(via_px, via_px), mode="bilinear", align_corners=False, antialias=True)
         x = x.round_().clamp_(0, 255)
@@ -155,6 +166,9 @@ class PatchBatches:
     """Map-style dataset of whole batches of one slide's patches (index = batch number).
 
     Whole batches keep Python overhead per batch, not per spot (one array slice per patch).
+    ``raw=True`` leaves resampling and normalising to :meth:`finish`, called where the batch is
+    used: on a GPU, so the loader only cuts crops (the costliest step left on the CPU was the
+    resampling) and copies 8-bit crops rather than float patches to the device.
     ``source`` is the decoded image, or a :class:`SlideImage` of a tiled TIFF whose patches are
     read tile by tile (each worker process opens the file itself). DataLoader workers started by
     fork inherit a decoded image copy-on-write; for the spawn or forkserver start methods,
@@ -171,8 +185,11 @@ class PatchBatches:
         std: tuple[float, float, float] | None = None,
         share: bool = False,
         via_px: int | None = None,
+        raw: bool = False,
     ) -> None:
         import torch
+
+        self.raw = raw
 
         self._image = None if isinstance(source, np.ndarray) else source
         self._pixels: np.ndarray | None = source if isinstance(source, np.ndarray) else None
@@ -192,8 +209,8 @@ class PatchBatches:
         return -(-len(self.boxes) // self.batch_size)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        """Batch ``i``: normalised float32 if mean/std were given, else uint8 (B, 3, px, px)."""
-        import torch
+        """Batch ``i``: normalised float32 if mean/std were given, else uint8 (B, 3, px, px); with
+        ``raw`` the crops as cut, uint8 (B, 3, box, box), for :meth:`finish` on the GPU."""
 
         boxes = self.boxes[i * self.batch_size : (i + 1) * self.batch_size].tolist()
         if self._image is not None:
@@ -201,10 +218,19 @@ class PatchBatches:
         else:
             px = self._pixels if self._pixels is not None else self._shared.numpy()
             crops = np.stack([crop_padded(px, x0, y0, w, w, WHITE) for x0, y0, w in boxes])
-        x = resample(crops, self.out_px, self.via_px)
+        x = channels_first(crops)
+        if self.raw:
+            return x
+        return self.finish(x)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw uint8 crops resampled to the encoder's input and normalised, where ``x`` lives."""
+        import torch
+
+        x = resample_tensor(x, self.out_px, self.via_px)
         if self.mean is None:
             return x.round_().clamp_(0, 255).to(torch.uint8)
-        return x.sub_(self.mean).div_(self.std)
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
 
 def export_patches(slide: Slide, spec: PatchSpec, path: Path, batch_size: int = 256) -> Path:
