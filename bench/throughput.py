@@ -161,7 +161,8 @@ def stage_embedding(s: BenchSet, data_root: Path | None) -> dict[str, Any]:
                 r = embed_throughput.loader(REPO / "examples" / "her2st.tsv", batch_size=batch, crops_only=crops_only,
                                             data_root=data_root, **spec)
                 kind = "loader, crops only (GPU path), 1 core" if crops_only else "loader, 1 core"
-                rows.append({"encoder": "effnet-lite0 input, no model", "batch_size": batch, "dtype": "fp32",
+                rows.append({"encoder": "effnet-lite0 input, no model", "batch_size": batch,
+                             "dtype": "uint8" if crops_only else "fp32",
                              "kind": kind, "device": "cpu", **r, "status": "ok"})
     end_to_end: list[dict[str, Any]] | dict[str, Any]
     if s.embed.get("end_to_end") and data_root is not None:

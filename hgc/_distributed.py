@@ -8,20 +8,24 @@ Without them a run is one process and nothing here does anything.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import PeerFailedError
+from .errors import InputError, PeerFailedError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: The commands whose work torchrun's processes share (any other refuses to run under torchrun).
 DISTRIBUTED_COMMANDS = ("embed", "fit")
+#: How long a process waits for the others at a barrier before giving up.
+WAIT_HOURS = 24
 #: What gloo / NCCL say when the process on the other end has gone.
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "Timed out", "timed out")
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,15 @@ def process_group(backend: str = "gloo") -> Iterator[Ranks]:
     if not where.distributed:
         yield where
         return
+    import torch
     import torch.distributed as dist
 
     opened = not dist.is_initialized()
     if opened:
-        dist.init_process_group(backend)
+        if backend == "nccl":  # NCCL's collectives (barriers, object gathers) run on the current GPU
+            torch.cuda.set_device(where.local)
+        # work is shared out by slides, which differ in size: processes may wait long for each other
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=WAIT_HOURS))
         log.info("process %d of %d (local %d) joined a %s group", where.rank, where.world, where.local, backend)
     try:
         yield where
@@ -88,8 +96,9 @@ def peers() -> Iterator[None]:
     except RuntimeError as exc:
         if isinstance(exc, PeerFailedError) or not any(s in str(exc) for s in _PEER_GONE):
             raise
-        raise PeerFailedError(f"process {ranks().rank}: another process of this run stopped (its message is above); "
-                              "finished work is kept, rerun the same command to complete it") from None
+        raise PeerFailedError(f"process {ranks().rank}: another process of this run stopped or did not answer within "
+                              f"{WAIT_HOURS} h (its message, if any, is above); finished work is kept, rerun the same "
+                              "command to complete it") from None
 
 
 def barrier() -> None:
@@ -102,7 +111,30 @@ def barrier() -> None:
 
 
 def local_device(device: str, where: Ranks) -> str:
-    """Each process of a multi-GPU run on its own GPU: ``cuda`` becomes ``cuda:<local rank>``."""
-    if where.distributed and device == "cuda":
-        return f"cuda:{where.local}"
-    return device
+    """Each process of a multi-GPU run on its own GPU: ``cuda`` becomes ``cuda:<local rank>``; one
+    named GPU for several processes of a node is refused (they would all share it)."""
+    if not where.distributed or not device.startswith("cuda"):
+        return device
+    if device != "cuda" and local_processes() > 1:
+        raise InputError(f"device '{device}' names one GPU, but torchrun started {local_processes()} processes on "
+                         "this node; give --device cuda (or auto) and each process takes its own GPU")
+    return f"cuda:{where.local}" if device == "cuda" else device
+
+
+def local_processes() -> int:
+    """Processes of this run on this node (torchrun's ``LOCAL_WORLD_SIZE``; 1 without torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
+def agree(value: float, device: str) -> float:
+    """The main process's ``value`` in every process, so decisions taken on it (early stopping)
+    are the same everywhere even when GPU kernels differ in their last bits."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    with peers():
+        dist.broadcast(t, src=0)
+    return float(t.item())

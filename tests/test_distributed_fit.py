@@ -71,3 +71,14 @@ def test_commands_that_do_not_share_their_work_refuse_torchrun(monkeypatch, tmp_
     result = CliRunner().invoke(main, ["build-graph", str(tmp_path / "m.tsv"), "--out", str(tmp_path / "g.h5")])
     assert result.exit_code == 1 and "'hgc build-graph' runs in one process" in result.output
     assert not (tmp_path / "g.h5").exists()
+
+
+def test_each_process_of_a_node_takes_its_own_gpu(monkeypatch):
+    from hgc._distributed import Ranks, local_device
+    from hgc.errors import InputError
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert local_device("cuda", Ranks(1, 2, 1)) == "cuda:1" and local_device("cpu", Ranks(1, 2, 1)) == "cpu"
+    assert local_device("cuda:1", Ranks()) == "cuda:1"  # one process: the GPU it names
+    with pytest.raises(InputError, match="names one GPU, but torchrun started 2 processes"):
+        local_device("cuda:0", Ranks(1, 2, 1))

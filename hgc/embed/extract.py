@@ -50,10 +50,13 @@ class SlideSource(Protocol):
 
 def default_workers(device: torch.device) -> int:
     """Patch workers: none on CPU, where the model's own threads already use every core and
-    cutting patches in the main process measured faster; on a GPU one per spare core, at most 8."""
+    cutting patches in the main process measured faster; on a GPU one per spare core of this
+    process's share of the node (torchrun may start several), at most 8."""
+    from .._distributed import local_processes
+
     if device.type == "cpu":
         return 0
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(8, (os.cpu_count() or 1) // local_processes() - 1))
 
 
 def input_fingerprint(slide: Slide, image_sha256: str) -> str:

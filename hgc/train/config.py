@@ -95,7 +95,8 @@ class FitConfig(ConfigRecord):
 
 def model_config(config: FitConfig, steps: int | None = None):
     """The :class:`hgc.nn.ModelConfig` a FitConfig asks for: its preset's model choices, then
-    ``config.model``; ``steps`` (epochs x graphs) drives BGRL's momentum schedule unless set."""
+    ``config.model``; ``steps`` (the optimiser steps: epochs x steps per epoch) drives BGRL's momentum
+    schedule unless set."""
     from ..nn.config import DEFAULT_DROP, ModelConfig
 
     preset = get_preset(config.preset).model

@@ -234,10 +234,10 @@ def _sum_gradients(params: list) -> None:
     flat = torch.cat([touched] + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     with _distributed.peers():
         dist.all_reduce(flat)
-    offset = len(params)
-    for i, p in enumerate(params):
+    offset, touched_anywhere = len(params), flat[: len(params)].tolist()  # one device sync, not one per tensor
+    for p, any_touch in zip(params, touched_anywhere):
         size = p.numel()
-        p.grad = flat[offset : offset + size].view_as(p).clone() if flat[i] > 0 else None
+        p.grad = flat[offset : offset + size].view_as(p).clone() if any_touch > 0 else None
         offset += size
 
 
@@ -315,6 +315,8 @@ def _train_member(fold: BankGraphs, mcfg, dims: dict[str, int], train_graphs: li
             val_pred: dict[str, np.ndarray] = {}
             if val_graphs:
                 row["val_pcc"], row["val_mse"], val_pred = _validate(model, prepared_val, val_graphs, block)
+            if where.distributed and val_graphs:  # every process stops (and keeps) where the main one does
+                row["val_pcc"] = _distributed.agree(row["val_pcc"], device)
             best.history.append(row)
             score = row.get("val_pcc", float("nan"))
             # Without validation every epoch replaces the last; an undefined PCC never beats a defined one.
@@ -367,7 +369,7 @@ def fit_folds(folds: Sequence[BankGraphs], out_dir: str | Path, config: FitConfi
     results, skipped = [], {}
     group = "nccl" if device.startswith("cuda") else "gloo"
     with _distributed.process_group(group) as where:
-        device = _distributed.local_device(device, where)
+        device = str(resolve_device(_distributed.local_device(device, where)))
         with contextlib.ExitStack() as stack:
             tmp = None
             if where.main:  # the main process writes the run; the others train beside it

@@ -143,8 +143,7 @@ def slide_from_anndata(
         result.mpp_source = "format"
         if result.platform == "unknown":  # only Visium records a spot diameter
             result.platform = "visium"
-    result.source = {"format": "h5ad", "path": str(path),
-                     "counts": str(path) if result.counts is not None or not expression else ""}
+    result.source = {"format": "h5ad", "path": str(path), "counts": str(path) if result.counts is not None else ""}
     if result.image is not None:
         result.source["image"] = str(result.image.path)
     if annotations is not None:

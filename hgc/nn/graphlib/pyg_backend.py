@@ -8,6 +8,7 @@ large slide's training memory.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ class _EdgeDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k: torch.Tensor, q: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         out = k.new_empty((src.shape[0], k.shape[1]))
-        for e in _chunks(src.shape[0], k[0].numel()):
+        for e in _chunks(src.shape[0], math.prod(k.shape[1:])):
             out[e] = (k[src[e]] * q[dst[e]]).sum(-1)
         ctx.save_for_backward(k, q, src, dst)
         return out
@@ -43,7 +44,7 @@ class _EdgeDot(torch.autograd.Function):
         k, q, src, dst = ctx.saved_tensors
         grad_k = torch.zeros_like(k) if ctx.needs_input_grad[0] else None
         grad_q = torch.zeros_like(q) if ctx.needs_input_grad[1] else None
-        for e in _chunks(src.shape[0], k[0].numel()):
+        for e in _chunks(src.shape[0], math.prod(k.shape[1:])):
             g = grad[e].unsqueeze(-1)
             if grad_k is not None:
                 grad_k.index_add_(0, src[e], g * q[dst[e]])
@@ -59,7 +60,7 @@ class _EdgeWeightedSum(torch.autograd.Function):
     def forward(ctx, v: torch.Tensor, a: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n_dst: int
                 ) -> torch.Tensor:
         out = v.new_zeros((n_dst, *v.shape[1:]))
-        for e in _chunks(src.shape[0], v[0].numel()):
+        for e in _chunks(src.shape[0], math.prod(v.shape[1:])):
             out.index_add_(0, dst[e], v[src[e]] * a[e].unsqueeze(-1))
         ctx.save_for_backward(v, a, src, dst)
         return out
@@ -70,7 +71,7 @@ class _EdgeWeightedSum(torch.autograd.Function):
         v, a, src, dst = ctx.saved_tensors
         grad_v = torch.zeros_like(v) if ctx.needs_input_grad[0] else None
         grad_a = torch.empty_like(a) if ctx.needs_input_grad[1] else None
-        for e in _chunks(src.shape[0], v[0].numel()):
+        for e in _chunks(src.shape[0], math.prod(v.shape[1:])):
             g = grad[dst[e]]
             if grad_v is not None:
                 grad_v.index_add_(0, src[e], g * a[e].unsqueeze(-1))
@@ -115,4 +116,4 @@ class PyGBackend(Backend):
         return self._softmax(scores, op.dst, num_nodes=op.n_dst)
 
     def weighted_sum(self, op: _Rel, v_src: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return _EdgeWeightedSum.apply(v_src.contiguous(), a.contiguous(), op.src, op.dst, op.n_dst)
+        return _EdgeWeightedSum.apply(v_src.contiguous(), a.to(v_src.dtype).contiguous(), op.src, op.dst, op.n_dst)
