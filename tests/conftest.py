@@ -104,3 +104,17 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     run_pipeline(manifest, "slide-loso", "top-mean:5", "effnet-lite0", root / "run", fit_config=fit, device="cpu",
                  progress=False)
     return manifest, root / "run"
+
+
+@pytest.fixture(scope="session")
+def her2st_predictions(her2st_manifest, tmp_path_factory) -> Path:
+    """A real prediction folder: the six her2st sections predicted by the ridge, knn and mean
+    baselines (patient-kfold, Hist2ST genes) on colour embeddings of their H&E, with observed
+    expression. Tests copy it before changing it."""
+    from her2st_graph_data import write_her2st_store
+    from hgc.train.predict import predict
+
+    root = tmp_path_factory.mktemp("her2st_predictions")
+    store = write_her2st_store(her2st_manifest, root / "graphs.h5", genes="hist2st-her2st")
+    predict(None, store, root / "pred", methods=("ridge", "knn", "mean"))
+    return root / "pred"

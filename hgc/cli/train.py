@@ -8,6 +8,7 @@ import click
 from ..data.slide import SPOT_PITCH_UM
 from ..data.splits import CV_PROTOCOLS, PROTOCOL_HELP
 from ..embed.registry import DEFAULT_ENCODER
+from ..evaluate.biology import TUMOUR_PATTERN
 from ..graph.fold import GraphConfig
 from ..nn.config import BACKENDS, ModelConfig
 from ..train.config import FitConfig
@@ -154,11 +155,35 @@ def register(main: click.Group) -> None:
     @main.command("evaluate")
     @click.argument("pred_dir", type=click.Path(file_okay=False, exists=True))
     @click.option("--json", "as_json", is_flag=True, help="Print the full metrics JSON instead of the table.")
-    def evaluate_command(pred_dir: str, as_json: bool) -> None:
-        """PCC-ALL/HEG/HVG, MSE and MAE per slide and mean ± std per method; writes metrics.{json,csv,md}."""
+    @click.option("--annotations", default=None, metavar="COLUMN",
+                  help="Per-spot label column (from the manifest's annotations table) defining regions: "
+                       "region agreement and tumour separation.")
+    @click.option("--region-map", type=click.Path(dir_okay=False, exists=True), default=None,
+                  help="Table naming the region of each label (per patient if it has a patient column), "
+                       "e.g. her2st's res/ST-cluster/motivation.csv.")
+    @click.option("--tumour-regions", default=TUMOUR_PATTERN, show_default=True,
+                  help="Regular expression: regions it matches are tumour.")
+    @click.option("--signatures", multiple=True, type=click.Path(dir_okay=False, exists=True),
+                  help="Gene-set file (GMT, or a gene table with optional weights); repeat for more.")
+    @click.option("--genes", default="", help="Comma-separated genes whose per-region means are reported.")
+    @click.option("--manifest", type=click.Path(dir_okay=False, exists=True), default=None,
+                  help="Manifest to read annotations from when the prediction files do not carry them.")
+    @data_root_option
+    def evaluate_command(pred_dir: str, as_json: bool, annotations, region_map, tumour_regions, signatures, genes,
+                         manifest, data_root) -> None:
+        """PCC-ALL/HEG/HVG, MSE and MAE per slide and mean ± std per method; writes metrics.{json,csv,md}.
+
+        With --annotations and/or --signatures, also checks biology, every method beside observed
+        expression: region rank agreement, tumour AUROC of each signature, signature score PCC.
+        """
+        from ..data import read_manifest
+        from ..evaluate.biology import BiologySettings
         from ..evaluate.report import json_safe, markdown_table, write_report
 
-        report = write_report(pred_dir)
+        biology = BiologySettings.from_files(annotations, region_map, signatures, tumour_regions,
+                                             [g.strip() for g in genes.split(",") if g.strip()])
+        report = write_report(pred_dir, biology=biology if biology.active else None,
+                              manifest=read_manifest(manifest, data_root) if manifest else None)
         click.echo(json.dumps(json_safe(report), indent=2) if as_json else markdown_table(report), nl=False)
 
     @main.command("run")

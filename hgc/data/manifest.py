@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..errors import InputError
@@ -73,6 +74,15 @@ class Manifest:
     def load(self, slide_id: str, expression: bool = True) -> Slide:
         """Read and validate one slide (``expression=False``: all but its counts, which stay unparsed)."""
         return load_entry(self.entry(slide_id), expression)
+
+    def annotations(self, slide_id: str, barcodes) -> pd.DataFrame:
+        """The slide's annotation table (manifest column ``annotations``) for spots ``barcodes``,
+        read alone: no counts, spots or image are parsed."""
+        entry = self.entry(slide_id)
+        if entry.annotations is None:
+            raise InputError(f"slide '{slide_id}' has no annotation table in manifest {self.path} "
+                             "(add a column 'annotations' with its path)")
+        return FORMATS[entry.format].annotations(entry, np.asarray(barcodes))
 
     def slides(self) -> Iterator[Slide]:
         for e in self.entries:

@@ -186,3 +186,11 @@ def check_slide(slide: Slide) -> None:
                 f"({width} x {height} px), e.g. spot {barcodes[i]} at ({slide.coords[i, 0]:.1f}, "
                 f"{slide.coords[i, 1]:.1f}); are the coordinates in another pixel space (set coord_scale)?"
             )
+
+
+def label_strings(values: pd.Series) -> np.ndarray:
+    """Labels as text: whole numbers without a decimal point (a column with gaps reads as float), gaps as ""."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().sum() == values.notna().sum() and (numeric.dropna() % 1 == 0).all():
+        values = numeric.astype("Int64")
+    return values.astype(object).where(values.notna(), "").astype(str).to_numpy(dtype=object)

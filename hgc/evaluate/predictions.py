@@ -172,12 +172,26 @@ def read_prediction(path: str | Path) -> Prediction:
             image=str(uns.get("image", "")),
             image_scale=float(uns.get("image_scale", 1.0)),
             uncertainty=None if spread is None else _dense(spread),
+            obs={str(c): adata.obs[c].to_numpy() for c in adata.obs.columns},
+            spatial=_spatial(uns, str(uns["slide"])),
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise InputError(f"prediction file {path} holds a malformed field ({exc}); {_REPREDICT}") from None
     if not isinstance(p.normalisation, dict):
         raise InputError(f"prediction file {path}: uns['normalisation'] is not a JSON object; {_REPREDICT}")
     return p
+
+
+def _spatial(uns: Any, slide: str) -> dict[str, Any] | None:
+    """``uns["spatial"][slide]`` with its image and scale factors, when the file has them."""
+    entry = uns.get("spatial", {}).get(slide)
+    if entry is None:
+        return None
+    return {
+        "images": {k: np.asarray(v) for k, v in entry.get("images", {}).items()},
+        "scalefactors": {k: float(v) for k, v in entry.get("scalefactors", {}).items()},
+        "metadata": dict(entry.get("metadata", {})),
+    }
 
 
 def _dense(x: Any) -> np.ndarray:

@@ -10,13 +10,19 @@ import io
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from .._outputs import command_line, output_lock, write_text
+from ..data.slide import label_strings
 from ..errors import InputError
+from .biology import BiologySettings, slide_biology, summarise_biology
 from .metrics import METRIC_KEYS, N_TOP_GENES, SlideMetrics, pooled_pcc, slide_metrics, summarise
-from .predictions import open_predictions, read_prediction
+from .predictions import Prediction, open_predictions, read_prediction
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +35,7 @@ CONSTANT_GENE_RULE = (
 )
 
 
-def _ordered(methods) -> list[str]:
+def ordered_methods(methods) -> list[str]:
     rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     return sorted(methods, key=lambda m: (rank.get(m, len(rank)), m))
 
@@ -40,15 +46,52 @@ def _single(values: set[str], what: str, pred_dir: Path) -> str:
     return next(iter(values))
 
 
-def evaluate(pred_dir: str | Path) -> dict[str, Any]:
-    """Score every method of the prediction folder ``pred_dir``; return the report dict (see :func:`write_report`)."""
+class SpotLabels:
+    """The annotation column of each scored slide: from the prediction file, else the manifest's annotation table."""
+
+    def __init__(self, column: str, manifest=None) -> None:
+        self.column, self.manifest = column, manifest
+        self._read: dict[str, np.ndarray] = {}
+
+    def __call__(self, p: Prediction, path: Path) -> np.ndarray:
+        if self.column in p.obs:
+            return label_strings(pd.Series(p.obs[self.column]))
+        if self.manifest is None or p.slide not in self.manifest.slide_ids:
+            where = ("give the manifest with --manifest" if self.manifest is None
+                     else f"manifest {self.manifest.path} has no slide '{p.slide}'")
+            raise InputError(f"prediction file {path} has no per-spot column '{self.column}' "
+                             f"(it has {sorted(p.obs) or 'none'}); {where} to read the slide's annotation table")
+        if p.slide not in self._read:  # every method predicts the same spots: read each table once
+            annotations = self.manifest.annotations(p.slide, p.barcodes.astype(str))
+            if self.column not in annotations.columns:
+                raise InputError(f"slide '{p.slide}' of manifest {self.manifest.path} has no annotation column "
+                                 f"'{self.column}' (its annotation table has {list(annotations.columns)})")
+            self._read[p.slide] = label_strings(annotations[self.column])
+        return self._read[p.slide]
+
+
+def _biology_rows(settings: BiologySettings, labels: SpotLabels | None, p: Prediction, path: Path) -> dict[str, Any]:
+    row = slide_biology(settings, observed=p.observed, predicted=p.predicted, genes=[str(g) for g in p.genes],
+                        labels=None if labels is None else labels(p, path), patient=p.patient)
+    return {"slide": p.slide, "fold": p.fold, **row}
+
+
+def evaluate(pred_dir: str | Path, biology: BiologySettings | None = None, manifest=None) -> dict[str, Any]:
+    """Score every method of the prediction folder ``pred_dir``; return the report dict (see :func:`write_report`).
+
+    ``biology`` adds region, tumour and signature checks (:mod:`hgc.evaluate.biology`); their spot
+    annotations come from the prediction files, else from ``manifest`` (a :class:`hgc.data.Manifest`).
+    """
     pred_dir = Path(pred_dir)
     predictions = open_predictions(pred_dir)
     spaces: set[str] = set()
     protocols: set[str] = set()
     report: dict[str, Any] = {"methods": {}}
-    for method in _ordered(predictions.files):
+    labels = SpotLabels(biology.annotation, manifest) if biology and biology.annotation else None
+    observed_biology: dict[str, dict[str, Any]] = {}
+    for method in ordered_methods(predictions.files):
         rows: list[SlideMetrics] = []
+        biology_rows: list[dict[str, Any]] = []
         observed, predicted = [], []
         for slide, path in sorted(predictions.files[method].items()):
             p = read_prediction(path)
@@ -63,6 +106,10 @@ def evaluate(pred_dir: str | Path) -> dict[str, Any]:
                 raise InputError(f"prediction file {path}: {exc}") from None
             observed.append(p.observed)
             predicted.append(p.predicted)
+            if biology is not None and biology.active:
+                biology_rows.append(_biology_rows(biology, labels, p, path))
+                if p.slide not in observed_biology:  # the ceiling: observed scored as if it were a prediction
+                    observed_biology[p.slide] = _biology_rows(biology, labels, replace(p, predicted=p.observed), path)
         if not rows:
             log.warning("method %s has no slide with observed expression; skipped", method)
             continue
@@ -74,6 +121,8 @@ def evaluate(pred_dir: str | Path) -> dict[str, Any]:
             "pooled_pcc": pooled_pcc(observed, predicted),
             "n_slides": len(rows),
         }
+        if biology_rows:
+            report["methods"][method]["biology"] = {"per_slide": biology_rows, "mean": summarise_biology(biology_rows)}
     if not report["methods"]:
         raise InputError(f"no prediction under {pred_dir} carries observed expression to score against")
     counts = {m: r["n_slides"] for m, r in report["methods"].items()}
@@ -85,6 +134,9 @@ def evaluate(pred_dir: str | Path) -> dict[str, Any]:
     report["n_top_genes"] = N_TOP_GENES
     report["gene_sets"] = "HEG/HVG: top genes by mean/variance of the fold's training slides' normalised expression"
     report["constant_genes"] = CONSTANT_GENE_RULE
+    if biology is not None and observed_biology:
+        rows = [observed_biology[s] for s in sorted(observed_biology)]
+        report["biology"] = {**biology.describe(), "observed": {"per_slide": rows, "mean": summarise_biology(rows)}}
     return report
 
 
@@ -121,17 +173,50 @@ def markdown_table(report: dict[str, Any]) -> str:
         cells += [_fmt(m["pooled_pcc"]), str(m["n_slides"]), f"{min(n_const)}–{max(n_const)} of {n_genes}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Constant genes: {report['constant_genes']}."]
+    if "biology" in report:
+        lines += ["", *biology_table(report)]
     return "\n".join(lines) + "\n"
 
 
-def write_report(pred_dir: str | Path, report: dict[str, Any] | None = None) -> dict[str, Any]:
+def biology_table(report: dict[str, Any]) -> list[str]:
+    """Means over slides of the biology checks, one row per method and observed (the ceiling)."""
+    bio = report["biology"]
+    names = list(bio["signatures"])
+    head = ["method"] + (["region rank agreement"] if bio["annotation"] else [])
+    for n in names:
+        head += [f"{n} PCC"] + ([f"{n} tumour AUROC"] if bio["annotation"] else [])
+    rows = [("observed", bio["observed"]["mean"], True)]
+    rows += [(m, r["biology"]["mean"], False) for m, r in report["methods"].items() if "biology" in r]
+    lines = [
+        f"Biology checks (mean over slides): regions from annotation '{bio['annotation']}'"
+        + (f" named by {bio['region_map']}" if bio["region_map"] else "")
+        + f", tumour = regions matching /{bio['tumour_regions']}/; signature scores: {bio['signature_score']}. "
+        "Observed is the ceiling (its own PCC and rank agreement are 1 by definition).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name, mean, ceiling in rows:
+        cells = [name]
+        if bio["annotation"]:
+            cells.append("—" if ceiling else _fmt(mean.get("rank_agreement")))
+        for n in names:
+            cells.append("—" if ceiling else _fmt(mean.get(n, {}).get("pcc")))
+            if bio["annotation"]:
+                cells.append(_fmt(mean.get(n, {}).get("auroc")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(pred_dir: str | Path, report: dict[str, Any] | None = None,
+                 biology: BiologySettings | None = None, manifest=None) -> dict[str, Any]:
     """Evaluate (unless ``report`` is given) and write metrics.json, metrics.csv and metrics.md.
 
     The three files are written atomically under the prediction folder's lock.
     """
     pred_dir = Path(pred_dir)
     with output_lock(pred_dir, command_line()):
-        report = evaluate(pred_dir) if report is None else report
+        report = evaluate(pred_dir, biology, manifest) if report is None else report
         fields = ["method"] + list(SlideMetrics.__dataclass_fields__)
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=fields, lineterminator="\n")

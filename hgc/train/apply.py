@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 from .._devices import resolve_device
 from .._outputs import command_line, output_lock
+from ..data.slide import label_strings
 from ..embed.extract import BATCH_SIZE
 from ..errors import InputError
 from ..evaluate.metrics import training_gene_sets
@@ -76,11 +78,17 @@ def resolution_gap(slide, info: dict) -> str | None:
 
 
 def spot_obs(slide) -> dict[str, np.ndarray]:
-    """Per-spot columns written beside the predictions: array row/column when known, and whether
-    each spot is virtual (laid out on the tissue of an image that came without spots)."""
+    """Per-spot columns written beside the predictions: array row/column when known, whether each
+    spot is virtual (laid out on the tissue of an image that came without spots), and the
+    manifest's annotation columns as text labels ("" where a spot has none), which
+    ``hgc evaluate --annotations`` reads."""
     out = {"virtual": np.full(slide.n_spots, "virtual" in slide.source)}
     if slide.array_coords is not None:
         out.update(array_row=slide.array_coords[:, 0].astype(np.int64), array_col=slide.array_coords[:, 1].astype(np.int64))
+    if slide.annotations is not None:
+        table = slide.annotations.reindex(pd.Index(slide.barcodes.astype(str)))
+        for col in table.columns:
+            out[str(col) if str(col) not in out else f"{col}_annotation"] = label_strings(table[col])
     return out
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 from ...errors import HgcError, InputError
 
 if TYPE_CHECKING:
+    from ..entry import SlideEntry
     from ..slide import Slide
 
 log = logging.getLogger(__name__)
@@ -105,22 +106,34 @@ def make_unique(names: np.ndarray, slide: str, source: Path | str) -> np.ndarray
     return out
 
 
-def attach_annotations(slide: "Slide", path: Path) -> None:
-    """Join a per-spot label table (CSV or TSV; a ``barcode`` column or the first column holds
-    barcodes) onto ``slide.annotations``; spots without a row get missing values."""
-    require_file(path, slide.id, "annotation table")
+def annotation_table(path: Path, slide_id: str, barcodes: np.ndarray) -> pd.DataFrame:
+    """A per-spot label table (CSV or TSV; a ``barcode`` column or the first column holds barcodes)
+    indexed by ``barcodes``; spots without a row get missing values."""
+    require_file(path, slide_id, "annotation table")
     try:
         table = pd.read_csv(path, sep=None, engine="python")
     except (OSError, ValueError) as exc:
-        raise InputError(f"slide '{slide.id}': cannot read annotation table {path}: {exc}") from exc
+        raise InputError(f"slide '{slide_id}': cannot read annotation table {path}: {exc}") from exc
     key = next((c for c in table.columns if str(c).strip().lower() == "barcode"), table.columns[0])
     table = table.set_index(table[key].astype(str)).drop(columns=[key])
-    table = table[~table.index.duplicated()].reindex(pd.Index(slide.barcodes.astype(str), name="barcode"))
+    table = table[~table.index.duplicated()].reindex(pd.Index(np.asarray(barcodes).astype(str), name="barcode"))
     if table.notna().any(axis=1).sum() == 0:
         raise InputError(
-            f"slide '{slide.id}': no barcode of annotation table {path} matches a spot of the slide "
-            f"(first column '{key}' should hold spot barcodes like '{slide.barcodes[0]}')"
+            f"slide '{slide_id}': no barcode of annotation table {path} matches a spot of the slide "
+            f"(first column '{key}' should hold spot barcodes like '{barcodes[0]}')"
         )
+    return table
+
+
+def entry_annotations(entry: "SlideEntry", barcodes: np.ndarray) -> pd.DataFrame:
+    """The entry's annotation table for spots ``barcodes``, read alone (formats that join on barcodes)."""
+    assert entry.annotations is not None
+    return annotation_table(entry.annotations, entry.slide, barcodes)
+
+
+def attach_annotations(slide: "Slide", path: Path) -> None:
+    """Join the annotation table at ``path`` (:func:`annotation_table`) onto ``slide.annotations``."""
+    table = annotation_table(path, slide.id, slide.barcodes)
     if slide.annotations is not None:
         table = slide.annotations.join(table, rsuffix="_annotation")
     slide.annotations = table

@@ -87,7 +87,7 @@ def read_st(
         source={"counts": str(counts) if counts is not None else "", "spots": str(spots), "image": str(image)},
     )
     if annotations is not None:
-        slide_obj.annotations = _read_annotations(Path(annotations), slide_obj)
+        slide_obj.annotations = annotation_table(Path(annotations), slide_obj.id, slide_obj.barcodes)
     check_slide(slide_obj)
     return slide_obj
 
@@ -218,16 +218,16 @@ def _mpp_from_pitch(array_coords: np.ndarray, coords: np.ndarray, slide: str) ->
     return SPOT_PITCH_UM["st"] / float(np.mean(slopes))
 
 
-def _read_annotations(path: Path, slide: Slide) -> pd.DataFrame:
+def annotation_table(path: Path, slide_id: str, barcodes: np.ndarray) -> pd.DataFrame:
     """Per-spot labels joined on array position (her2st ``*-cluster-annotation.tsv.gz`` layout)."""
     if not path.is_file():
-        raise InputError(f"slide '{slide.id}': annotation file not found: {path}")
-    with reading(path, slide.id, "annotation table"):
+        raise InputError(f"slide '{slide_id}': annotation file not found: {path}")
+    with reading(path, slide_id, "annotation table"):
         table = pd.read_csv(path, sep="\t")
     if not {"x", "y"} <= set(table.columns):
-        raise InputError(f"slide '{slide.id}': annotation table {path} needs columns x and y")
-    ids = _array_ids((table["x"].astype(str) + "x" + table["y"].astype(str)).to_numpy(), path, slide.id)
+        raise InputError(f"slide '{slide_id}': annotation table {path} needs columns x and y")
+    ids = _array_ids((table["x"].astype(str) + "x" + table["y"].astype(str)).to_numpy(), path, slide_id)
     keep = [c for c in table.columns if c not in ("x", "y", "pixel_x", "pixel_y", "warped_x", "warped_y", "Unnamed: 0")]
     table = table[keep].set_index(pd.Index(ids, name="barcode"))
     table = table[~table.index.duplicated()]
-    return table.reindex(pd.Index(slide.barcodes, name="barcode"))
+    return table.reindex(pd.Index(barcodes, name="barcode"))
