@@ -39,11 +39,17 @@ env-modern: .venv-modern/.installed
 	touch $@
 
 # The main job on the bundled default: the her2st example with the offline encoder, patient-level
-# folds, the Hist2ST gene panel; every step is cached in runs/her2st, the table is printed at the end.
+# folds, the Hist2ST gene panel; every step is cached in runs/her2st, the table is printed at the end;
+# then the biology checks (the authors' clusters and TLS signature) and the figures (runs/her2st/figures).
+HER2ST_RES = $(HGC_DATA)/her2st/res
 demo: .venv-dgl/.installed
 	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc data inspect examples/her2st.tsv
 	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc run examples/her2st.tsv --protocol patient-kfold \
 		--genes hist2st-her2st --encoder effnet-lite1 --out runs/her2st
+	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc evaluate runs/her2st/predictions --manifest examples/her2st.tsv \
+		--annotations label --region-map $(HER2ST_RES)/ST-cluster/motivation.csv \
+		--signatures $(HER2ST_RES)/TLS-pred/tls-signature.tsv.gz --signatures examples/her2st-markers.gmt
+	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc plot runs/her2st --out runs/her2st/figures
 
 clean-env:
 	rm -rf .venv-dgl .venv-modern

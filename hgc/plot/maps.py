@@ -59,17 +59,19 @@ class PlotInput:
 
 
 def find_prediction(source: str | Path, slide: str | None = None, method: str = "hgc") -> Path:
-    """The prediction file itself, or the file of ``method`` and ``slide`` in a prediction folder.
+    """The prediction file itself, or the file of ``method`` and ``slide`` in a prediction or run folder.
 
     ``slide`` may be omitted when the method's predictions cover exactly one slide.
     """
     from ..evaluate.predictions import open_predictions
+    from .run import prediction_folder
 
     source = Path(source)
     if source.is_file():
         return source
     if not source.is_dir():
         raise InputError(f"{source} is neither a prediction .h5ad file nor a prediction folder")
+    source = prediction_folder(source)
     files = open_predictions(source).files
     if method not in files:
         raise InputError(f"no predictions of method '{method}' in {source}; methods there: {sorted(files)}")
