@@ -57,6 +57,18 @@ def test_bad_gene_set_files(tmp_path):
         read_gene_sets(tmp_path / "none.gmt")
 
 
+def test_gene_tables_with_and_without_a_header(tmp_path):
+    plain = tmp_path / "list.txt"
+    plain.write_text("ERBB2\nKRT19\nMUCL1\n")  # one gene per line, no header: the first line is a gene
+    assert read_gene_sets(plain)[0].genes == ("ERBB2", "KRT19", "MUCL1")
+    weighted = tmp_path / "w.csv"
+    weighted.write_text("ERBB2,0.5\nKRT19,1\n")
+    assert read_gene_sets(weighted)[0].weights == (0.5, 1.0) and read_gene_sets(weighted)[0].genes[0] == "ERBB2"
+    named = tmp_path / "named.tsv"
+    named.write_text("symbol\tweight\nERBB2\t2\n")
+    assert read_gene_sets(named)[0].genes == ("ERBB2",)
+
+
 def test_her2st_region_map_with_commas_in_its_cells(her2st_res):
     """motivation.csv has unquoted commas inside names and free text; each (patient, cluster) keeps its whole name."""
     regions = read_region_map(her2st_res / "ST-cluster" / "motivation.csv", "label")
@@ -76,6 +88,12 @@ def test_region_map_without_patients_and_bad_maps(tmp_path):
     plain.write_text("cluster\tregion\n1\ttumour\n2\tstroma\n")
     regions = read_region_map(plain, "cluster")
     assert list(regions.regions(np.array(["2", "1", "3"]), "any patient")) == ["stroma", "tumour", ""]
+    spaced = tmp_path / "spaced.csv"  # ", " separated, one row with an extra comma in its note
+    spaced.write_text("patient, cluster, region, note\nB, 01, cancer, ERBB2, high\nB, 2, stroma, low\n")
+    regions = read_region_map(spaced, "label")
+    # patient and key stay whole (keys read as spot labels are); the extra field joins the text columns
+    assert sorted(regions.names) == [("B", "1"), ("B", "2")] and regions.names[("B", "2")] == "stroma"
+    assert regions.names[("B", "1")].startswith("cancer")
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(InputError, match="needs a key column"):
@@ -106,6 +124,23 @@ def test_scores_against_their_definitions():
     assert used == 1 and np.isnan(s).all()
 
 
+def test_region_agreement_needs_three_regions():
+    from hgc.evaluate.biology import slide_biology
+
+    rng = np.random.default_rng(2)
+    observed, predicted = rng.random((30, 6)), rng.random((30, 6))
+    genes = [f"G{i}" for i in range(6)]
+    two = np.array(["a"] * 15 + ["b"] * 15, dtype=object)  # two regions: rho is only +-1, not reported
+    settings = BiologySettings(annotation="region")
+    row = slide_biology(settings, observed=observed, predicted=predicted, genes=genes, labels=two, patient="P")
+    assert row["region_agreement"] is None
+    three = np.array(["a"] * 10 + ["b"] * 10 + ["c"] * 10, dtype=object)
+    row = slide_biology(settings, observed=observed, predicted=predicted, genes=genes, labels=three, patient="P")
+    means = [observed[three == r].mean(0) for r in "abc"], [predicted[three == r].mean(0) for r in "abc"]
+    expect = spearman_per_gene(np.array(means[0]), np.array(means[1]))
+    assert row["region_agreement"]["rank_agreement"] == pytest.approx(np.nanmean(expect))
+
+
 def test_label_strings():
     labels = label_strings(pd.Series([1.0, np.nan, 3.0]))  # an integer column with a gap reads as float
     assert list(labels) == ["1", "", "3"]
@@ -131,12 +166,12 @@ def test_biology_on_real_her2st_predictions(her2st_predictions, her2st_res, tmp_
     tls = read_gene_sets(her2st_res / "TLS-pred" / "tls-signature.tsv.gz")[0]
     assert b4["signatures"]["tls-signature"]["n_genes_used"] == len(set(tls.genes) & panel)
     # observed tumour-marker scores separate the annotated cancer regions (the ceiling is real biology)
-    assert bio["observed"]["mean"]["TUMOUR_EPITHELIUM"]["auroc"] > 0.75
+    assert bio["observed"]["mean"]["signatures"]["TUMOUR_EPITHELIUM"]["auroc"] > 0.75
     knn = report["methods"]["knn"]["biology"]
     assert -1 <= knn["mean"]["rank_agreement"] <= 1
     assert set(knn["per_slide"][0]["region_agreement"]["genes"]) == {"MUCL1", "CD74"}
     mean = report["methods"]["mean"]["biology"]["mean"]  # a constant prediction ranks nothing
-    assert np.isnan(mean["rank_agreement"]) and np.isnan(mean["TUMOUR_EPITHELIUM"]["pcc"])
+    assert np.isnan(mean["rank_agreement"]) and np.isnan(mean["signatures"]["TUMOUR_EPITHELIUM"]["pcc"])
     written = json.loads((pred / "metrics.json").read_text())
     assert written["biology"]["annotation"] == "label"
     assert "| observed | — |" in (pred / "metrics.md").read_text()

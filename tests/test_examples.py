@@ -92,7 +92,7 @@ def test_her2st_quickstart(shared_data, tmp_path):
     assert "| hgc |" in out and "| ridge |" in out and "tumour AUROC" in out
     metrics = json.loads((tmp_path / "run" / "predictions" / "metrics.json").read_text())
     assert metrics["protocol"] == "patient-kfold" and metrics["methods"]["hgc"]["n_slides"] == 6
-    assert metrics["biology"]["observed"]["mean"]["TUMOUR_EPITHELIUM"]["auroc"] > 0.75
+    assert metrics["biology"]["observed"]["mean"]["signatures"]["TUMOUR_EPITHELIUM"]["auroc"] > 0.75
     figures = json.loads((tmp_path / "run" / "figures" / "figures.json").read_text())["files"]
     assert figures == ["B4.png", "C2.png", "C3.png", "C4.png", "C5.png", "C6.png", "summary.png"]
     out = run_example("read_outputs.py", tmp_path / "run" / "predictions" / "hgc" / "C3.h5ad", shared=shared_data)

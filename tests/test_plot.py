@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import anndata
 import click
 import numpy as np
 import pytest
@@ -123,6 +124,8 @@ def test_cli_plot_file_folder_and_errors(tmp_path):
     assert_one_line_error(res, str(tmp_path), "neither a prediction folder")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
+    res = runner.invoke(main, ["plot", str(pred_dir), str(pred_dir), "--out", str(tmp_path / "two.png")])
+    assert_one_line_error(res, "is one figure")
     res = runner.invoke(main, ["plot", str(pred_dir), "--out", str(tmp_path / "mine")])
     assert_one_line_error(res, "does not hold an hgc figure folder")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
@@ -150,12 +153,16 @@ def test_summary_over_seeds(her2st_predictions, tmp_path):
     """Two prediction folders are two seeds: each slide's PCC is kept per seed; the figure draws."""
     second = tmp_path / "seed1"
     shutil.copytree(her2st_predictions, second)
+    other = anndata.read_h5ad(second / "knn" / "B4.h5ad")  # another seed: other predictions
+    other.X = other.X + np.random.default_rng(3).normal(0, 0.3, other.X.shape).astype(np.float32)
+    other.write_h5ad(second / "knn" / "B4.h5ad")
     scores = read_scores([her2st_predictions, second])
     assert scores.protocol == "patient-kfold" and scores.slides == ["B4", "C2", "C3", "C4", "C5", "C6"]
     assert scores.methods == ["ridge", "knn", "mean"]
-    p = read_prediction(her2st_predictions / "knn" / "B4.h5ad")
-    for seed in scores.pcc["knn"]["B4"]:
+    for seed, folder in zip(scores.pcc["knn"]["B4"], [her2st_predictions, second]):
+        p = read_prediction(folder / "knn" / "B4.h5ad")
         np.testing.assert_allclose(seed, pearson_per_gene(p.observed, p.predicted))
+    assert np.nanmean(scores.pcc["knn"]["B4"][0]) > np.nanmean(scores.pcc["knn"]["B4"][1])  # noise costs PCC
     assert np.isnan(scores.pcc["mean"]["C3"][0]).all()  # a constant prediction has no PCC
     files = plot_run([her2st_predictions, second], tmp_path / "figs", method="ridge", slides=["C2"], dpi=40)
     summary = np.asarray(Image.open(files[-1]).convert("RGB"))

@@ -33,11 +33,15 @@ def register(main: click.Group) -> None:
         seeds given) and constant genes. For one .h5ad file, or one --slide of a folder with OUT a
         .png/.pdf/.svg/.jpg file, OUT is that slide's figure.
         """
+        from ..errors import InputError
         from ..plot import plot_prediction, plot_run
+        from ..plot.maps import figure_formats
 
         names = [g.strip() for g in genes.split(",") if g.strip()]
-        one_figure = Path(out).suffix.lower() in (".png", ".pdf", ".svg", ".jpg", ".jpeg")
-        if len(sources) == 1 and (Path(sources[0]).is_file() or (one_figure and len(slides) <= 1)):
+        one_figure = Path(out).suffix.lstrip(".").lower() in figure_formats()
+        if one_figure and (len(sources) > 1 or len(slides) > 1):
+            raise InputError(f"--out {out} is one figure; give a folder to draw several slides or seeds")
+        if len(sources) == 1 and (Path(sources[0]).is_file() or one_figure):
             path = plot_prediction(sources[0], names, out, slide=slides[0] if slides else None, method=method,
                                    best=best, worst=worst, underlay=not no_image, dpi=dpi)
             click.echo(f"wrote {path}")

@@ -14,6 +14,7 @@ A region map names the tissue region of each annotation value, e.g. her2st's
 from __future__ import annotations
 
 import gzip
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from .slide import label_strings
 
 _GENE_COLUMNS = ("gene", "symbol", "name", "gene_symbol")
 _WEIGHT_COLUMNS = ("weight", "score", "coefficient")
@@ -42,14 +44,14 @@ class GeneSet:
         return self.weights is not None
 
 
-def _open_text(path: Path) -> str:
+def _open_text(path: Path, what: str = "gene-set file") -> str:
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rt", encoding="utf-8") as fh:
                 return fh.read()
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise InputError(f"cannot read gene-set file {path}: {exc}") from None
+        raise InputError(f"cannot read {what} {path}: {exc}") from None
 
 
 def _read_gmt(path: Path) -> list[GeneSet]:
@@ -68,12 +70,27 @@ def _read_gmt(path: Path) -> list[GeneSet]:
     return sets
 
 
+def _is_header(row: list[str]) -> bool:
+    """Whether a gene table's first row names its columns (else it is the first gene): an empty or
+    known first cell, or, with a second column, a cell there that is not a weight."""
+    if not row[0] or row[0].lower() in _GENE_COLUMNS:
+        return True
+    if len(row) > 1:
+        return pd.to_numeric(pd.Series([row[1]]), errors="coerce").isna().all() and row[1] != ""
+    return False
+
+
 def _read_table(path: Path) -> GeneSet:
     stem = re.sub(r"\.(tsv|csv|txt)$", "", path.name.removesuffix(".gz"), flags=re.IGNORECASE)
+    lines = _open_text(path).splitlines()
+    sep = "\t" if lines and "\t" in lines[0] else ","  # a one-column list has neither: any separator reads it
     try:
-        table = pd.read_csv(path, sep=None, engine="python", dtype=str)
-    except (OSError, ValueError, UnicodeDecodeError, EOFError) as exc:
+        table = pd.read_csv(io.StringIO("\n".join(lines)), sep=sep, dtype=str, header=None, skip_blank_lines=True)
+    except (ValueError, pd.errors.EmptyDataError) as exc:
         raise InputError(f"cannot read gene-set file {path}: {exc}") from None
+    first = [str(v).strip() if isinstance(v, str) else "" for v in table.iloc[0]] if len(table) else []
+    if first and _is_header(first):
+        table = table.iloc[1:].set_axis(first, axis=1)
     if table.empty:
         raise InputError(f"gene-set file {path} holds no gene")
     lower = {str(c).strip().lower(): c for c in table.columns}
@@ -135,18 +152,20 @@ def _read_prose_table(path: Path) -> pd.DataFrame:
     over belong to the last column."""
     import csv
 
-    text = _open_text(path).splitlines()
+    text = _open_text(path, "region map").splitlines()
     if not text:
         raise InputError(f"region map {path} is empty")
     delimiter = "\t" if "\t" in text[0] else ","
     rows = list(csv.reader(text, delimiter=delimiter))
     header = [h.strip() for h in rows[0]]
+    # fields merge only into the region and free-text columns, never into the key or patient
+    first_text = min((i for i, h in enumerate(header) if h.lower() in _REGION_COLUMNS), default=len(header) - 1)
     records = []
     for line_no, row in enumerate(rows[1:], 2):
         if len(row) > len(header):
             merged: list[str] = []
             for i, f in enumerate(row):  # merge while the row would still be too long without it
-                if merged and f[:1].isspace() and len(merged) + len(row) - i > len(header):
+                if len(merged) > first_text and f[:1].isspace() and len(merged) + len(row) - i > len(header):
                     merged[-1] += delimiter + f
                 else:
                     merged.append(f)
@@ -169,18 +188,20 @@ def read_region_map(path: str | Path, column: str) -> RegionMap:
         raise InputError(f"region map {path} does not exist")
     table = _read_prose_table(path)
     lower = {str(c).strip().lower(): c for c in table.columns}
-    key = next((lower[c] for c in (column.lower(), "cluster", "label", "value") if c in lower), None)
+    key_names = list(dict.fromkeys((column.lower(), "cluster", "label", "value")))
+    key = next((lower[c] for c in key_names if c in lower), None)
     name = next((lower[c] for c in _REGION_COLUMNS if c in lower), None)
     if key is None or name is None:
         raise InputError(
-            f"region map {path} needs a key column ('{column}', 'cluster', 'label' or 'value') and a region "
+            f"region map {path} needs a key column ({', '.join(map(repr, key_names))}) and a region "
             f"column ({', '.join(repr(c) for c in _REGION_COLUMNS)}); found {', '.join(map(str, table.columns))}"
         )
     patient = lower.get("patient")
+    keys = label_strings(table[key].str.strip())  # as spot labels are read: "01" and "1.0" are label 1
     names = {}
-    for row in table.itertuples(index=False):
+    for value, row in zip(keys, table.itertuples(index=False)):
         values = dict(zip(table.columns, row))
-        value, region = str(values[key]).strip(), str(values[name] or "").strip()
+        region = str(values[name] or "").strip()
         owner = str(values[patient]).strip() if patient is not None else ""
         if value and region and region.lower() != "nan":
             names[(owner, value)] = region

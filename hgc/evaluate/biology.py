@@ -15,6 +15,7 @@ ceiling a method is read against:
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,16 @@ from ..data.genesets import GeneSet, RegionMap, read_gene_set_files, read_region
 from ..errors import InputError
 from .metrics import constant_columns, nan_mean, pearson_per_gene
 
+log = logging.getLogger(__name__)
+
 #: Regions named like this are tumour for tumour separation (her2st names them "cancer 1", "cancer in situ" ...).
 TUMOUR_PATTERN = r"cancer|tumou?r|carcinoma|malignan|dcis|idc"
 #: Region names that say a spot has no region (left out of every region check).
 UNLABELLED = ("", "unknown", "unassigned", "unlabelled", "unlabeled", "na", "nan", "none")
 #: A region needs this many spots on a slide to enter region agreement (a mean of 1-2 spots is noise).
 MIN_REGION_SPOTS = 5
+#: Region agreement needs this many regions on a slide (over two, Spearman's rho is only +-1).
+MIN_REGIONS = 3
 #: A signature is scored only when at least this many of its genes are among the predicted genes.
 MIN_SIGNATURE_GENES = 3
 
@@ -55,8 +60,9 @@ class BiologySettings:
                    signatures: Sequence[str | Path] = (), tumour_pattern: str = TUMOUR_PATTERN,
                    genes: Sequence[str] = ()) -> "BiologySettings":
         """Settings from the files a user names (``hgc evaluate --annotations/--region-map/--signatures``)."""
-        if region_map is not None and annotation is None:
-            raise InputError("a region map names the values of an annotation column; name the column with --annotations")
+        if (region_map is not None or genes) and annotation is None:
+            what = "a region map names the values of" if region_map is not None else "--genes lists region means of"
+            raise InputError(f"{what} an annotation column; name the column with --annotations")
         try:
             re.compile(tumour_pattern)
         except re.error as exc:
@@ -115,7 +121,8 @@ def signature_scores(expression: np.ndarray, genes: Sequence[str], signature: Ge
     if signature.weighted:
         return x @ np.array([w for _, w in present]), len(present)
     std = x.std(axis=0)
-    z = np.divide(x - x.mean(axis=0), std, out=np.zeros_like(x), where=std > 0)
+    varies = ~constant_columns(x)[None, :]  # a gene constant but for round-off adds nothing, not unit variance
+    z = np.divide(x - x.mean(axis=0), std, out=np.zeros_like(x), where=varies & (std > 0))
     return z.mean(axis=1), len(present)
 
 
@@ -123,7 +130,7 @@ def _region_agreement(regions: np.ndarray, observed: np.ndarray, predicted: np.n
                       genes: Sequence[str], listed: Sequence[str]) -> dict[str, Any] | None:
     names, counts = np.unique(regions[regions != ""], return_counts=True)
     names = names[counts >= MIN_REGION_SPOTS]
-    if len(names) < 2:
+    if len(names) < MIN_REGIONS:
         return None
     member = regions[None, :] == names[:, None]  # (R, n)
     weight = member / member.sum(axis=1, keepdims=True)
@@ -150,6 +157,9 @@ def slide_biology(settings: BiologySettings, *, observed: np.ndarray, predicted:
         labels = pd.Series(labels, dtype=object).fillna("").astype(str).to_numpy(dtype=object)
         regions = settings.region_map.regions(labels, patient) if settings.region_map else labels
         regions = np.where(np.isin(np.char.lower(regions.astype(str)), UNLABELLED), "", regions).astype(object)
+        if settings.region_map is not None and not (regions != "").any() and (labels != "").any():
+            log.warning("patient %s: region map %s names none of the labels %s; no region checks for this slide",
+                        patient, settings.region_map.source, sorted(set(labels) - {""})[:8])
         out["region_agreement"] = _region_agreement(regions, observed, predicted, genes, settings.genes)
     tumour = None
     if regions is not None:
@@ -165,7 +175,6 @@ def slide_biology(settings: BiologySettings, *, observed: np.ndarray, predicted:
         if n_used >= MIN_SIGNATURE_GENES:
             row["pcc"] = float(pearson_per_gene(obs_score[:, None], pred_score[:, None])[0])
             if tumour is not None:
-                named = regions != ""
                 row["auroc"] = auroc(pred_score[named], tumour[named])
         scores[s.name] = row
     if scores:
@@ -183,8 +192,9 @@ def summarise_biology(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if agreements:
         out["rank_agreement"] = mean_of(agreements)
     names = {n for r in rows for n in r.get("signatures", {})}
+    out["signatures"] = {}
     for name in sorted(names):
         entries = [r["signatures"][name] for r in rows if name in r.get("signatures", {})]
-        out[name] = {k: mean_of(e.get(k) for e in entries)
-                     for k in ("pcc", "auroc") if any(k in e for e in entries)}
+        out["signatures"][name] = {k: mean_of(e.get(k) for e in entries)
+                                   for k in ("pcc", "auroc") if any(k in e for e in entries)}
     return out

@@ -51,7 +51,7 @@ class SpotLabels:
 
     def __init__(self, column: str, manifest=None) -> None:
         self.column, self.manifest = column, manifest
-        self._read: dict[str, np.ndarray] = {}
+        self._read: dict[str, pd.Series] = {}
 
     def __call__(self, p: Prediction, path: Path) -> np.ndarray:
         if self.column in p.obs:
@@ -61,13 +61,14 @@ class SpotLabels:
                      else f"manifest {self.manifest.path} has no slide '{p.slide}'")
             raise InputError(f"prediction file {path} has no per-spot column '{self.column}' "
                              f"(it has {sorted(p.obs) or 'none'}); {where} to read the slide's annotation table")
-        if p.slide not in self._read:  # every method predicts the same spots: read each table once
-            annotations = self.manifest.annotations(p.slide, p.barcodes.astype(str))
-            if self.column not in annotations.columns:
+        if p.slide not in self._read:  # read each slide's table once, for every method
+            table = self.manifest.annotations(p.slide, p.barcodes.astype(str))
+            if self.column not in table.columns:
                 raise InputError(f"slide '{p.slide}' of manifest {self.manifest.path} has no annotation column "
-                                 f"'{self.column}' (its annotation table has {list(annotations.columns)})")
-            self._read[p.slide] = label_strings(annotations[self.column])
-        return self._read[p.slide]
+                                 f"'{self.column}' (its annotation table has {list(table.columns)})")
+            self._read[p.slide] = table[self.column]
+        column = self._read[p.slide]
+        return label_strings(column.reindex(pd.Index(p.barcodes.astype(str))))  # this file's spots, in its order
 
 
 def _biology_rows(settings: BiologySettings, labels: SpotLabels | None, p: Prediction, path: Path) -> dict[str, Any]:
@@ -187,10 +188,11 @@ def biology_table(report: dict[str, Any]) -> list[str]:
         head += [f"{n} PCC"] + ([f"{n} tumour AUROC"] if bio["annotation"] else [])
     rows = [("observed", bio["observed"]["mean"], True)]
     rows += [(m, r["biology"]["mean"], False) for m, r in report["methods"].items() if "biology" in r]
+    regions = (f"regions from annotation '{bio['annotation']}'"
+               + (f" named by {bio['region_map']}" if bio["region_map"] else "")
+               + f", tumour = regions matching /{bio['tumour_regions']}/; ") if bio["annotation"] else ""
     lines = [
-        f"Biology checks (mean over slides): regions from annotation '{bio['annotation']}'"
-        + (f" named by {bio['region_map']}" if bio["region_map"] else "")
-        + f", tumour = regions matching /{bio['tumour_regions']}/; signature scores: {bio['signature_score']}. "
+        f"Biology checks (mean over slides): {regions}signature scores: {bio['signature_score']}. "
         "Observed is the ceiling (its own PCC and rank agreement are 1 by definition).",
         "",
         "| " + " | ".join(head) + " |",
@@ -201,9 +203,10 @@ def biology_table(report: dict[str, Any]) -> list[str]:
         if bio["annotation"]:
             cells.append("—" if ceiling else _fmt(mean.get("rank_agreement")))
         for n in names:
-            cells.append("—" if ceiling else _fmt(mean.get(n, {}).get("pcc")))
+            sig = mean["signatures"].get(n, {})
+            cells.append("—" if ceiling else _fmt(sig.get("pcc")))
             if bio["annotation"]:
-                cells.append(_fmt(mean.get(n, {}).get("auroc")))
+                cells.append(_fmt(sig.get("auroc")))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -224,8 +227,9 @@ def write_report(pred_dir: str | Path, report: dict[str, Any] | None = None,
         for name, m in report["methods"].items():
             for row in m["per_slide"]:
                 writer.writerow({"method": name, **row})
-        write_text(pred_dir / "metrics.json", json.dumps(json_safe(report), indent=2) + "\n")
-        write_text(pred_dir / "metrics.csv", table.getvalue())
-        write_text(pred_dir / "metrics.md", markdown_table(report))
+        texts = {"metrics.json": json.dumps(json_safe(report), indent=2) + "\n", "metrics.csv": table.getvalue(),
+                 "metrics.md": markdown_table(report)}  # all made before any is written
+        for name, text in texts.items():
+            write_text(pred_dir / name, text)
     log.info("wrote metrics.json, metrics.csv and metrics.md to %s", pred_dir)
     return report

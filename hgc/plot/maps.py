@@ -172,12 +172,17 @@ def draw_spots(ax, coords: np.ndarray, values: np.ndarray, diameter: float, norm
     return spots
 
 
-def check_figure_path(out: Path) -> str:
-    """The format of figure ``out`` (its extension), refused if matplotlib cannot write it."""
+def figure_formats() -> dict[str, str]:
+    """File extensions matplotlib can write, with their names."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    return FigureCanvasAgg(Figure()).get_supported_filetypes()
+
+
+def check_figure_path(out: Path) -> str:
+    """The format of figure ``out`` (its extension), refused if matplotlib cannot write it."""
+    formats = figure_formats()
     fmt = out.suffix.lstrip(".").lower()
     if fmt not in formats:
         raise InputError(f"cannot write a figure as {out}: its extension is not one of {', '.join(sorted(formats))}")

@@ -47,6 +47,7 @@ def read_scores(folders: Sequence[str | Path]) -> RunScores:
     from ..evaluate.predictions import open_predictions, read_prediction
 
     scores: RunScores | None = None
+    genes: list[str] | None = None
     for folder in folders:
         for method, files in open_predictions(folder).files.items():
             for slide, path in sorted(files.items()):
@@ -58,6 +59,11 @@ def read_scores(folders: Sequence[str | Path]) -> RunScores:
                 elif (p.protocol, p.space) != (scores.protocol, scores.space):
                     raise InputError(f"{path} is a {p.protocol} prediction in {p.space}, others are {scores.protocol} "
                                      f"in {scores.space}: a summary compares seeds of one run")
+                if genes is None:
+                    genes = [str(g) for g in p.genes]
+                elif [str(g) for g in p.genes] != genes:
+                    raise InputError(f"{path} predicts other genes ({len(p.genes)}) than the first file read "
+                                     f"({len(genes)}): a summary compares seeds of one run")
                 scores.pcc.setdefault(method, {}).setdefault(slide, []).append(pearson_per_gene(p.observed, p.predicted))
     if scores is None:
         raise InputError(f"no prediction in {', '.join(map(str, folders))} has observed expression to score")
@@ -88,7 +94,7 @@ def plot_summary(folders: Sequence[str | Path], out: str | Path, *, dpi: int = 1
     n_seeds = max(len(v) for by_slide in scores.pcc.values() for v in by_slide.values())
     colours = {m: METHOD_COLOURS[i % len(METHOD_COLOURS)] for i, m in enumerate(methods)}
 
-    fig = Figure(figsize=(4.0 + 0.9 * len(slides) * 2, 3.6), dpi=dpi, layout="constrained")
+    fig = Figure(figsize=(min(4.0 + 1.8 * len(slides), 24.0), 3.6), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     ax_genes, ax_slides, ax_const = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, max(len(slides), 2) * 0.5, 1.4]})
 
@@ -116,7 +122,7 @@ def plot_summary(folders: Sequence[str | Path], out: str | Path, *, dpi: int = 1
         per_seed = [[nan_mean(r) for r in scores.pcc[m].get(s, [])] for s in slides]
         mean = np.array([nan_mean(v) if v else np.nan for v in per_seed])
         std = np.array([np.nanstd(v) if len(v) > 1 else 0.0 for v in per_seed])
-        ax_slides.bar(x + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(mean), width,
+        ax_slides.bar(x + (i - (len(methods) - 1) / 2) * width, mean, width,  # NaN (no PCC): no bar
                       yerr=std if n_seeds > 1 else None, color=colours[m], label=m, capsize=2)
     ax_slides.set_xticks(x, slides, fontsize=8)
     ax_slides.axhline(0, color="grey", lw=0.6)

@@ -230,4 +230,8 @@ def annotation_table(path: Path, slide_id: str, barcodes: np.ndarray) -> pd.Data
     keep = [c for c in table.columns if c not in ("x", "y", "pixel_x", "pixel_y", "warped_x", "warped_y", "Unnamed: 0")]
     table = table[keep].set_index(pd.Index(ids, name="barcode"))
     table = table[~table.index.duplicated()]
-    return table.reindex(pd.Index(barcodes, name="barcode"))
+    table = table.reindex(pd.Index(barcodes, name="barcode"))
+    if not table.notna().any(axis=1).any():
+        raise InputError(f"slide '{slide_id}': no spot of annotation table {path} is a spot of the slide "
+                         f"(its x, y should be array positions like '{barcodes[0]}')")
+    return table
