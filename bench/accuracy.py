@@ -193,9 +193,13 @@ def combine_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One record from records of the same run made for different seeds (e.g. in parallel)."""
     from hgc.evaluate.report import json_safe
 
+    def setting(record: dict[str, Any], key: str) -> Any:
+        value = record.get(key)  # an option recorded as None is the option left unset, as in older records
+        return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
     first = records[0]
     for r in records[1:]:
-        differ = [k for k in SAME_RUN if r.get(k) != first.get(k)]
+        differ = [k for k in SAME_RUN if setting(r, k) != setting(first, k)]
         if differ:
             raise SystemExit(f"records differ in {differ}; only seeds of one run can be combined")
     seeds = [s for r in records for s in r["seeds"]]
