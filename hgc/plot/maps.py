@@ -58,13 +58,24 @@ class PlotInput:
         return 0.5 * spot_pitch(self.coords)
 
 
+def prediction_folder(source: str | Path) -> Path:
+    """The prediction folder ``source`` is, or holds as ``predictions/`` (a run folder)."""
+    from ..evaluate.predictions import RECORD as PREDICTIONS
+
+    source = Path(source)
+    for folder in (source, source / "predictions"):
+        if (folder / PREDICTIONS).is_file():
+            return folder
+    raise InputError(f"{source} is neither a prediction folder (with {PREDICTIONS}) nor a run folder with "
+                     "predictions/; run `hgc predict` or `hgc run` first")
+
+
 def find_prediction(source: str | Path, slide: str | None = None, method: str = "hgc") -> Path:
     """The prediction file itself, or the file of ``method`` and ``slide`` in a prediction or run folder.
 
     ``slide`` may be omitted when the method's predictions cover exactly one slide.
     """
     from ..evaluate.predictions import open_predictions
-    from .run import prediction_folder
 
     source = Path(source)
     if source.is_file():

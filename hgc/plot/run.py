@@ -21,18 +21,6 @@ RECORD = "figures.json"
 FORMAT = "hgc-figures"
 
 
-def prediction_folder(source: str | Path) -> Path:
-    """The prediction folder ``source`` is, or holds as ``predictions/`` (a run folder)."""
-    from ..evaluate.predictions import RECORD as PREDICTIONS
-
-    source = Path(source)
-    for folder in (source, source / "predictions"):
-        if (folder / PREDICTIONS).is_file():
-            return folder
-    raise InputError(f"{source} is neither a prediction folder (with {PREDICTIONS}) nor a run folder with "
-                     "predictions/; run `hgc predict` or `hgc run` first")
-
-
 def _ours(folder: Path) -> bool:
     try:
         return json.loads((folder / RECORD).read_text()).get("format") == FORMAT
@@ -62,7 +50,7 @@ def plot_run(
     from .._outputs import atomic_dir, check_replaceable_folder, command_line, output_lock, safe_name, write_text
     from .._progress import progress
     from ..evaluate.predictions import open_predictions
-    from .maps import check_figure_path, choose_genes, draw_slide, read_plot_input
+    from .maps import check_figure_path, choose_genes, draw_slide, prediction_folder, read_plot_input
     from .summary import plot_summary
 
     if not sources:
