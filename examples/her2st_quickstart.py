@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from hgc.data import data_root
+from hgc.data import data_root, read_manifest
 from hgc.evaluate.biology import BiologySettings
 from hgc.evaluate.report import markdown_table, write_report
 from hgc.plot import plot_run
@@ -40,8 +40,6 @@ def main(argv: list[str] | None = None) -> None:
     biology = BiologySettings.from_files(
         "label", res / "ST-cluster" / "motivation.csv",
         [res / "TLS-pred" / "tls-signature.tsv.gz", EXAMPLES / "her2st-markers.gmt"])
-    from hgc.data import read_manifest
-
     report = write_report(args.out / "predictions", biology=biology, manifest=read_manifest(manifest))
     print(markdown_table(report))
     figures = plot_run([args.out], args.out / "figures")
