@@ -45,7 +45,7 @@ HER2ST_RES = $(HGC_DATA)/her2st/res
 demo: .venv-dgl/.installed
 	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc data inspect examples/her2st.tsv
 	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc run examples/her2st.tsv --protocol patient-kfold \
-		--genes hist2st-her2st --encoder effnet-lite1 --out runs/her2st
+		--genes hist2st-her2st --out runs/her2st
 	HGC_DATA=$(HGC_DATA) .venv-dgl/bin/hgc evaluate runs/her2st/predictions --manifest examples/her2st.tsv \
 		--annotations label --region-map $(HER2ST_RES)/ST-cluster/motivation.csv \
 		--signatures $(HER2ST_RES)/TLS-pred/tls-signature.tsv.gz --signatures examples/her2st-markers.gmt

@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python bench/lowres.py --dataset her2st --test B4 --validation C3 --factor 4.6 --settings native,coarse \\
-        --out bench/results/accuracy-her2st-lowres-effnet-lite1.json
+        --out bench/results/accuracy-her2st-lowres-effnet-lite1-stages.json
 
 A copy of the test slide (and of a validation slide) is downscaled ``factor`` times and written as
 a PNG whose spot positions map to it by ``coord_scale`` in the manifest, with its microns per
@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
+from hgc.embed.registry import DEFAULT_ENCODER  # noqa: E402
 from machine import REPO, describe, shared_data_root  # noqa: E402
 
 log = logging.getLogger("bench.lowres")
@@ -146,7 +147,7 @@ class Params:
     genes: str
     factor: float = 4.6
     settings: Sequence[str] = SETTINGS
-    encoder: str = "effnet-lite1"
+    encoder: str = DEFAULT_ENCODER
     seeds: Sequence[int] = (0, 1, 2)
     epochs: int = 200
     work_dir: Path = REPO / "runs" / "lowres"
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--validation", default="C3", help="Slide of another patient than --test, for the choice.")
     a.add_argument("--factor", type=float, default=4.6, help="Downscaling factor of the copies.")
     a.add_argument("--settings", default=",".join(SETTINGS), help=f"Comma-separated of {', '.join(SETTINGS)}.")
-    a.add_argument("--encoder", default="effnet-lite1")
+    a.add_argument("--encoder", default=DEFAULT_ENCODER)
     a.add_argument("--seeds", default="0,1,2")
     a.add_argument("--epochs", type=int, default=200)
     a.add_argument("--data-root", type=Path, default=None, help="Default: $HGC_DATA, else ../shared/data.")

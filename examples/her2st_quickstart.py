@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from hgc.data import data_root, read_manifest
+from hgc.embed.registry import DEFAULT_ENCODER
 from hgc.evaluate.biology import BiologySettings
 from hgc.evaluate.report import markdown_table, write_report
 from hgc.plot import plot_run
@@ -25,7 +26,7 @@ EXAMPLES = Path(__file__).resolve().parent
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="Run folder.")
-    parser.add_argument("--encoder", default="effnet-lite1", help="Image encoder (offline default).")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="Image encoder (offline default).")
     parser.add_argument("--epochs", type=int, default=200, help="Most epochs per fold (early stopping ends sooner).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -12,6 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from hgc.embed.registry import DEFAULT_ENCODER
 from hgc.plot import plot_run
 from hgc.train.apply import predict_slides
 from hgc.train.config import FitConfig
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/image-only"), help="Output folder.")
     parser.add_argument("--model", type=Path, default=None, help="An existing model bundle (skips training).")
-    parser.add_argument("--encoder", default="effnet-lite1", help="Image encoder for training.")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="Image encoder for training.")
     parser.add_argument("--epochs", type=int, default=200, help="Most training epochs.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
