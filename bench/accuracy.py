@@ -54,6 +54,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-masked-supervision": {"model": {"supervise": "clean"}},
     "full-rank-head": {"model": {"gene_rank": None}},  # the head before hgc 0.2 made it low-rank (rank 10)
     "ensemble-3": {"ensemble": 3},  # not a part taken out: three seeds per fold, averaged
+    # graph options (the key ``graph``): ``refer``/``close`` neighbours by cosine similarity (SpaHGC's
+    # paper) instead of L1 distance (its code, hgc's default)
+    "cosine": {"graph": {"metric": "cosine"}},
 }
 
 
@@ -138,14 +141,16 @@ def run(
     reports: dict[int, dict[str, Any]] = {}
     runs = []
     given = {"patience": patience} if patience != "preset" else {}
+    change = dict(ABLATIONS[ablation]) if ablation else {}
+    graph_options = change.pop("graph", {})
     fit = FitConfig.from_preset(preset, backend=backend, device=device, epochs=epochs, progress=False, **given,
-                                **merge_overrides(fit_overrides or {}, ABLATIONS[ablation] if ablation else {}))
+                                **merge_overrides(fit_overrides or {}, change))
     for seed in seeds:
         t_seed = time.perf_counter()
         cfg = replace(fit, seed=seed)
         log.info("seed %d: hgc run %s (%s, %s, %s) in %s", seed, manifest, protocol, genes, encoder, work_dir)
         reports[seed] = run_pipeline(manifest, protocol, genes, encoder, work_dir, fit_config=cfg, device=device,
-                                     data_root=data_root, progress=False)
+                                     data_root=data_root, progress=False, graph_options=graph_options)
         runs.append({"seed": seed, "wall_s": round(time.perf_counter() - t_seed, 2)})
     first = next(iter(reports.values()))
     methods = combine(reports)
@@ -170,6 +175,7 @@ def run(
         "torch_threads": torch.get_num_threads(),
         "seeds": list(seeds),
         "fit": fit_record,
+        "graph_options": graph_options,
         "space": first["space"],
         "n_top_genes": first.get("n_top_genes"),
         "constant_genes": first.get("constant_genes"),
@@ -186,7 +192,7 @@ def run(
 
 #: What records merged by ``--combine`` must share (seeds and timings may differ).
 SAME_RUN = ("kind", "mode", "ablation", "preset", "dataset", "manifest", "protocol", "genes", "encoder", "backend",
-            "fit")
+            "fit", "graph_options")
 
 
 def combine_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -194,8 +200,10 @@ def combine_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     from hgc.evaluate.report import json_safe
 
     def setting(record: dict[str, Any], key: str) -> Any:
-        value = record.get(key)  # an option recorded as None is the option left unset, as in older records
-        return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+        value = record.get(key)  # an option recorded as None (or no options) is the option left unset, as in
+        if isinstance(value, dict):  # older records
+            return {k: v for k, v in value.items() if v is not None} or None
+        return value
 
     first = records[0]
     for r in records[1:]:

@@ -32,7 +32,7 @@ def _time(fn: Callable[[], object], repeats: int, max_seconds: float) -> tuple[f
     t0 = time.perf_counter()
     result = fn()
     first = time.perf_counter() - t0
-    if first > max_seconds:
+    if first > max_seconds or repeats < 1:
         return first, 0, result
     times = []
     for _ in range(repeats):

@@ -234,7 +234,8 @@ def ablation_markdown(full: dict[str, Any], ablations: list[dict[str, Any]]) -> 
                f"supervised terms on the unmasked graph (as at inference); `full-rank-head`: the head's "
                f"output in every gene's direction, not in the span of the training expression's 10 leading "
                f"principal axes (hgc's default head); `ensemble-3`: three models per fold (successive seeds), "
-               f"their mean predicted.")
+               f"their mean predicted; `cosine`: graphs whose `refer` and `close` neighbours are found by "
+               f"cosine similarity instead of L1 distance.")
     return "\n".join([caption, "", *table(head, rows)]) + "\n"
 
 
@@ -433,7 +434,7 @@ def generated(records: list[dict[str, Any]]) -> str:
     if resolution:
         out += ["## Resolution robustness: a coarser scan of a slide", ""] + [resolution_markdown(r) for r in resolution]
     out += ["## Throughput", ""]
-    for set_name in ("cpu", "gpu"):
+    for set_name in dict.fromkeys(["cpu", "gpu", *(r.get("set") for r in thr)]):  # cpu and gpu always shown
         runs = [r for r in thr if r.get("set") == set_name]
         out += [f"### {set_name.upper()}", ""]
         if not runs:

@@ -5,12 +5,14 @@ Usage (from the repository root)::
 
     python bench/throughput.py --set cpu --out bench/results/throughput-cpu.json
     python bench/throughput.py --set gpu --out OUTDIR/throughput-gpu.json      # what bench/gpu.sh runs
+    python bench/throughput.py --set ivf --stages search --out bench/results/throughput-ivf.json
 
 The stages are measured by ``bench/embed_throughput.py``, ``bench/graph_throughput.py`` and
 ``bench/train_throughput.py``; this script fixes the sizes of each *set* (``cpu``: minutes on 2
-cores; ``gpu``: under 8 minutes on one GPU), runs them, and writes one record with the machine
-described (:mod:`machine`). A stage that fails or cannot run here (a missing package, no data)
-is recorded with its reason and the others still run, so one GPU session always yields a file.
+cores; ``gpu``: under 8 minutes on one GPU; ``ivf``: approximate search at 100k and 1M
+references), runs them, and writes one record with the machine described (:mod:`machine`). A
+stage that fails or cannot run here (a missing package, no data) is recorded with its reason and
+the others still run, so one GPU session always yields a file.
 """
 from __future__ import annotations
 
@@ -74,6 +76,17 @@ SETS: dict[str, BenchSet] = {
         her2st=True,
         synthetic={"spots": (1_000, 2_000, 5_000, 10_000, 20_000, 50_000), "device": "cpu", "max_seconds": 60.0},
         budget_s={"train": 300.0},
+    ),
+    # IVF at pool sizes of many slides (HEST-1k: ~2M spots): time and recall@7 against exact faiss on
+    # the same 1,000 queries; each case runs once (k-means and exact L1 at 1M take minutes on a CPU)
+    "ivf": BenchSet(
+        name="ivf",
+        device="cpu",
+        embed={},
+        search=[{"sizes": ((100_000, 1_000), (1_000_000, 1_000)), "devices": ("cpu",), "exclude": ("torch",)}],
+        train={},
+        her2st=False,
+        repeats=0,
     ),
     "gpu": BenchSet(
         name="gpu",

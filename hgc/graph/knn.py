@@ -5,8 +5,11 @@ One entry point, :func:`search`, with interchangeable backends that return the s
 - ``faiss``: exact flat indices (``IndexFlat`` with ``METRIC_L1`` / ``METRIC_L2`` /
   ``METRIC_INNER_PRODUCT`` on L2-normalised vectors for cosine), on GPU when the installed faiss
   has GPU support and ``device`` is CUDA;
-- ``faiss-ivf``: an approximate inverted-file index for pools of millions of spots; measure its
-  recall against exact search with :func:`recall_at_k` before trusting it;
+- ``faiss-ivf``: an approximate inverted-file index for pools of millions of spots. Each search
+  checks itself: a sample of its queries is also searched exactly, and the number of lists
+  scanned (``nprobe``) is doubled until the sample's recall@k reaches :data:`IVF_TARGET_RECALL`
+  (or every list is scanned); the recall reached is logged. :func:`recall_at_k` measures it
+  against exact search on any set of queries;
 - ``torch``: exact, chunked over queries and references so memory stays bounded, CPU or CUDA.
   It is the reference implementation and the fallback when faiss is not installed;
 - ``auto``: faiss when importable (and, for a CUDA ``device``, built with GPU support), else torch.
@@ -54,6 +57,14 @@ _EXTRA_CANDIDATES = 8
 _MAX_CANDIDATES = 1024
 #: float64 elements per block of exact re-scoring (32 MiB).
 _RESCORE_BLOCK = 1 << 22
+#: ``faiss-ivf``: the recall@k each search reaches on its sample of queries searched exactly too.
+IVF_TARGET_RECALL = 0.95
+#: ``faiss-ivf``: lists scanned per query at first (doubled until the sample's recall is reached).
+IVF_FIRST_NPROBE = 16
+#: ``faiss-ivf``: queries per search that are also searched exactly, to measure the recall.
+_IVF_CHECK_QUERIES = 128
+#: ``faiss-ivf``: k-means training points per list (faiss warns under 39).
+_IVF_TRAIN_PER_LIST = 64
 
 
 def search(
@@ -66,12 +77,14 @@ def search(
     chunk_size: int = 1024,
     ref_chunk_size: int = 16384,
     nlist: int | None = None,
-    nprobe: int = 16,
+    nprobe: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest ``refs`` of each query row: (indices (q, k) int64, scores (q, k) float32).
 
     ``chunk_size`` x ``ref_chunk_size`` bounds the torch backend's score matrix (64 MiB by
-    default). ``nlist`` / ``nprobe`` configure ``faiss-ivf`` (defaults: about 4 sqrt(pool) lists).
+    default). ``nlist`` / ``nprobe`` configure ``faiss-ivf``: about sqrt(pool) lists by default,
+    and ``nprobe`` None scans as many as the target recall needs (a number fixes it; the recall
+    reached is logged either way).
     """
     if metric not in METRICS:
         raise InputError(f"unknown similarity metric '{metric}'; expected one of {list(METRICS)}")
@@ -91,15 +104,13 @@ def search(
         idx, key = np.zeros((0, kk), np.int64), np.zeros((0, kk), np.float64)
     else:
         backend = resolve_backend(backend, device)
-        if backend == "faiss-ivf":  # approximate by design: its candidates are ranked, not completed
-            m = min(r.shape[0], max(4 * kk, 32))
-            cand, _ = _faiss_candidates(q, r, m, metric, device, True, nlist, nprobe)
-            idx, key = rank_candidates(q, r, cand, kk, metric)
+        if backend == "faiss-ivf":
+            idx, key = _ivf_search(q, r, kk, metric, device, nlist, nprobe)
         else:
             def candidates(rows: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
                 if backend == "torch":
                     return _torch_candidates(q[rows], r, m, metric, device, chunk_size, ref_chunk_size)
-                return _faiss_candidates(q[rows], r, m, metric, device, False, nlist, nprobe)
+                return _faiss_candidates(q[rows], r, m, metric, device)
 
             idx, key = _exact_search(q, r, kk, metric, candidates)
     return _finish(idx, key, k, metric)
@@ -357,33 +368,87 @@ def _torch_candidates(q, r, m, metric, device, chunk_size, ref_chunk_size):
 
 # --- faiss ----------------------------------------------------------------------------------
 
-def _faiss_index(faiss, r: np.ndarray, metric: str, ivf: bool, nlist: int | None, nprobe: int):
-    d = r.shape[1]
-    mt = {"l1": faiss.METRIC_L1, "l2": faiss.METRIC_L2, "cosine": faiss.METRIC_INNER_PRODUCT}[metric]
-    if not ivf:
-        return faiss.IndexFlat(d, mt)
-    # faiss IVF scans only L2 / inner product (L1 aborts the process); l1 is served by L2
+def _faiss_metric(faiss, metric: str, ivf: bool):
+    if metric == "cosine":
+        return faiss.METRIC_INNER_PRODUCT
+    # faiss IVF scans only L2 / inner product (L1 aborts the process): l1 is served by L2
     # candidates, which the ranking rule then scores exactly.
-    mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-    m = r.shape[0]
-    nlist = nlist or max(1, min(int(4 * math.sqrt(m)), m // 39))
-    index = faiss.IndexIVFFlat(faiss.IndexFlat(d, mt), d, nlist, mt)  # wrapper keeps the quantizer alive
-    sample = r if m <= 256 * nlist else r[np.sort(np.random.default_rng(0).choice(m, 256 * nlist, replace=False))]
-    index.cp.seed = 0
-    index.train(sample)
-    index.nprobe = min(nprobe, nlist)
+    return faiss.METRIC_L2 if ivf or metric == "l2" else faiss.METRIC_L1
+
+
+def _on_device(faiss, index, device: str):
+    """``index`` moved to the CUDA ``device`` when faiss has GPU support, else itself."""
+    if str(device).startswith("cuda") and hasattr(faiss, "StandardGpuResources"):
+        dev_id = int(str(device).partition(":")[2] or 0)
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), dev_id, index)
     return index
 
 
-def _faiss_candidates(q, r, m, metric, device, ivf, nlist, nprobe):
-    """faiss's ``m`` best references of each query: (indices, the largest float32 key kept)."""
-    faiss = require("faiss", "similarity search with the faiss backend")
-    index = _faiss_index(faiss, r, metric, ivf, nlist, nprobe)
-    if str(device).startswith("cuda") and hasattr(faiss, "StandardGpuResources"):
-        dev_id = int(str(device).partition(":")[2] or 0)
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), dev_id, index)
-    index.add(r)
-    dist, idx = index.search(q, m)
+def _keys(dist: np.ndarray, idx: np.ndarray, metric: str) -> np.ndarray:
+    """faiss's float32 scores as keys (smaller is better); missing results are ``-inf``."""
     key = (-dist if metric == "cosine" else dist).astype(np.float64)
     key[idx < 0] = -np.inf
-    return idx.astype(np.int64), key.max(axis=1)
+    return key
+
+
+def _flat_index(faiss, r: np.ndarray, metric: str):
+    """An exact (brute-force) index for ``r``'s dimension and ``metric``, still empty."""
+    return faiss.IndexFlat(r.shape[1], _faiss_metric(faiss, metric, False))
+
+
+def _faiss_candidates(q, r, m, metric, device):
+    """An exact flat index's ``m`` best references of each query: (indices, the largest float32 key kept)."""
+    faiss = require("faiss", "similarity search with the faiss backend")
+    index = _on_device(faiss, _flat_index(faiss, r, metric), device)
+    index.add(r)
+    dist, idx = index.search(q, m)
+    return idx.astype(np.int64), _keys(dist, idx, metric).max(axis=1)
+
+
+def _ivf_index(faiss, r: np.ndarray, metric: str, nlist: int | None):
+    """An inverted-file index over ``r``, trained (k-means, seeded) on a sample of 64 points per list.
+
+    The default of about sqrt(pool) lists keeps k-means affordable on a CPU (1M references: 1,000
+    lists trained on 64,000 points in about a minute on one core, where faiss's rule of thumb of
+    4 sqrt(pool) lists on all points would take hours); the recall check then sets how many lists
+    a query scans.
+    """
+    d, n = r.shape[1], r.shape[0]
+    mt = _faiss_metric(faiss, metric, True)
+    nlist = nlist or max(1, min(round(math.sqrt(n)), n // 39))
+    index = faiss.IndexIVFFlat(faiss.IndexFlat(d, mt), d, nlist, mt)  # wrapper keeps the quantizer alive
+    size = _IVF_TRAIN_PER_LIST * nlist
+    sample = r if n <= size else r[np.sort(np.random.default_rng(0).choice(n, size, replace=False))]
+    index.cp.seed = 0
+    index.train(sample)
+    return index
+
+
+def _ivf_search(q, r, k, metric, device, nlist, nprobe) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top ``k`` (ranking rule over IVF candidates) with ``nprobe`` set or found for the
+    target recall on a seeded sample of the queries, which is also searched exactly."""
+    faiss = require("faiss", "similarity search with the faiss backend")
+    ivf = _ivf_index(faiss, r, metric, nlist)
+    ivf.add(r)
+    index = _on_device(faiss, ivf, device)
+    m = min(r.shape[0], max(4 * k, 32))
+
+    def ranked(rows: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
+        faiss.extract_index_ivf(index).nprobe = probes
+        _, cand = index.search(q[rows], m)
+        return rank_candidates(q[rows], r, cand.astype(np.int64), k, metric)
+
+    sample = np.arange(len(q))
+    if len(q) > _IVF_CHECK_QUERIES:
+        sample = np.sort(np.random.default_rng(0).choice(len(q), _IVF_CHECK_QUERIES, replace=False))
+    exact, _ = _exact_search(q[sample], r, k, metric,
+                             lambda rows, mm: _faiss_candidates(q[sample][rows], r, mm, metric, device))
+    probes = min(ivf.nlist, nprobe or IVF_FIRST_NPROBE)
+    while True:
+        recall = recall_at_k(ranked(sample, probes)[0], exact)
+        if nprobe or recall >= IVF_TARGET_RECALL or probes >= ivf.nlist:
+            break
+        probes = min(ivf.nlist, 2 * probes)
+    log.info("knn: faiss-ivf over %d references, %d of %d lists scanned per query: recall@%d %.3f on %d "
+             "queries searched exactly too", r.shape[0], probes, ivf.nlist, k, recall, len(sample))
+    return ranked(np.arange(len(q)), probes)

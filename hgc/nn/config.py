@@ -21,6 +21,7 @@ ATTENTION_LOGITS = ("scaled", "leaky")
 INPUT_BLOCKS = ("linear", "mlp")
 EXPRESSION_INPUTS = ("raw", "embedded")
 HEADS = ("hgc", "published")
+SUPERVISE = ("view1", "clean")
 
 
 def check_backend(name: str) -> str:
@@ -28,7 +29,8 @@ def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise InputError(f"unknown graph backend '{name}'; expected one of {list(BACKENDS)}")
     return name
-SUPERVISE = ("view1", "clean")
+
+
 #: What a stored config that lacks an option meant: the behaviour before the option existed
 #: (hgc 0.1's model), so bundles written then rebuild the same network.
 BEFORE_OPTION: dict[str, Any] = {
