@@ -434,7 +434,7 @@ def _ivf_search(q, r, k, metric, device, nlist, nprobe) -> tuple[np.ndarray, np.
     m = min(r.shape[0], max(4 * k, 32))
 
     def ranked(rows: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
-        faiss.extract_index_ivf(index).nprobe = probes
+        index.nprobe = probes  # CPU and GPU IVF indices alike (faiss's IndexIVFInterface)
         _, cand = index.search(q[rows], m)
         return rank_candidates(q[rows], r, cand.astype(np.int64), k, metric)
 
