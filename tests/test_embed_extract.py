@@ -206,3 +206,63 @@ def test_tiled_wsi_is_embedded_tile_by_tile(tmp_path, her2st_manifest, monkeypat
     (_, wsi), (_, png) = read_embeddings(out, "WSI"), read_embeddings(out, "PNG")
     assert wsi.shape[0] == 25 and np.isfinite(wsi).all()
     np.testing.assert_array_equal(wsi, png)
+
+
+def test_context_fields_of_view_and_tta_are_cached_views_of_the_same_spots(tiny, tmp_path, caplog):
+    """--context 2 appends, to each spot's features, those of a patch twice as wide around it (the
+    same as embedding 2x wider patches); --tta 8 is the mean over the 8 dihedral views of each patch.
+    Both are recorded and part of the cache key; the default file is untouched by neither."""
+    from hgc.embed.patches import PatchBatches, PatchViews, crop_boxes, dihedral_views
+
+    manifest, weights = tiny
+    out = tmp_path / "e.h5"
+    embed_manifest(manifest, TINY, out, weights=weights, workers=0, patch_um=50.0, progress=False)
+    _, plain = read_embeddings(out, "S1")
+    embed_manifest(manifest, TINY, tmp_path / "wide.h5", weights=weights, workers=0, patch_um=100.0, progress=False)
+    _, wide = read_embeddings(tmp_path / "wide.h5", "S1")
+    with caplog.at_level(logging.INFO, logger="hgc"):
+        embed_manifest(manifest, TINY, out, weights=weights, workers=0, patch_um=50.0, views=PatchViews((2,)),
+                       progress=False)
+    assert caplog.text.count("patch_context differs (stored None, now [2.0])") == 2
+    _, context = read_embeddings(out, "S1")
+    d = plain.shape[1]
+    assert context.shape == (plain.shape[0], 2 * d)
+    np.testing.assert_array_equal(context[:, :d], plain)  # the spot's own field of view, as before
+    np.testing.assert_allclose(context[:, d:], wide, rtol=1e-5, atol=1e-6)
+    assert read_attrs(out)["S1"]["patch_context"].tolist() == [2.0]
+
+    embed_manifest(manifest, TINY, out, weights=weights, workers=0, patch_um=50.0, views=PatchViews(tta=8),
+                   progress=False)
+    attrs, (_, tta) = read_attrs(out)["S1"], read_embeddings(out, "S1")
+    assert attrs["patch_tta"] == 8 and "patch_context" not in attrs and tta.shape == plain.shape
+    slide, enc = read_manifest(manifest).load("S1"), load_encoder(TINY, weights)
+    spec = PatchSpec(out_px=enc.spec.input_px, um=50.0)
+    batch = PatchBatches(slide.image.pixels(), crop_boxes(slide, spec), spec.out_px, 64, enc.spec.mean, enc.spec.std)[0]
+    with torch.inference_mode():
+        by_view = enc.build()(dihedral_views(batch, 8)).view(8, len(batch), -1)
+    np.testing.assert_allclose(tta, by_view.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(by_view[0].numpy(), by_view[5].numpy())  # the views do differ
+    np.testing.assert_allclose(by_view[0].numpy(), plain, rtol=1e-5, atol=1e-6)  # the identity view, in a larger batch
+
+
+def test_dihedral_views_are_the_rotations_then_their_mirror_images():
+    from hgc.embed.patches import dihedral_views
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    views = dihedral_views(x, 8).view(8, 2, 3, 4, 4)
+    assert torch.equal(views[0], x) and torch.equal(views[1], torch.rot90(x, 1, (-2, -1)))
+    assert torch.equal(views[4], x.flip(-1)) and torch.equal(views[6], torch.rot90(x, 2, (-2, -1)).flip(-1))
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8  # eight distinct views of a generic image
+    assert torch.equal(dihedral_views(x, 4), views[:4].reshape(8, 3, 4, 4))
+    assert dihedral_views(x, 1) is x
+
+
+@pytest.mark.parametrize("views, message", [
+    (dict(context=(1.0,)), "above 1"), (dict(context=(2, 2)), "given once"), (dict(context=(float("nan"),)), "above 1"),
+    (dict(tta=3), "takes 1, 4, 8 views"),
+])
+def test_patch_views_refuse_what_they_cannot_mean(views, message):
+    from hgc.embed.patches import PatchViews
+
+    with pytest.raises(InputError, match=message):
+        PatchViews(**views)

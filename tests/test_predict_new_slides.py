@@ -208,3 +208,39 @@ def test_a_scan_coarser_than_the_training_images_is_warned_about(her2st_manifest
     assert "3.20 µm per pixel, 4.6x coarser than the 0.70 µm/px" in message and "--patch-mpp 3.20" in message
     assert resolution_gap(coarse, {**info, "encoder": {"patch_mpp": 3.2}}) is None  # trained at its resolution
     assert resolution_gap(coarse, {"encoder": {}}) is None  # a model that does not record it: nothing to say
+
+
+def test_a_model_trained_with_context_and_tta_embeds_new_slides_the_same_way(tmp_path):
+    """The fields of view and test-time augmentation a model was trained with travel in its bundle:
+    `hgc predict` embeds the new slide with them (same width, same recorded views), unasked."""
+    import h5py
+
+    from embed_helpers import TINY, tiny_weights
+
+    manifest, weights = tiny_st_project(tmp_path / "data"), tiny_weights(tmp_path)
+    r = CliRunner().invoke(main, ["train", str(manifest), "--genes", "top-mean:5", "--encoder", TINY, "--weights",
+                                  str(weights), "--context", "2", "--tta", "4", "--out", str(tmp_path / "model"),
+                                  "--epochs", "1", "--hidden", "8", "--layers", "1", "--backend", "pyg",
+                                  "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    bundle = tmp_path / "model" / "model" / "all"
+    encoder = json.loads((bundle / "fold.json").read_text())["encoder"]
+    assert encoder["patch_context"] == [2.0] and encoder["patch_tta"] == 4
+    assert "fields of view [2.0] times as wide" in (bundle / "MODEL_CARD.md").read_text()
+    new = tiny_st_project(tmp_path / "new", ids=(("N1", "P9"),), grid=4)
+    r = CliRunner().invoke(main, ["predict", str(tmp_path / "model"), str(new), "--out", str(tmp_path / "pred"),
+                                  "--weights", str(weights), "--methods", "hgc", "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "pred.embeddings.h5") as f, h5py.File(tmp_path / "model" / "embeddings.h5") as g:
+        assert f["N1"].attrs["patch_context"].tolist() == [2.0] and f["N1"].attrs["patch_tta"] == 4
+        assert f["N1/embeddings"].shape[1] == g["S1/embeddings"].shape[1] == 2 * _encoder_width(TINY)
+    bad = CliRunner().invoke(main, ["embed", str(new), "--out", str(tmp_path / "x.h5"), "--context", "2,one"])
+    assert bad.exit_code != 0 and "comma-separated multiples of the patch width" in bad.output
+    assert_one_line_error(CliRunner().invoke(main, ["embed", str(new), "--out", str(tmp_path / "x.h5"),
+                                                    "--context", "0.5"]), "above 1")
+
+
+def _encoder_width(encoder: str) -> int:
+    from hgc.embed.registry import build_model, get_spec
+
+    return build_model(get_spec(encoder)).num_features

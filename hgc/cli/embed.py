@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..embed.extract import BATCH_SIZE
+from ..embed.patches import TTA_VIEWS, PatchViews
 from ..embed.registry import DEFAULT_ENCODER, ENCODERS
 from . import data_root_option, device_option
 
@@ -20,6 +21,31 @@ patch_mpp_option = click.option(
          "the coarsest slide you will predict (e.g. 2 for slides scanned at 5x), so the model learns from "
          "patches no sharper than those it will see (default: each slide's own).",
 )
+
+
+def _multiples(ctx, param, value: str | None) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.split(",")) if value else ()
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated multiples of the patch width, e.g. 2,4; got {value!r}")
+
+
+def patch_views_options(f):
+    """``--context`` and ``--tta`` (:class:`~hgc.embed.patches.PatchViews`), for every command that embeds."""
+    f = click.option(
+        "--tta", type=click.Choice([str(n) for n in TTA_VIEWS]), default="1", show_default=True,
+        help="Test-time augmentation: each patch's embedding is the mean over its 4 rotations, or 8 with their "
+             "mirror images (that many times the embedding cost).",
+    )(f)
+    return click.option(
+        "--context", callback=_multiples, default=None, metavar="MULTIPLES",
+        help="Wider fields of view around each spot, as multiples of the patch width (e.g. 2,4): each is "
+             "embedded too and its features follow the spot's own (one more embedding cost each).",
+    )(f)
+
+
+def patch_views(context: tuple[float, ...], tta: str) -> PatchViews:
+    return PatchViews(context, int(tta))
 
 
 def _patch_options(f):
@@ -50,10 +76,11 @@ def _patch_options(f):
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="DataLoader workers cutting patches (default: 0 on CPU, spare cores up to 8 on GPU).")
 @_patch_options
+@patch_views_options
 @data_root_option
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def embed_command(manifest, encoder, out, weights, device, batch_size, workers, patch_um, patch_native_px,
-                  patch_mpp, data_root, no_progress) -> None:
+                  patch_mpp, context, tta, data_root, no_progress) -> None:
     """Embed every spot's H&E patch for each slide of MANIFEST into OUT (HDF5, one group per slide).
 
     Rerunning skips slides already embedded with the same encoder, weights and patch settings and
@@ -64,8 +91,8 @@ def embed_command(manifest, encoder, out, weights, device, batch_size, workers, 
 
     path = embed_manifest(
         manifest, encoder, out, weights=weights, device=device, batch_size=batch_size, workers=workers,
-        patch_um=patch_um, patch_native_px=patch_native_px, patch_mpp=patch_mpp, progress=not no_progress,
-        data_root=data_root,
+        patch_um=patch_um, patch_native_px=patch_native_px, patch_mpp=patch_mpp, views=patch_views(context, tta),
+        progress=not no_progress, data_root=data_root,
     )
     click.echo(f"embeddings: {path}")
 

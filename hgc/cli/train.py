@@ -14,7 +14,7 @@ from ..nn.config import BACKENDS, ModelConfig
 from ..train.config import FitConfig
 from ..train.predict import METHODS
 from . import data_root_option, device_option
-from .embed import batch_size_option, patch_mpp_option
+from .embed import batch_size_option, patch_mpp_option, patch_views, patch_views_options
 from .options import config_kwargs, config_options
 
 METHOD_CHOICES = ",".join(METHODS)
@@ -79,10 +79,11 @@ def register(main: click.Group) -> None:
     @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
                   help="The encoder's weights file, when not its default source (see `hgc embed --help`).")
     @patch_mpp_option
+    @patch_views_options
     @data_root_option
     @_graph_options
     @_fit_options(skip=("folds",))  # one model on every slide: there is no fold to choose
-    def train_command(manifest, encoder, out, batch_size, weights, patch_mpp, data_root, **kw) -> None:
+    def train_command(manifest, encoder, out, batch_size, weights, patch_mpp, context, tta, data_root, **kw) -> None:
         """Train one model on every slide of MANIFEST, to predict new slides with `hgc predict`.
 
         The model is a self-contained bundle (weights, reference bank of the training spots, genes,
@@ -93,7 +94,7 @@ def register(main: click.Group) -> None:
         bundle = train_model(manifest, kw["genes"], encoder, out, fit_config=_fit_config(kw), normalize=kw["normalize"],
                              device=kw["device"], data_root=data_root, batch_size=batch_size,
                              graph_options=_graph_kwargs(kw), progress=kw["progress"], weights=weights,
-                             patch_mpp=patch_mpp)
+                             patch_mpp=patch_mpp, views=patch_views(context, tta))
         from ..train.rundir import early_stopping, open_model
 
         info = open_model(bundle).info
@@ -196,11 +197,12 @@ def register(main: click.Group) -> None:
                   help="TSV slide/fold/role for --protocol split-file.")
     @batch_size_option
     @patch_mpp_option
+    @patch_views_options
     @data_root_option
     @_graph_options
     @_fit_options()
-    def run_command(manifest, protocol, encoder, out, methods, split_file, batch_size, patch_mpp, data_root,
-                    **kw) -> None:
+    def run_command(manifest, protocol, encoder, out, methods, split_file, batch_size, patch_mpp, context, tta,
+                    data_root, **kw) -> None:
         """Embed, build graphs, fit, predict and evaluate MANIFEST; print the results table.
 
         Each step is skipped when its output in OUT exists and was made from the same inputs and
@@ -213,5 +215,6 @@ def register(main: click.Group) -> None:
             manifest, protocol, kw["genes"], encoder, out, fit_config=_fit_config(kw), normalize=kw["normalize"],
             methods=_split_csv(methods), device=kw["device"], data_root=data_root, split_file=split_file,
             batch_size=batch_size, graph_options=_graph_kwargs(kw), progress=kw["progress"], patch_mpp=patch_mpp,
+            views=patch_views(context, tta),
         )
         click.echo(markdown_table(report), nl=False)

@@ -24,7 +24,7 @@ from .. import __version__
 from .._devices import resolve_device
 from .._fingerprint import file_record
 from ..errors import InputError
-from .patches import PatchBatches, PatchSpec, crop_boxes, patch_source, require_image
+from .patches import PatchBatches, PatchSpec, PatchViews, crop_boxes, dihedral_views, patch_source, require_image
 from .registry import DEFAULT_ENCODER, Encoder, load_encoder
 from .store import EmbeddingStore
 
@@ -90,7 +90,8 @@ def embed_slide(
     progress: bool = True,
     resize_on_device: bool | None = None,
 ) -> np.ndarray:
-    """(n_spots, dim) float32 embeddings of one slide, in spot order.
+    """(n_spots, dim) float32 embeddings of one slide, in spot order; with ``patch.views``, each
+    field of view's features in turn (the spot's own first), each the mean over the TTA views.
 
     Patches are resampled and normalised on the model's device when ``resize_on_device`` (default:
     on a GPU), so CPU workers only cut crops; elsewhere the workers do all of it.
@@ -100,27 +101,31 @@ def embed_slide(
 
     from .._progress import progress as progress_bar
 
-    boxes = crop_boxes(slide, patch)
     share = workers > 0 and torch.multiprocessing.get_start_method() != "fork"
     on_device = device.type == "cuda" if resize_on_device is None else resize_on_device
-    data = PatchBatches(patch_source(slide), boxes, patch.out_px, batch_size, encoder.spec.mean, encoder.spec.std, share,
-                        patch.via_px(slide), raw=on_device)
-    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     autocast, _ = _precision(device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    out = np.empty((slide.n_spots, model.num_features), dtype=np.float32)
-    start = 0
+    source, views, dim = patch_source(slide), patch.views, model.num_features
+    fields = views.fields
+    out = np.empty((slide.n_spots, dim * len(fields)), dtype=np.float32)
     with torch.inference_mode(), autocast, progress_bar(
-        total=slide.n_spots, desc=slide.id, unit="patch", disable=None if progress else True, leave=False
+        total=slide.n_spots * len(fields), desc=slide.id, unit="patch", disable=None if progress else True, leave=False
     ) as bar:
-        for x in loader:
-            x = x.to(device, non_blocking=True)
-            if on_device:
-                x = data.finish(x)
-            feats = model(x.contiguous(memory_format=fmt)).float().cpu().numpy()
-            out[start : start + len(feats)] = feats
-            start += len(feats)
-            bar.update(len(feats))
+        for j, widen in enumerate(fields):
+            data = PatchBatches(source, crop_boxes(slide, patch, widen), patch.out_px, batch_size, encoder.spec.mean,
+                                encoder.spec.std, share, patch.via_px(slide, widen), raw=on_device)
+            loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                                pin_memory=device.type == "cuda")
+            start = 0
+            for x in loader:
+                x = x.to(device, non_blocking=True)
+                if on_device:
+                    x = data.finish(x)
+                n = len(x)
+                feats = model(dihedral_views(x, views.tta).contiguous(memory_format=fmt)).float()
+                out[start : start + n, j * dim : (j + 1) * dim] = feats.view(views.tta, n, dim).mean(0).cpu().numpy()
+                start += n
+                bar.update(n)
     slide.image.release()
     return out
 
@@ -163,6 +168,7 @@ def embed_manifest(
     patch_um: float | None = None,
     patch_native_px: int | None = None,
     patch_mpp: float | None = None,
+    views: PatchViews | None = None,
     arch_overrides: dict[str, Any] | None = None,
     progress: bool = True,
     data_root: str | Path | None = None,
@@ -173,7 +179,8 @@ def embed_manifest(
     missing or was made with other settings. Started by ``torchrun`` with N processes, each
     embeds every N-th slide (on its own GPU) into the store's parts and the main process merges
     them: the same file as one process makes. A process that dies leaves the others' finished
-    slides in the parts, which a rerun reuses.
+    slides in the parts, which a rerun reuses. ``views``: wider fields of view and test-time
+    augmentation (:class:`~hgc.embed.patches.PatchViews`; none by default).
     """
     import torch
 
@@ -186,7 +193,8 @@ def embed_manifest(
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     enc = load_encoder(encoder, weights, arch_overrides)
-    patch = PatchSpec(out_px=enc.spec.input_px, um=patch_um, native_px=patch_native_px, mpp=patch_mpp)
+    patch = PatchSpec(out_px=enc.spec.input_px, um=patch_um, native_px=patch_native_px, mpp=patch_mpp,
+                      views=views or PatchViews())
     where = _distributed.ranks()
     dev = resolve_device(_distributed.local_device(str(resolve_device(device)), where))
     workers = default_workers(dev) if workers is None else workers

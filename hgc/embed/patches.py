@@ -9,6 +9,10 @@ target slides look alike. Spots near the border are padded with
 white, never dropped or shifted. Each slide image is decoded once and patches are array slices of
 it; a tiled whole-slide TIFF is not decoded at all, each patch decodes the tiles under it. Patches
 are resampled a batch at a time (bilinear with antialiasing, deterministic on CPU).
+
+Two costlier views of each spot are options (:class:`PatchViews`): wider fields of view around it
+(context), whose embeddings are concatenated after the spot's own, and test-time augmentation,
+the mean embedding over rotations (and mirror images) of each patch.
 """
 from __future__ import annotations
 
@@ -37,6 +41,43 @@ RESAMPLE = "bilinear-antialias"
 WHITE = 255
 
 
+#: Test-time augmentation: the dihedral views averaged (1: none; 4: the four rotations; 8: and their mirror images).
+TTA_VIEWS = (1, 4, 8)
+
+
+@dataclass(frozen=True)
+class PatchViews:
+    """Extra views of each spot, embedded with the same encoder (each multiplies the embedding cost).
+
+    ``context``: wider fields of view as multiples of the patch width (e.g. ``(2, 4)``); each is cut
+    around the spot, resampled to the encoder's input and embedded, and its features follow the
+    spot's own (the embedding is ``1 + len(context)`` times as wide). ``tta``: each patch's
+    embedding is the mean over that many dihedral views (:data:`TTA_VIEWS`).
+    """
+
+    context: tuple[float, ...] = ()
+    tta: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "context", tuple(float(c) for c in self.context))
+        bad = [c for c in self.context if not (math.isfinite(c) and c > 1)]
+        if bad or len(set(self.context)) != len(self.context):
+            raise InputError(f"context fields of view are multiples of the patch width, each above 1 and "
+                             f"given once (e.g. 2,4); got {list(self.context)}")
+        if self.tta not in TTA_VIEWS:
+            raise InputError(f"test-time augmentation takes {', '.join(map(str, TTA_VIEWS))} views, got {self.tta}")
+
+    @property
+    def fields(self) -> tuple[float, ...]:
+        """Every field of view embedded, as multiples of the patch width: the spot's own first."""
+        return (1.0, *self.context)
+
+    def attrs(self) -> dict[str, object]:
+        """Recorded beside embeddings only when set, so files written before the views existed keep their keys."""
+        return {**({"patch_context": list(self.context)} if self.context else {}),
+                **({"patch_tta": int(self.tta)} if self.tta != 1 else {})}
+
+
 @dataclass(frozen=True)
 class PatchSpec:
     """Which tissue area a patch covers and the pixel size it is resampled to.
@@ -44,12 +85,14 @@ class PatchSpec:
     Give ``um`` (physical width) or ``native_px`` (width in full-resolution image pixels,
     whatever the slide's resolution); with neither, the width is ``out_px * 0.5`` µm. ``mpp``
     (µm per pixel) is a working resolution: patches of sharper slides are first downsampled to it.
+    ``views`` adds wider fields of view and test-time augmentation (:class:`PatchViews`).
     """
 
     out_px: int = 224
     um: float | None = None
     native_px: int | None = None
     mpp: float | None = None
+    views: PatchViews = PatchViews()
 
     def __post_init__(self) -> None:
         if self.um is not None and self.native_px is not None:
@@ -82,12 +125,13 @@ class PatchSpec:
             )
         return self.width_um / mpp
 
-    def via_px(self, slide: Slide) -> int | None:
-        """Width the patches of ``slide`` pass through at the working resolution; None when there is
-        none or the slide's image is no sharper than it (patches are never sharpened)."""
+    def via_px(self, slide: Slide, widen: float = 1.0) -> int | None:
+        """Width the patches of ``slide`` (``widen`` times wider) pass through at the working
+        resolution; None when there is none or the slide's image is no sharper than it (patches
+        are never sharpened)."""
         if self.mpp is None:
             return None
-        box, mpp, scale = self.box_px(slide), slide.microns_per_pixel, require_image(slide).scale
+        box, mpp, scale = self.box_px(slide) * widen, slide.microns_per_pixel, require_image(slide).scale
         if not (mpp > 0 and math.isfinite(mpp)):
             raise InputError(f"slide '{slide.id}': microns per pixel is {mpp}; a working resolution of "
                              f"{self.mpp} µm/px needs it (set microns_per_pixel in the manifest)")
@@ -106,6 +150,7 @@ class PatchSpec:
             "patch_box_px": float(box),
             "resample": RESAMPLE,
             **({"patch_mpp": float(self.mpp)} if self.mpp is not None else {}),
+            **self.views.attrs(),
         }
 
 
@@ -121,13 +166,14 @@ def patch_source(slide: Slide) -> np.ndarray | SlideImage:
     return image if image.tiled else image.pixels()
 
 
-def crop_boxes(slide: Slide, spec: PatchSpec) -> np.ndarray:
-    """(n, 3) int64 [x0, y0, width] of every spot's square box in the image FILE's pixels.
+def crop_boxes(slide: Slide, spec: PatchSpec, widen: float = 1.0) -> np.ndarray:
+    """(n, 3) int64 [x0, y0, width] of every spot's square box (``widen`` times the patch width)
+    in the image FILE's pixels.
 
     The box is centred on the spot (to the nearest file pixel) and may extend past the image.
     """
     scale = require_image(slide).scale
-    width = max(1, int(round(spec.box_px(slide) * scale)))
+    width = max(1, int(round(spec.box_px(slide) * widen * scale)))
     centre = np.asarray(slide.coords, dtype=np.float64) * scale
     origin = np.floor(centre - width / 2 + 0.5).astype(np.int64)
     return np.column_stack([origin, np.full(len(origin), width, dtype=np.int64)])
@@ -233,8 +279,20 @@ class PatchBatches:
         return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
 
+def dihedral_views(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(n * B, ...) the ``n`` dihedral views of a batch of square images (B, C, H, W), view-major:
+    the rotations by 0, 90, 180 and 270 degrees (n = 4), then their mirror images (n = 8)."""
+    import torch
+
+    if n == 1:
+        return x
+    turns = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    return torch.cat(turns + ([t.flip(-1) for t in turns] if n == 8 else []))
+
+
 def export_patches(slide: Slide, spec: PatchSpec, path: Path, batch_size: int = 256) -> Path:
-    """Write ``slide``'s patches to an HDF5 file (HEST layout: ``img``, ``barcode``, ``coords``).
+    """Write ``slide``'s patches to an HDF5 file (HEST layout: ``img``, ``barcode``, ``coords``);
+    the spot's own field of view only, as cut (``spec.views`` are embedding-time views).
 
     Written under a temporary name and renamed, so ``path`` is either complete or absent.
     """

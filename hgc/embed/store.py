@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 FORMAT = "hgc-embeddings"
 FORMAT_VERSION = 1
 #: Attributes that must all match for stored embeddings to be reused.
-KEY_ATTRS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_px", "patch_mpp", "resample", "input_sha256")
+KEY_ATTRS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_px", "patch_mpp", "patch_context", "patch_tta",
+             "resample", "input_sha256")
 _REBUILD = "rebuild it with `hgc embed` (delete it first)"
 
 
@@ -96,8 +97,8 @@ def _mismatch(stored: dict, key: dict, n_barcodes: int, barcodes: np.ndarray | N
         old, new = stored.get(k), key.get(k)
         if isinstance(old, bytes):
             old = old.decode()
-        if isinstance(old, np.generic):
-            old = old.item()
+        if isinstance(old, (np.generic, np.ndarray)):
+            old = old.tolist()  # a number, or a list (the context fields of view)
         if old != new:
             return f"{k} differs (stored {old!r}, now {new!r})"
     if barcodes is not None and len(barcodes) != n_barcodes:

@@ -207,7 +207,8 @@ def build_graphs(
 
 #: Embedding attributes that say how a slide was embedded; a model predicts new slides only from
 #: embeddings made the same way (the patch width is patch_um, or patch_box_px in native-pixel mode).
-ENCODER_KEYS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_box_px", "patch_px", "patch_mpp", "resample")
+ENCODER_KEYS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_box_px", "patch_px", "patch_mpp", "patch_context",
+                "patch_tta", "resample")
 
 
 def encoder_of(attrs: Mapping[str, Mapping[str, object]], slides: Sequence[str], source: str) -> dict[str, object]:
@@ -219,7 +220,7 @@ def encoder_of(attrs: Mapping[str, Mapping[str, object]], slides: Sequence[str],
     """
     def value(v):
         v = v.decode() if isinstance(v, bytes) else v
-        return v.item() if isinstance(v, np.generic) else v
+        return v.tolist() if isinstance(v, (np.generic, np.ndarray)) else v
 
     seen: dict[str, dict[str, object]] = {}
     for s in slides:

@@ -214,7 +214,7 @@ def predict_slides(
     """
     from ..data.manifest import read_manifest
     from ..data.tissue import SpotGeometry, draw_tissue
-    from ..embed import embed_manifest
+    from ..embed import PatchViews, embed_manifest
     from ..embed.patches import require_image
     from ..embed.store import read_embeddings
     from ..graph.build import align_embeddings, check_new_target
@@ -244,8 +244,9 @@ def predict_slides(
             "patch_box_px" in spec else {"patch_um": float(spec["patch_um"])}
         if spec.get("patch_mpp") is not None:
             patch["patch_mpp"] = float(spec["patch_mpp"])
+        views = PatchViews(tuple(spec.get("patch_context") or ()), int(spec.get("patch_tta") or 1))
         embed_manifest(slides, enc.spec.name, cache, weights=weights, device=device, batch_size=batch_size,
-                       progress=progress, **patch)
+                       progress=progress, views=views, **patch)
         written = []
         with writing_predictions(out_dir, protocol="new-slide", methods=methods, model=str(bundle.path.resolve()),
                                  targets=str(Path(targets).resolve())) as out:

@@ -34,6 +34,7 @@ from .._fingerprint import file_record
 from .._outputs import check_writable, command_line, output_lock, write_text
 from ..data.splits import VALIDATION_RULE
 from ..embed.extract import BATCH_SIZE
+from ..embed.patches import PatchViews
 from ..errors import InputError
 from .config import FitConfig, model_config
 from .fit import fit
@@ -123,16 +124,18 @@ def run_pipeline(
     progress: bool = True,
     weights: str | Path | None = None,
     patch_mpp: float | None = None,
+    views: PatchViews | None = None,
 ) -> dict[str, Any]:
     """Run every step (skipping up-to-date ones) and return the evaluation report dict.
 
     ``weights``: the encoder's weights file, when not its default source (as ``hgc embed --weights``);
-    ``patch_mpp``: a working resolution for every patch (as ``hgc embed --patch-mpp``).
+    ``patch_mpp``: a working resolution for every patch (as ``hgc embed --patch-mpp``); ``views``:
+    wider fields of view and test-time augmentation (as ``hgc embed --context/--tta``).
     """
     return _pipeline(manifest, protocol, genes, encoder, out_dir, fit_config=fit_config, normalize=normalize,
                      methods=methods, device=device, data_root=data_root, split_file=split_file,
                      batch_size=batch_size, graph_options=graph_options, progress=progress, weights=weights,
-                     patch_mpp=patch_mpp)
+                     patch_mpp=patch_mpp, views=views)
 
 
 def train_model(
@@ -150,6 +153,7 @@ def train_model(
     progress: bool = True,
     weights: str | Path | None = None,
     patch_mpp: float | None = None,
+    views: PatchViews | None = None,
 ) -> Path:
     """Train one model on every slide of ``manifest`` (early stopping on validation slides drawn from
     them) into ``out_dir`` (embeddings, graphs and the run ``model/``, cached like ``run_pipeline``);
@@ -158,12 +162,12 @@ def train_model(
 
     _pipeline(manifest, "all", genes, encoder, out_dir, fit_config=fit_config, normalize=normalize, methods=("hgc",),
               device=device, data_root=data_root, split_file=None, batch_size=batch_size, graph_options=graph_options,
-              progress=progress, weights=weights, patch_mpp=patch_mpp, predict_and_evaluate=False)
+              progress=progress, weights=weights, patch_mpp=patch_mpp, views=views, predict_and_evaluate=False)
     return open_model(out_dir).path
 
 
 def _pipeline(manifest, protocol, genes, encoder, out_dir, *, fit_config, normalize, methods, device, data_root,
-              split_file, batch_size, graph_options, progress, weights, patch_mpp=None,
+              split_file, batch_size, graph_options, progress, weights, patch_mpp=None, views=None,
               predict_and_evaluate: bool = True):
     from .._devices import check_device
     from ..data.genes import check_panel_overlap, panel_file, resolve_panel
@@ -201,7 +205,8 @@ def _pipeline(manifest, protocol, genes, encoder, out_dir, *, fit_config, normal
             check_prediction_output(preds)
         data = manifest_inputs(m)
         emb = out / "embeddings.h5"
-        working = {"patch_mpp": patch_mpp} if patch_mpp is not None else {}  # absent: caches of before stay valid
+        # absent when unset: caches of before stay valid
+        working = {**({"patch_mpp": patch_mpp} if patch_mpp is not None else {}), **(views.attrs() if views else {})}
         embed_step = Step("embed", emb, {"encoder": encoder, "data_root": str(root), **working},
                           {**data, "encoder weights": enc.weights_path})
         graphs = out / "graphs.h5"
@@ -221,7 +226,8 @@ def _pipeline(manifest, protocol, genes, encoder, out_dir, *, fit_config, normal
                 check_panel_overlap(resolve_panel(genes, data_root), slides)
             del slides
         embed_step.run(lambda: embed_manifest(m, encoder, emb, weights=weights, device=device, batch_size=batch_size,
-                                              progress=progress, data_root=data_root, patch_mpp=patch_mpp))
+                                              progress=progress, data_root=data_root, patch_mpp=patch_mpp,
+                                              views=views))
         graph_step().run(lambda: build_from_manifest(manifest, emb, protocol, graphs, gcfg, split_file, data_root))
 
         # the model the preset and options resolve to, so a run made under other defaults is refitted

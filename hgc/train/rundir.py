@@ -285,7 +285,9 @@ def model_card(info: dict[str, Any], bank: "ReferenceBank | None") -> str:
         f"- Held out: {', '.join(info['test_slides']) or 'none'}",
         f"- Encoder: {enc.get('encoder', 'unknown')} (weights sha256 {str(enc.get('weights_sha256', '?'))[:12]}...), "
         f"patches of {enc.get('patch_um', '?')} µm at {enc.get('patch_px', '?')} px"
-        + (f", brought down to {enc['patch_mpp']:.2f} µm/px" if enc.get("patch_mpp") else ""),
+        + (f", brought down to {enc['patch_mpp']:.2f} µm/px" if enc.get("patch_mpp") else "")
+        + (f", with fields of view {enc['patch_context']} times as wide" if enc.get("patch_context") else "")
+        + (f", each the mean of {enc['patch_tta']} rotations/mirror images" if enc.get("patch_tta") else ""),
         f"- Spot geometry of the training slides: {info.get('platform', 'unknown')}"
         + (f"; their images down to {info['image_mpp']:.2f} µm/px (coarser targets are warned about)"
            if info.get("image_mpp") else ""),
