@@ -266,3 +266,38 @@ def test_patch_views_refuse_what_they_cannot_mean(views, message):
 
     with pytest.raises(InputError, match=message):
         PatchViews(**views)
+
+
+def test_a_combination_of_encoders_holds_each_ones_features_side_by_side(tmp_path):
+    """`--encoder effnet-lite0+effnet-lite1`: one embedding per spot, lite0's features then
+    lite1's, each what that encoder alone gives for the same patch (cut at the larger input, 240
+    px, and resized to lite0's 224 for it); recorded under the combined name and fingerprint."""
+    manifest = tiny_manifest(tmp_path, slides=("S1",))
+    both, alone = tmp_path / "both.h5", {n: tmp_path / f"{n}.h5" for n in ("effnet-lite0", "effnet-lite1")}
+    embed_manifest(manifest, "effnet-lite0+effnet-lite1", both, workers=0, patch_native_px=240, progress=False)
+    for name, out in alone.items():
+        embed_manifest(manifest, name, out, workers=0, patch_native_px=240, progress=False)
+    _, x = read_embeddings(both, "S1")
+    lite0, lite1 = (read_embeddings(alone[n], "S1")[1] for n in alone)
+    assert x.shape == (9, 2560)
+    np.testing.assert_allclose(x[:, :1280], lite0, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(x[:, 1280:], lite1, rtol=1e-4, atol=1e-5)
+    attrs = read_attrs(both)["S1"]
+    combined = load_encoder("effnet-lite0+effnet-lite1")
+    assert attrs["encoder"] == "effnet-lite0+effnet-lite1" and attrs["weights_sha256"] == combined.weights_sha256
+    assert attrs["weights_file"].count("+") == 1 and attrs["patch_px"] == 240
+    assert combined.weights_sha256 != load_encoder("effnet-lite1+effnet-lite0").weights_sha256  # order matters
+
+
+@pytest.mark.parametrize("name, message", [
+    ("effnet-lite0+", "each once"), ("effnet-lite0+effnet-lite0", "each once"), ("effnet-lite0+nope", "unknown encoder"),
+])
+def test_bad_combinations_of_encoders_are_refused(name, message):
+    with pytest.raises(InputError, match=message):
+        load_encoder(name)
+
+
+def test_a_combination_takes_no_single_weights_file(tmp_path):
+    weights = tiny_weights(tmp_path)
+    with pytest.raises(InputError, match="--weights names one file"):
+        load_encoder("effnet-lite0+effnet-lite1", weights)

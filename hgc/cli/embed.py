@@ -67,7 +67,8 @@ def _patch_options(f):
 @click.command("embed")
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help=f"Encoder name: {', '.join(ENCODERS)}, "
-              "or timm:<model> with --weights (-stages: the intermediate stages pooled beside the final features).")
+              "or timm:<model> with --weights (-stages: the intermediate stages pooled beside the final features); "
+              "several names joined by + embed with each and keep their features side by side.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Embedding HDF5 file to create or update.")
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Local weights file (state dict or .safetensors) instead of the default source.")

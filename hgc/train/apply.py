@@ -50,7 +50,7 @@ def check_encoder(bundle: ModelBundle, weights: str | Path | None = None):
     if spec.get("weights_sha256") and enc.weights_sha256 != spec["weights_sha256"]:
         raise InputError(
             f"model {bundle.path} was trained on embeddings of {spec['encoder']} with weights "
-            f"{str(spec['weights_sha256'])[:12]}..., but the weights here ({enc.weights_path}) are "
+            f"{str(spec['weights_sha256'])[:12]}..., but the weights here ({enc.weights_file}) are "
             f"{enc.weights_sha256[:12]}...; pass the model's weights file with --weights"
         )
     return enc

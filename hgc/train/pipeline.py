@@ -207,8 +207,9 @@ def _pipeline(manifest, protocol, genes, encoder, out_dir, *, fit_config, normal
         emb = out / "embeddings.h5"
         # absent when unset: caches of before stay valid
         working = {**({"patch_mpp": patch_mpp} if patch_mpp is not None else {}), **(views.attrs() if views else {})}
-        embed_step = Step("embed", emb, {"encoder": encoder, "data_root": str(root), **working},
-                          {**data, "encoder weights": enc.weights_path})
+        files = enc.weight_files  # a combination of encoders reads several
+        weights_read = {f"encoder weights{f' ({n})' if len(files) > 1 else ''}": p for n, p in files.items()}
+        embed_step = Step("embed", emb, {"encoder": encoder, "data_root": str(root), **working}, {**data, **weights_read})
         graphs = out / "graphs.h5"
         extra = {"gene panel": panel} if panel else {}
         if split_file:
