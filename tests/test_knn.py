@@ -177,9 +177,9 @@ def test_ivf_scans_as_many_lists_as_the_target_recall_needs(metric, caplog):
     """With ``nprobe`` left to it, an IVF search raises the lists it scans until its sample of
     queries (here all of them) reaches the target recall; a fixed single list falls short."""
     rng = np.random.default_rng(4)
-    centres = rng.normal(size=(20, 16)) * 5
-    refs = (centres[rng.integers(0, 20, 4000)] + rng.normal(size=(4000, 16))).astype(np.float32)
-    queries = (centres[rng.integers(0, 20, 100)] + rng.normal(size=(100, 16))).astype(np.float32)
+    centres = rng.normal(size=(40, 16)) * 5
+    refs = (centres[rng.integers(0, 40, 20000)] + rng.normal(size=(20000, 16))).astype(np.float32)
+    queries = (centres[rng.integers(0, 40, 100)] + rng.normal(size=(100, 16))).astype(np.float32)
     exact, _ = knn.search(queries, refs, 7, metric, backend="faiss")
     one_list, _ = knn.search(queries, refs, 7, metric, backend="faiss-ivf", nprobe=1)
     with caplog.at_level(logging.INFO, logger="hgc.graph.knn"):
@@ -187,4 +187,18 @@ def test_ivf_scans_as_many_lists_as_the_target_recall_needs(metric, caplog):
     assert knn.recall_at_k(exact, exact) == 1.0
     assert knn.recall_at_k(one_list, exact) < knn.IVF_TARGET_RECALL
     assert knn.recall_at_k(approx, exact) >= knn.IVF_TARGET_RECALL
-    assert "recall@7" in caplog.text and "100 queries searched exactly" in caplog.text
+    assert "16 of 141 lists scanned per query" in caplog.text and "100 queries searched exactly too" in caplog.text
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_ivf_that_cannot_reach_the_recall_cheaply_searches_exactly(metric, caplog):
+    """Unclustered data (no structure for the lists to follow) would need most lists scanned: the
+    search says so and returns the exact neighbours instead."""
+    rng = np.random.default_rng(5)
+    refs, queries = rng.normal(size=(20000, 64)).astype(np.float32), rng.normal(size=(50, 64)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="hgc.graph.knn"):
+        approx = knn.search(queries, refs, 7, metric, backend="faiss-ivf")
+    exact = knn.search(queries, refs, 7, metric, backend="faiss")
+    np.testing.assert_array_equal(approx[0], exact[0])
+    np.testing.assert_array_equal(approx[1], exact[1])
+    assert "which is done instead" in caplog.text

@@ -425,30 +425,44 @@ def _ivf_index(faiss, r: np.ndarray, metric: str, nlist: int | None):
 
 
 def _ivf_search(q, r, k, metric, device, nlist, nprobe) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate top ``k`` (ranking rule over IVF candidates) with ``nprobe`` set or found for the
-    target recall on a seeded sample of the queries, which is also searched exactly."""
+    """Approximate top ``k`` (ranking rule over IVF candidates), checked on a seeded sample of the
+    queries that is also searched exactly.
+
+    With ``nprobe`` unset, the lists scanned double (and, for L1, whose candidates come from L2
+    distances, the candidates kept too) until the sample reaches :data:`IVF_TARGET_RECALL`; a
+    search that would have to scan more than a quarter of the lists to get there costs about as
+    much as exact search, which is then done instead (logged as a warning).
+    """
     faiss = require("faiss", "similarity search with the faiss backend")
     ivf = _ivf_index(faiss, r, metric, nlist)
     ivf.add(r)
     index = _on_device(faiss, ivf, device)
-    m = min(r.shape[0], max(4 * k, 32))
+    n = r.shape[0]
 
-    def ranked(rows: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
+    def ranked(rows: np.ndarray, probes: int, m: int) -> tuple[np.ndarray, np.ndarray]:
         index.nprobe = probes  # CPU and GPU IVF indices alike (faiss's IndexIVFInterface)
         _, cand = index.search(q[rows], m)
         return rank_candidates(q[rows], r, cand.astype(np.int64), k, metric)
 
+    def exact(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _exact_search(q[rows], r, k, metric, lambda sub, mm: _faiss_candidates(q[rows][sub], r, mm, metric, device))
+
     sample = np.arange(len(q))
     if len(q) > _IVF_CHECK_QUERIES:
         sample = np.sort(np.random.default_rng(0).choice(len(q), _IVF_CHECK_QUERIES, replace=False))
-    exact, _ = _exact_search(q[sample], r, k, metric,
-                             lambda rows, mm: _faiss_candidates(q[sample][rows], r, mm, metric, device))
-    probes = min(ivf.nlist, nprobe or IVF_FIRST_NPROBE)
+    truth = exact(sample)[0]
+    probes, m = min(ivf.nlist, nprobe or IVF_FIRST_NPROBE), min(n, max(4 * k, 32))
     while True:
-        recall = recall_at_k(ranked(sample, probes)[0], exact)
-        if nprobe or recall >= IVF_TARGET_RECALL or probes >= ivf.nlist:
+        recall = recall_at_k(ranked(sample, probes, m)[0], truth)
+        if nprobe or recall >= IVF_TARGET_RECALL:
             break
-        probes = min(ivf.nlist, 2 * probes)
-    log.info("knn: faiss-ivf over %d references, %d of %d lists scanned per query: recall@%d %.3f on %d "
-             "queries searched exactly too", r.shape[0], probes, ivf.nlist, k, recall, len(sample))
-    return ranked(np.arange(len(q)), probes)
+        if 2 * probes > ivf.nlist / 4:
+            log.warning("knn: faiss-ivf over %d references reached recall@%d %.3f with %d of %d lists scanned "
+                        "per query (%d candidates); a higher recall costs about what exact search does, which "
+                        "is done instead", n, k, recall, probes, ivf.nlist, m)
+            return exact(np.arange(len(q)))
+        probes = 2 * probes
+        m = min(n, _MAX_CANDIDATES, 2 * m) if metric == "l1" else m
+    log.info("knn: faiss-ivf over %d references, %d of %d lists scanned per query (%d candidates): recall@%d %.3f "
+             "on %d queries searched exactly too", n, probes, ivf.nlist, m, k, recall, len(sample))
+    return ranked(np.arange(len(q)), probes, m)
