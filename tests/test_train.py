@@ -295,7 +295,10 @@ def test_run_pipeline_caches_steps(tmp_path, caplog):
     report = run_pipeline(*args, fit_config=cfg, device="cpu", progress=False)
     assert list(report["methods"]) == ["hgc", "ridge", "knn", "mean"]
     assert all(m["n_slides"] == 3 for m in report["methods"].values())
-    assert (out / "predictions" / "metrics.md").is_file()
+    # the report says how the image features were made, from the embeddings' own record
+    (features,) = report["features"]
+    assert features["encoder"] == "effnet-lite0" and features["patch_um"] == 112.0 and features["patch_px"] == 224
+    assert "Image features: encoder effnet-lite0 (weights sha256 " in (out / "predictions" / "metrics.md").read_text()
     with caplog.at_level(logging.INFO, logger="hgc.train.pipeline"):
         again = run_pipeline(*args, fit_config=cfg, device="cpu", progress=False)
     assert caplog.text.count("up to date") == 4 and json_safe(again) == json_safe(report)

@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any, Mapping
 from urllib.parse import unquote
 
 import numpy as np
@@ -33,6 +34,22 @@ FORMAT_VERSION = 1
 KEY_ATTRS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_px", "patch_mpp", "patch_context", "patch_tta",
              "resample", "input_sha256")
 _REBUILD = "rebuild it with `hgc embed` (delete it first)"
+
+
+def describe_embedding(attrs: Mapping[str, Any]) -> str:
+    """How embeddings were made, in words, from their recorded settings (a slide's attributes, or a
+    model bundle's ``encoder``): for reports and model cards."""
+    native = attrs.get("patch_mode") == "native-px"
+    width = f"{attrs.get('patch_box_px', 0):g} px" if native else f"{attrs.get('patch_um', 0):g} µm"
+    parts = [f"encoder {attrs.get('encoder', 'unknown')} (weights sha256 {str(attrs.get('weights_sha256', '?'))[:12]}...)",
+             f"patches of {width} at {attrs.get('patch_px', '?')} px"]
+    if attrs.get("patch_mpp"):
+        parts.append(f"brought down to {float(attrs['patch_mpp']):.2f} µm/px")
+    if attrs.get("patch_context"):
+        parts.append(f"with fields of view {', '.join(f'{float(c):g}' for c in attrs['patch_context'])} times as wide")
+    if attrs.get("patch_tta"):
+        parts.append(f"each the mean of {int(attrs['patch_tta'])} rotations and mirror images")
+    return ", ".join(parts)
 
 
 def _open(path: str | Path):

@@ -70,6 +70,7 @@ class Prediction:
     spatial: dict[str, Any] | None = None  # uns["spatial"][slide] in scanpy's Visium layout (see spatial_entry)
     model: dict[str, Any] = field(default_factory=dict)  # the model bundle that predicted: id, path, references
     uncertainty: np.ndarray | None = None  # (n, G) float32: spread of a seed ensemble's members
+    features: dict[str, Any] = field(default_factory=dict)  # what made the image features: encoder, weights, patches
 
     @property
     def space(self) -> str:
@@ -120,6 +121,8 @@ def write_prediction(path: str | Path, p: Prediction) -> Path:
         adata.uns["spatial"] = {p.slide: p.spatial}
     if p.model:
         adata.uns["model"] = dict(p.model)
+    if p.features:
+        adata.uns["features"] = json.dumps(p.features)
     adata.write_h5ad(path)
     return path
 
@@ -174,6 +177,7 @@ def read_prediction(path: str | Path) -> Prediction:
             uncertainty=None if spread is None else _dense(spread),
             obs={str(c): adata.obs[c].to_numpy() for c in adata.obs.columns},
             spatial=_spatial(uns, str(uns["slide"])),
+            features=json.loads(str(uns.get("features", "{}"))),
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise InputError(f"prediction file {path} holds a malformed field ({exc}); {_REPREDICT}") from None

@@ -19,6 +19,7 @@ import pandas as pd
 
 from .._outputs import command_line, output_lock, write_text
 from ..data.slide import label_strings
+from ..embed.store import describe_embedding
 from ..errors import InputError
 from .biology import BiologySettings, slide_biology, summarise_biology
 from .metrics import METRIC_KEYS, N_TOP_GENES, SlideMetrics, pooled_pcc, slide_metrics, summarise
@@ -87,6 +88,7 @@ def evaluate(pred_dir: str | Path, biology: BiologySettings | None = None, manif
     predictions = open_predictions(pred_dir)
     spaces: set[str] = set()
     protocols: set[str] = set()
+    features: dict[str, dict[str, Any]] = {}  # distinct image-feature settings, by their JSON
     report: dict[str, Any] = {"methods": {}}
     labels = SpotLabels(biology.annotation, manifest) if biology and biology.annotation else None
     observed_biology: dict[str, dict[str, Any]] = {}
@@ -98,6 +100,7 @@ def evaluate(pred_dir: str | Path, biology: BiologySettings | None = None, manif
             p = read_prediction(path)
             spaces.add(p.space)
             protocols.add(p.protocol)
+            features.setdefault(json.dumps(p.features, sort_keys=True), p.features)
             if p.observed is None:
                 log.warning("%s: no observed expression for slide %s, not scored", path, p.slide)
                 continue
@@ -135,6 +138,8 @@ def evaluate(pred_dir: str | Path, biology: BiologySettings | None = None, manif
     report["n_top_genes"] = N_TOP_GENES
     report["gene_sets"] = "HEG/HVG: top genes by mean/variance of the fold's training slides' normalised expression"
     report["constant_genes"] = CONSTANT_GENE_RULE
+    # how the spots' image features were made (encoder, weights, patch settings), when recorded
+    report["features"] = [f for f in features.values() if f]
     if biology is not None and observed_biology:
         rows = [observed_biology[s] for s in sorted(observed_biology)]
         report["biology"] = {**biology.describe(), "observed": {"per_slide": rows, "mean": summarise_biology(rows)}}
@@ -174,6 +179,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         cells += [_fmt(m["pooled_pcc"]), str(m["n_slides"]), f"{min(n_const)}–{max(n_const)} of {n_genes}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Constant genes: {report['constant_genes']}."]
+    lines += [f"Image features: {describe_embedding(f)}." for f in report.get("features", [])]
     if "biology" in report:
         lines += ["", *biology_table(report)]
     return "\n".join(lines) + "\n"

@@ -173,6 +173,7 @@ class SlidePredictor:
                 barcodes=slide.barcodes, coords=slide.coords, predicted=pred, observed=observed, uncertainty=spread,
                 heg=self.heg, hvg=self.hvg, image=str(image.path.resolve()) if image else "",
                 image_scale=float(image.scale) if image else 1.0, obs=spot_obs(slide), spatial=spatial, model=model,
+                features=dict(info.get("encoder") or {}),
             )
             for method, (pred, spread) in by_method.items()
         ]

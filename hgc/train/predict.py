@@ -91,7 +91,7 @@ def predict_fold(
             normalisation=fold.bank.normaliser, genes=np.asarray(fold.bank.genes, dtype=object),
             barcodes=g.spot_barcodes, coords=g.spot_coords, predicted=by_slide[g.target][0],
             observed=g.spot_y, heg=heg, hvg=hvg, image=g.image, image_scale=g.image_scale,
-            uncertainty=by_slide[g.target][1],
+            uncertainty=by_slide[g.target][1], features=dict(fold.encoder),
         )
         for method, by_slide in preds.items() for g in graphs
     ]

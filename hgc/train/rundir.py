@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from .._outputs import is_temporary, safe_name, write_text
 from .._records import check_format_version
+from ..embed.store import describe_embedding
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -283,11 +284,7 @@ def model_card(info: dict[str, Any], bank: "ReferenceBank | None") -> str:
         f"- Trained on: {', '.join(info['train_slides'])} (protocol {info['protocol']}; seed {info['seed']})",
         f"- Early stopping on: {early_stopping(info)}",
         f"- Held out: {', '.join(info['test_slides']) or 'none'}",
-        f"- Encoder: {enc.get('encoder', 'unknown')} (weights sha256 {str(enc.get('weights_sha256', '?'))[:12]}...), "
-        f"patches of {enc.get('patch_um', '?')} µm at {enc.get('patch_px', '?')} px"
-        + (f", brought down to {enc['patch_mpp']:.2f} µm/px" if enc.get("patch_mpp") else "")
-        + (f", with fields of view {enc['patch_context']} times as wide" if enc.get("patch_context") else "")
-        + (f", each the mean of {enc['patch_tta']} rotations/mirror images" if enc.get("patch_tta") else ""),
+        f"- Image features: {describe_embedding(enc)}",
         f"- Spot geometry of the training slides: {info.get('platform', 'unknown')}"
         + (f"; their images down to {info['image_mpp']:.2f} µm/px (coarser targets are warned about)"
            if info.get("image_mpp") else ""),
