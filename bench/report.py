@@ -434,7 +434,7 @@ def generated(records: list[dict[str, Any]]) -> str:
     if resolution:
         out += ["## Resolution robustness: a coarser scan of a slide", ""] + [resolution_markdown(r) for r in resolution]
     out += ["## Throughput", ""]
-    for set_name in dict.fromkeys(["cpu", "gpu", *(r.get("set") for r in thr)]):  # cpu and gpu always shown
+    for set_name in dict.fromkeys(["cpu", "gpu", *(r["set"] for r in thr)]):  # cpu and gpu always shown
         runs = [r for r in thr if r.get("set") == set_name]
         out += [f"### {set_name.upper()}", ""]
         if not runs:

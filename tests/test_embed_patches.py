@@ -146,3 +146,33 @@ def test_patches_command_writes_hest_layout(tmp_path):
     slide = read_manifest(manifest).load("S1")
     np.testing.assert_array_equal(barcodes, slide.barcodes.astype(str))
     np.testing.assert_allclose(coords, slide.coords)
+
+
+def test_wide_crops_are_resampled_a_few_at_a_time_with_the_same_result(monkeypatch):
+    """Crops of a wide field of view are resampled in slices (bounded float memory), giving what
+    one pass over the whole batch gives."""
+    import torch
+
+    from hgc.embed import patches
+
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 3, 300, 300), dtype=np.uint8))
+    batches = PatchBatches(np.zeros((8, 8, 3), np.uint8), np.zeros((0, 3), np.int64), 64, 8,
+                           mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    whole = batches.finish(x)
+    monkeypatch.setattr(patches, "_RESAMPLE_BYTES", 2 * 4 * 3 * 300 * 300)  # two crops per slice
+    sliced = batches.finish(x)
+    assert sliced.shape == whole.shape == (6, 3, 64, 64)
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-5)
+
+
+def test_embedding_settings_read_as_a_sentence():
+    from hgc.embed.store import describe_embedding
+
+    text = describe_embedding({"encoder": "uni", "weights_sha256": "ab" * 32, "patch_mode": "native-px",
+                               "patch_box_px": 224.0, "patch_um": 50.0, "patch_px": 224, "patch_mpp": 2.0,
+                               "patch_context": np.array([2.0, 4.0]), "patch_tta": np.int64(8)})
+    assert text == ("encoder uni (weights sha256 abababababab...), patches of 224 px at 224 px, brought down to "
+                    "2.00 µm/px, with fields of view 2, 4 times as wide, each the mean over its 4 rotations and "
+                    "their mirror images")
+    assert describe_embedding({"encoder": "effnet-lite1", "patch_um": 120.0, "patch_px": 240}).endswith(
+        "patches of 120 µm at 240 px")

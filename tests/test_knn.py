@@ -202,3 +202,28 @@ def test_ivf_that_cannot_reach_the_recall_cheaply_searches_exactly(metric, caplo
     np.testing.assert_array_equal(approx[0], exact[0])
     np.testing.assert_array_equal(approx[1], exact[1])
     assert "which is done instead" in caplog.text
+
+
+@pytest.mark.parametrize("metric", ["l1", "cosine"])
+def test_ivf_doubles_the_lists_it_scans_on_a_sample_of_its_queries(metric, monkeypatch, caplog):
+    """Starting from one list, the search doubles the lists scanned (for L1 also the L2 candidates it
+    re-ranks) until its sample of 128 of the 300 queries reaches the target recall; a fixed
+    ``nprobe`` is kept as given and its recall still logged."""
+    monkeypatch.setattr(knn, "IVF_FIRST_NPROBE", 1)
+    rng = np.random.default_rng(6)
+    centres = rng.normal(size=(40, 16)) * 5
+    refs = (centres[rng.integers(0, 40, 20000)] + rng.normal(size=(20000, 16))).astype(np.float32)
+    queries = (centres[rng.integers(0, 40, 300)] + rng.normal(size=(300, 16))).astype(np.float32)
+    exact, _ = knn.search(queries, refs, 7, metric, backend="faiss")
+    with caplog.at_level(logging.INFO, logger="hgc.graph.knn"):
+        approx, _ = knn.search(queries, refs, 7, metric, backend="faiss-ivf")
+    line = next(x for x in caplog.text.splitlines() if "lists scanned per query" in x)
+    scanned = int(line.split(" of 141 lists")[0].rsplit(" ", 1)[1])
+    assert scanned in (2, 4, 8, 16, 32) and "on 128 queries searched exactly too" in line
+    assert float(line.split("recall@7 ")[1].split(" ")[0]) >= knn.IVF_TARGET_RECALL
+    assert f"({32 * scanned if metric == 'l1' else 32} candidates)" in line  # L1's grow with the lists
+    assert knn.recall_at_k(approx, exact) > 0.9  # the queries outside the sample alike
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hgc.graph.knn"):
+        knn.search(queries, refs, 7, metric, backend="faiss-ivf", nprobe=3)
+    assert "3 of 141 lists scanned per query (32 candidates)" in caplog.text

@@ -226,7 +226,8 @@ def test_a_model_trained_with_context_and_tta_embeds_new_slides_the_same_way(tmp
     bundle = tmp_path / "model" / "model" / "all"
     encoder = json.loads((bundle / "fold.json").read_text())["encoder"]
     assert encoder["patch_context"] == [2.0] and encoder["patch_tta"] == 4
-    assert "with fields of view 2 times as wide, each the mean of 4 rotations" in (bundle / "MODEL_CARD.md").read_text()
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "with fields of view 2 times as wide, each the mean over its 4 rotations\n" in card  # no mirror images
     new = tiny_st_project(tmp_path / "new", ids=(("N1", "P9"),), grid=4)
     r = CliRunner().invoke(main, ["predict", str(tmp_path / "model"), str(new), "--out", str(tmp_path / "pred"),
                                   "--weights", str(weights), "--methods", "hgc", "--device", "cpu", "--no-progress"])

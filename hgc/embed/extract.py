@@ -24,7 +24,7 @@ from .. import __version__
 from .._devices import resolve_device
 from .._fingerprint import file_record
 from ..errors import InputError
-from .patches import PatchBatches, PatchSpec, PatchViews, crop_boxes, dihedral_views, patch_source, require_image
+from .patches import PatchBatches, PatchSpec, PatchViews, crop_boxes, dihedral_view, patch_source, require_image
 from .registry import DEFAULT_ENCODER, Encoder, load_encoder
 from .store import EmbeddingStore
 
@@ -122,8 +122,10 @@ def embed_slide(
                 if on_device:
                     x = data.finish(x)
                 n = len(x)
-                feats = model(dihedral_views(x, views.tta).contiguous(memory_format=fmt)).float()
-                out[start : start + n, j * dim : (j + 1) * dim] = feats.view(views.tta, n, dim).mean(0).cpu().numpy()
+                feats = model(x.contiguous(memory_format=fmt)).float()
+                for i in range(1, views.tta):  # one view at a time: memory as without augmentation
+                    feats += model(dihedral_view(x, i).contiguous(memory_format=fmt)).float()
+                out[start : start + n, j * dim : (j + 1) * dim] = (feats / views.tta).cpu().numpy()
                 start += n
                 bar.update(n)
     slide.image.release()
@@ -229,7 +231,8 @@ def embed_manifest(
             log.info("slide '%s': embedding %d spots with %s on %s", slide_id, slide.n_spots, enc.spec.name, dev)
             t0 = time.perf_counter()
             emb = embed_slide(slide, model, enc, patch, dev, batch_size, workers, progress and where.main)
-            log.info("slide '%s': %.1f patches/s", slide_id, slide.n_spots / (time.perf_counter() - t0))
+            n_patches = slide.n_spots * len(patch.views.fields) * patch.views.tta
+            log.info("slide '%s': %.1f patches/s", slide_id, n_patches / (time.perf_counter() - t0))
             attrs = {
                 **key,
                 "weights_file": enc.weights_file,

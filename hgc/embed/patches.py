@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Float32 bytes that resampling holds at once: wide crops (context fields of view) go in slices.
+_RESAMPLE_BYTES = 256 << 20
 #: Microns per pixel at which encoders' input sizes define the default field of view.
 DEFAULT_MPP = 0.5
 RESAMPLE = "bilinear-antialias"
@@ -273,21 +275,22 @@ class PatchBatches:
         """Raw uint8 crops resampled to the encoder's input and normalised, where ``x`` lives."""
         import torch
 
+        step = max(1, _RESAMPLE_BYTES // (4 * x[0].numel())) if len(x) else 1
+        if step < len(x):  # crops of a wide field of view: a few at a time, so float copies stay small
+            return torch.cat([self.finish(x[i : i + step]) for i in range(0, len(x), step)])
         x = resample_tensor(x, self.out_px, self.via_px)
         if self.mean is None:
             return x.round_().clamp_(0, 255).to(torch.uint8)
         return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
 
-def dihedral_views(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(n * B, ...) the ``n`` dihedral views of a batch of square images (B, C, H, W), view-major:
-    the rotations by 0, 90, 180 and 270 degrees (n = 4), then their mirror images (n = 8)."""
+def dihedral_view(x: torch.Tensor, i: int) -> torch.Tensor:
+    """View ``i`` (0-7) of a batch of square images (B, C, H, W): rotated by ``i % 4`` quarter
+    turns, then mirrored left-right when ``i >= 4``; view 0 is ``x`` itself."""
     import torch
 
-    if n == 1:
-        return x
-    turns = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
-    return torch.cat(turns + ([t.flip(-1) for t in turns] if n == 8 else []))
+    turned = torch.rot90(x, i % 4, dims=(-2, -1)) if i % 4 else x
+    return turned.flip(-1) if i >= 4 else turned
 
 
 def export_patches(slide: Slide, spec: PatchSpec, path: Path, batch_size: int = 256) -> Path:

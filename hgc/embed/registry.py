@@ -253,10 +253,10 @@ def _combination(name: str, weights: str | Path | None, arch_overrides: dict[str
     if any(not n for n in names) or len(set(names)) != len(names):
         raise InputError(f"encoder '{name}': join different encoder names with '{COMBINE}', each once "
                          "(e.g. effnet-lite0+effnet-lite1)")
-    if weights:
-        raise InputError(f"encoder '{name}' combines {len(names)} encoders, each with its default weights; "
-                         "--weights names one file, so give it to a single encoder")
-    parts = tuple(load_encoder(n, None, arch_overrides) for n in names)
+    if weights or arch_overrides:
+        raise InputError(f"encoder '{name}' combines {len(names)} encoders, each with its default weights and "
+                         "architecture; --weights names one file, so give it to a single encoder")
+    parts = tuple(load_encoder(n) for n in names)
     spec = EncoderSpec(
         name=name,
         arch=COMBINE.join(p.spec.arch for p in parts),
@@ -266,7 +266,7 @@ def _combination(name: str, weights: str | Path | None, arch_overrides: dict[str
         std=_RAW[1],
     )
     sha = hashlib.sha256("".join(p.weights_sha256 for p in parts).encode()).hexdigest()
-    return Encoder(spec, None, sha, dict(arch_overrides or {}), parts)
+    return Encoder(spec, None, sha, parts=parts)
 
 
 def _default_weights(spec: EncoderSpec) -> Path:

@@ -36,9 +36,16 @@ KEY_ATTRS = ("encoder", "weights_sha256", "patch_mode", "patch_um", "patch_px", 
 _REBUILD = "rebuild it with `hgc embed` (delete it first)"
 
 
+def attr_value(v: Any) -> Any:
+    """An HDF5 attribute as plain Python: text for bytes, numbers and lists for NumPy values."""
+    v = v.decode() if isinstance(v, bytes) else v
+    return v.tolist() if isinstance(v, (np.generic, np.ndarray)) else v
+
+
 def describe_embedding(attrs: Mapping[str, Any]) -> str:
     """How embeddings were made, in words, from their recorded settings (a slide's attributes, or a
     model bundle's ``encoder``): for reports and model cards."""
+    attrs = {k: attr_value(v) for k, v in attrs.items()}
     native = attrs.get("patch_mode") == "native-px"
     width = f"{attrs.get('patch_box_px', 0):g} px" if native else f"{attrs.get('patch_um', 0):g} µm"
     parts = [f"encoder {attrs.get('encoder', 'unknown')} (weights sha256 {str(attrs.get('weights_sha256', '?'))[:12]}...)",
@@ -48,7 +55,8 @@ def describe_embedding(attrs: Mapping[str, Any]) -> str:
     if attrs.get("patch_context"):
         parts.append(f"with fields of view {', '.join(f'{float(c):g}' for c in attrs['patch_context'])} times as wide")
     if attrs.get("patch_tta"):
-        parts.append(f"each the mean of {int(attrs['patch_tta'])} rotations and mirror images")
+        mirrored = int(attrs["patch_tta"]) == 8
+        parts.append(f"each the mean over its 4 rotations{' and their mirror images' if mirrored else ''}")
     return ", ".join(parts)
 
 
@@ -111,11 +119,7 @@ def _mismatch(stored: dict, key: dict, n_barcodes: int, barcodes: np.ndarray | N
     if not stored.get("complete", False):
         return "its group is incomplete"
     for k in KEY_ATTRS:
-        old, new = stored.get(k), key.get(k)
-        if isinstance(old, bytes):
-            old = old.decode()
-        if isinstance(old, (np.generic, np.ndarray)):
-            old = old.tolist()  # a number, or a list (the context fields of view)
+        old, new = attr_value(stored.get(k)), key.get(k)
         if old != new:
             return f"{k} differs (stored {old!r}, now {new!r})"
     if barcodes is not None and len(barcodes) != n_barcodes:

