@@ -20,7 +20,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -73,6 +73,11 @@ class PatchViews:
     def fields(self) -> tuple[float, ...]:
         """Every field of view embedded, as multiples of the patch width: the spot's own first."""
         return (1.0, *self.context)
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> PatchViews:
+        """The views recorded by :meth:`attrs` (in embedding attributes or a model bundle's encoder)."""
+        return cls(tuple(attrs.get("patch_context") or ()), int(attrs.get("patch_tta") or 1))
 
     def attrs(self) -> dict[str, object]:
         """Recorded beside embeddings only when set, so files written before the views existed keep their keys."""

@@ -247,9 +247,8 @@ def predict_slides(
             "patch_box_px" in spec else {"patch_um": float(spec["patch_um"])}
         if spec.get("patch_mpp") is not None:
             patch["patch_mpp"] = float(spec["patch_mpp"])
-        views = PatchViews(tuple(spec.get("patch_context") or ()), int(spec.get("patch_tta") or 1))
         embed_manifest(slides, enc.spec.name, cache, weights=weights, device=device, batch_size=batch_size,
-                       progress=progress, views=views, **patch)
+                       progress=progress, views=PatchViews.from_attrs(spec), **patch)
         written = []
         with writing_predictions(out_dir, protocol="new-slide", methods=methods, model=str(bundle.path.resolve()),
                                  targets=str(Path(targets).resolve())) as out:
